@@ -1,0 +1,1 @@
+"""GPT-OSS Mixture-of-Experts pretraining pipeline on DeepSpeed."""

@@ -1,0 +1,9 @@
+"""Error types users see. Each message names the file / line / config key and what to do."""
+
+
+class ConfigError(ValueError):
+    """A config value is wrong or inconsistent; the message names the key and the fix."""
+
+
+class DataError(ValueError):
+    """Input data or prepared shards are unusable; the message names the file and the fix."""
