@@ -1,0 +1,270 @@
+"""The GPT-OSS model: embeddings, a stack of `Block`s (attention + MoE or dense FFN), LM head.
+
+`GPTOSS.forward(input_ids, targets)` returns `(logits, loss, aux_loss)`; the training objective is
+`loss + aux_loss`. Infrastructure is applied from outside: `pipeline/train` may set
+`model.checkpoint_fn` (activation checkpointing) and swap `block.ffn.experts` (expert parallelism).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.model.attention import Attention, KVCache, attention_mask
+from pipeline.model.config import GPTOSSConfig
+from pipeline.model.mlp import MLP
+from pipeline.model.moe import GroupedExperts, MoE
+from pipeline.model.rope import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back, as transformers' GptOssRMSNorm (stable under bf16)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * x32).to(x.dtype)
+
+
+def make_norm(config: GPTOSSConfig) -> nn.Module:
+    if config.use_rms_norm:
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. forward -> (x, router_loss); router_loss is 0 for dense FFNs."""
+
+    def __init__(self, config: GPTOSSConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config, layer_idx)
+        self.ffn_norm = make_norm(config)
+        self.ffn = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
+        out, router_loss = self.ffn(self.ffn_norm(h))
+        return h + out, router_loss
+
+
+class GPTOSS(nn.Module):
+    def __init__(self, config: GPTOSSConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_embed = (
+            nn.Embedding(config.block_size, config.n_embd) if config.position_embedding == "learned" else None
+        )
+        self.rope = (
+            RotaryEmbedding(config.head_size, config.rope_theta, config.rope_scaling)
+            if config.position_embedding == "rope"
+            else None
+        )
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # Set by the trainer, e.g. functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False);
+        # called as checkpoint_fn(block, x, cos, sin, mask) for every block while training.
+        self.checkpoint_fn: Callable | None = None
+        self.init_weights()
+
+    # --- init / counting -----------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2 init: N(0, init_std), zero biases, residual output projections scaled by 1/sqrt(2L).
+
+        Deterministic given torch.manual_seed (modules are visited in registration order).
+        """
+        std = self.config.init_std
+        resid_std = std / math.sqrt(2 * self.config.n_layer)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, GroupedExperts):
+                module.reset_parameters()
+            elif isinstance(module, Attention) and module.sinks is not None:
+                nn.init.zeros_(module.sinks)  # a sink logit of 0 = one extra key with score 0
+        for block in self.blocks:
+            nn.init.normal_(block.attn.o_proj.weight, 0.0, resid_std)
+            if isinstance(block.ffn, MLP):
+                nn.init.normal_(block.ffn.down_proj.weight, 0.0, resid_std)
+
+    def get_num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count (nanoGPT semantics): with non_embedding, position embeddings are left out,
+        and so is the input token embedding unless it is tied to the LM head (then it is used as the
+        output projection and counts)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            if self.pos_embed is not None:
+                n -= self.pos_embed.weight.numel()
+            if not self.config.tie_word_embeddings:
+                n -= self.embed_tokens.weight.numel()
+        return n
+
+    # --- forward ---------------------------------------------------------------------------------
+    def forward(
+        self, input_ids: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """input_ids [B, T] -> (logits [B, T, V], LM loss or None, weighted router loss).
+
+        targets [B, T] are the next tokens (already shifted); -100 positions are ignored. The router
+        loss is averaged over MoE blocks (a 0-dim zero for dense models).
+        """
+        x, aux_loss = self._trunk(input_ids, caches=None)
+        logits = self.lm_head(x)  # [B, T, V]
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+            )
+        return logits, loss, aux_loss
+
+    def _trunk(
+        self, input_ids: torch.Tensor, caches: list[KVCache] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final-normed hidden states [B, T, D] and the mean router loss."""
+        B, T = input_ids.shape
+        past = caches[0].length if caches is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {past + T} tokens is longer than block_size ({self.config.block_size})"
+            )
+        device = input_ids.device
+        x = self.embed_tokens(input_ids)  # [B, T, D]
+        positions_T = torch.arange(past, past + T, device=device)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions_T)
+        x = self.drop(x)
+        cos = sin = None
+        if self.rope is not None:
+            cos, sin = self.rope(positions_T, x.dtype)  # [T, hd/2]
+        # One mask per distinct window, shared by all blocks with that window.
+        sinks = self.config.use_attention_sinks
+        masks = {
+            w: attention_mask(T, past + T, w, sinks, device)
+            for w in {self.config.layer_window(i) for i in range(self.config.n_layer)}
+        }
+
+        router_losses = []
+        for i, block in enumerate(self.blocks):
+            mask = masks[block.attn.window]
+            if self.checkpoint_fn is not None and self.training:
+                x, router_loss = self.checkpoint_fn(block, x, cos, sin, mask)
+            else:
+                x, router_loss = block(x, cos, sin, mask, caches[i] if caches is not None else None)
+            if isinstance(block.ffn, MoE):
+                router_losses.append(router_loss)
+        aux_loss = (
+            torch.stack(router_losses).mean() if router_losses else x.new_zeros((), dtype=torch.float32)
+        )
+        return self.norm(x), aux_loss
+
+    # --- generation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_id: int | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Extend prompt [B, T] by up to max_new_tokens -> [B, T + n].
+
+        temperature 0 is greedy. With a KV cache only the new token is run per step. Rows that emitted
+        eos_id (default config.eos_token_id) keep emitting it; generation stops when all rows did.
+        """
+        if prompt.shape[1] + max_new_tokens > self.config.block_size:
+            raise ValueError(
+                f"prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds block_size "
+                f"({self.config.block_size})"
+            )
+        eos_id = self.config.eos_token_id if eos_id is None else eos_id
+        caches = self._new_caches(prompt, prompt.shape[1] + max_new_tokens) if use_cache else None
+        tokens, step_input = prompt, prompt
+        finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+        for _ in range(max_new_tokens):
+            hidden, _ = self._trunk(step_input, caches)
+            logits = self.lm_head(hidden[:, -1]).float()  # [B, V]
+            next_B1 = sample_next_token(logits, temperature, top_k, top_p)
+            if eos_id is not None:
+                next_B1 = torch.where(finished[:, None], torch.full_like(next_B1, eos_id), next_B1)
+                finished |= next_B1[:, 0] == eos_id
+            tokens = torch.cat([tokens, next_B1], dim=1)
+            step_input = next_B1 if use_cache else tokens
+            if eos_id is not None and bool(finished.all()):
+                break
+        return tokens
+
+    def _new_caches(self, prompt: torch.Tensor, max_len: int) -> list[KVCache]:
+        cfg = self.config
+        dtype = self.embed_tokens.weight.dtype
+        return [
+            KVCache(prompt.shape[0], cfg.kv_heads, max_len, cfg.head_size, dtype=dtype, device=prompt.device)
+            for _ in range(cfg.n_layer)
+        ]
+
+    # --- transformers interop --------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, directory: str | Path, **config_overrides) -> GPTOSS:
+        """Load a local transformers GPT-OSS folder (config.json + safetensors)."""
+        from pipeline.model.hf_convert import load_hf
+
+        return load_hf(directory, **config_overrides)
+
+    def save_hf(self, directory: str | Path) -> None:
+        """Write a folder that `GptOssForCausalLM.from_pretrained` loads."""
+        from pipeline.model.hf_convert import save_hf
+
+        save_hf(self, directory)
+
+
+def sample_next_token(
+    logits_BV: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None
+) -> torch.Tensor:
+    """One token per row [B, 1]: greedy when temperature == 0, else top-k / nucleus sampling."""
+    if temperature == 0:
+        return logits_BV.argmax(dim=-1, keepdim=True)
+    logits_BV = logits_BV / temperature
+    if top_k is not None:
+        kth = torch.topk(logits_BV, min(top_k, logits_BV.shape[-1]), dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, sorted_idx = torch.sort(logits_BV, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens before it already reach top_p (the top token always stays).
+        drop_sorted = cum - torch.softmax(sorted_logits, dim=-1) >= top_p
+        drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
+        logits_BV = logits_BV.masked_fill(drop, float("-inf"))
+    return torch.multinomial(torch.softmax(logits_BV, dim=-1), num_samples=1)

@@ -1,0 +1,284 @@
+"""Conversion between our GPTOSS and transformers' GptOssForCausalLM (config, state dict, folders).
+
+Our parameter layouts were chosen to equal transformers' (nn.Linear [out, in]; experts input-major
+`gate_up_proj` [E, D, 2F] with gate/up interleaved, `down_proj` [E, F, D]), so conversion is a
+renaming only: no transposes, no gate/up reshuffle. What transformers cannot represent (LayerNorm,
+dense blocks, classic SwiGLU, no sinks, ...) is refused with the list of incompatible settings.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.errors import ConfigError
+from pipeline.model.config import GPTOSSConfig, YaRNScaling
+from pipeline.model.gpt_oss import GPTOSS
+
+# (pattern, template) pairs in each direction; {i} is the block index, {rest} the leaf name.
+_KEY_TABLE = [
+    (r"embed_tokens\.weight", "model.embed_tokens.weight"),
+    (r"norm\.weight", "model.norm.weight"),
+    (r"lm_head\.weight", "lm_head.weight"),
+    (r"blocks\.(\d+)\.attn_norm\.weight", "model.layers.{i}.input_layernorm.weight"),
+    (r"blocks\.(\d+)\.ffn_norm\.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    (r"blocks\.(\d+)\.attn\.([qkvo]_proj)\.(weight|bias)", "model.layers.{i}.self_attn.{rest}"),
+    (r"blocks\.(\d+)\.attn\.(sinks)", "model.layers.{i}.self_attn.{rest}"),
+    (r"blocks\.(\d+)\.ffn\.router\.gate\.(weight|bias)", "model.layers.{i}.mlp.router.{rest}"),
+    (
+        r"blocks\.(\d+)\.ffn\.experts\.((?:gate_up|down)_proj(?:_bias)?)",
+        "model.layers.{i}.mlp.experts.{rest}",
+    ),
+]
+_HF_TO_OURS_TABLE = [
+    (r"model\.embed_tokens\.weight", "embed_tokens.weight"),
+    (r"model\.norm\.weight", "norm.weight"),
+    (r"lm_head\.weight", "lm_head.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", "blocks.{i}.attn_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blocks.{i}.ffn_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.([qkvo]_proj)\.(weight|bias)", "blocks.{i}.attn.{rest}"),
+    (r"model\.layers\.(\d+)\.self_attn\.(sinks)", "blocks.{i}.attn.{rest}"),
+    (r"model\.layers\.(\d+)\.mlp\.router\.(weight|bias)", "blocks.{i}.ffn.router.gate.{rest}"),
+    (
+        r"model\.layers\.(\d+)\.mlp\.experts\.((?:gate_up|down)_proj(?:_bias)?)",
+        "blocks.{i}.ffn.experts.{rest}",
+    ),
+]
+
+
+def _rename(name: str, table: list[tuple[str, str]]) -> str:
+    for pattern, template in table:
+        m = re.fullmatch(pattern, name)
+        if m:
+            groups = m.groups()
+            rest = ".".join(g for g in groups[1:] if g is not None)
+            return template.format(i=groups[0] if groups else "", rest=rest)
+    raise KeyError(name)
+
+
+# --- configs -------------------------------------------------------------------------------------
+def hf_incompatibilities(config: GPTOSSConfig) -> list[str]:
+    """Settings transformers' GptOss cannot represent (empty list = convertible)."""
+    problems = []
+    if not config.use_rms_norm:
+        problems.append("use_rms_norm=False (GptOss uses RMSNorm)")
+    if not (config.use_swiglu and config.gpt_oss_swiglu):
+        problems.append("gpt_oss_swiglu=False (GptOss experts use the clamped SwiGLU variant)")
+    if config.position_embedding != "rope":
+        problems.append(f"position_embedding={config.position_embedding!r} (GptOss uses RoPE)")
+    if not config.use_attention_sinks:
+        problems.append("use_attention_sinks=False (GptOss attention always has sinks)")
+    if config.num_moe_layers != config.n_layer:
+        problems.append("moe_layers is not every block (GptOss has an MoE FFN in each block)")
+    if not config.router_bias:
+        problems.append("router_bias=False (the GptOss router always has a bias)")
+    if not config.expert_bias:
+        problems.append("expert_bias=False (GptOss experts always have biases)")
+    return problems
+
+
+def _check_convertible(config: GPTOSSConfig) -> None:
+    problems = hf_incompatibilities(config)
+    if problems:
+        raise ConfigError(
+            "this model cannot be expressed as a transformers GptOss model: " + "; ".join(problems)
+        )
+
+
+def config_to_hf(config: GPTOSSConfig):
+    """transformers `GptOssConfig` equal to `config` (ConfigError if not representable)."""
+    from transformers import GptOssConfig
+
+    _check_convertible(config)
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling is not None:
+        s = config.rope_scaling
+        rope = {
+            "rope_type": "yarn",
+            "rope_theta": config.rope_theta,
+            "factor": s.factor,
+            "beta_fast": s.beta_fast,
+            "beta_slow": s.beta_slow,
+            "original_max_position_embeddings": s.original_max_position_embeddings,
+            "truncate": s.truncate,
+        }
+        if s.attention_factor is not None:
+            rope["attention_factor"] = s.attention_factor
+    return GptOssConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.n_embd,
+        intermediate_size=config.expert_hidden,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head,
+        num_key_value_heads=config.kv_heads,
+        head_dim=config.head_size,
+        num_local_experts=config.n_experts,
+        num_experts_per_tok=config.top_k,
+        sliding_window=config.sliding_window,
+        layer_types=config.resolved_layer_types,
+        max_position_embeddings=config.block_size,
+        rms_norm_eps=config.norm_eps,
+        rope_parameters=rope,
+        attention_bias=config.attention_bias,
+        attention_dropout=config.dropout,
+        swiglu_alpha=config.swiglu_alpha,
+        swiglu_limit=config.swiglu_limit,
+        router_aux_loss_coef=config.aux_loss_weight,
+        tie_word_embeddings=config.tie_word_embeddings,
+        initializer_range=config.init_std,
+        pad_token_id=config.pad_token_id,
+        eos_token_id=config.eos_token_id,
+    )
+
+
+def config_from_hf(hf_config) -> GPTOSSConfig:
+    """GPTOSSConfig from a transformers GptOssConfig or a config.json dict."""
+    from transformers import GptOssConfig
+
+    if isinstance(hf_config, dict):
+        model_type = hf_config.get("model_type")
+        if model_type != "gpt_oss":
+            raise ConfigError(
+                f"config model_type is {model_type!r}; only 'gpt_oss' checkpoints can be loaded"
+            )
+        quant = hf_config.get("quantization_config")
+        if quant:
+            raise ConfigError(
+                f"checkpoint is quantized ({quant.get('quant_method', quant)}); dequantize it first, e.g. "
+                "GptOssForCausalLM.from_pretrained(path, quantization_config=Mxfp4Config(dequantize=True))"
+                ".save_pretrained(out), then load `out`"
+            )
+        hf_config = GptOssConfig.from_dict(hf_config)  # also upgrades legacy rope_scaling/rope_theta keys
+    if getattr(hf_config, "model_type", None) != "gpt_oss":
+        raise ConfigError(f"expected a GptOssConfig, got {type(hf_config).__name__}")
+    rope = dict(hf_config.rope_parameters)
+    scaling = None
+    if rope.get("rope_type") == "yarn":
+        scaling = YaRNScaling(
+            factor=rope["factor"],
+            beta_fast=rope.get("beta_fast") or 32.0,
+            beta_slow=rope.get("beta_slow") or 1.0,
+            original_max_position_embeddings=rope["original_max_position_embeddings"],
+            truncate=rope.get("truncate", True),  # transformers' default when the key is absent
+            attention_factor=rope.get("attention_factor"),
+        )
+    elif rope.get("rope_type") != "default":
+        raise ConfigError(f"rope_type {rope.get('rope_type')!r} is not supported (use 'default' or 'yarn')")
+    eos = hf_config.eos_token_id
+    return GPTOSSConfig(
+        vocab_size=hf_config.vocab_size,
+        block_size=hf_config.max_position_embeddings,
+        n_layer=hf_config.num_hidden_layers,
+        n_head=hf_config.num_attention_heads,
+        n_kv_head=hf_config.num_key_value_heads,
+        n_embd=hf_config.hidden_size,
+        head_dim=hf_config.head_dim,
+        n_experts=hf_config.num_local_experts,
+        top_k=hf_config.num_experts_per_tok,
+        moe_layers=None,
+        capacity_factor=None,
+        intermediate_size=hf_config.intermediate_size,
+        aux_loss_weight=hf_config.router_aux_loss_coef,
+        router_bias=True,
+        expert_bias=True,
+        dropout=float(hf_config.attention_dropout),
+        bias=True,
+        attention_bias=hf_config.attention_bias,
+        use_rms_norm=True,
+        norm_eps=hf_config.rms_norm_eps,
+        use_swiglu=True,
+        gpt_oss_swiglu=True,
+        swiglu_limit=hf_config.swiglu_limit,
+        swiglu_alpha=hf_config.swiglu_alpha,
+        sliding_window=hf_config.sliding_window,
+        layer_types=list(hf_config.layer_types),
+        use_attention_sinks=True,
+        position_embedding="rope",
+        rope_theta=rope["rope_theta"],
+        rope_scaling=scaling,
+        tie_word_embeddings=hf_config.tie_word_embeddings,
+        init_std=hf_config.initializer_range,
+        pad_token_id=hf_config.pad_token_id,
+        eos_token_id=eos[0] if isinstance(eos, list) else eos,  # we keep one stop token
+    )
+
+
+# --- state dicts -----------------------------------------------------------------------------------
+def state_dict_to_hf(state_dict: dict[str, torch.Tensor], config: GPTOSSConfig) -> dict[str, torch.Tensor]:
+    """Our state dict -> GptOssForCausalLM's (same tensors; a tied LM head is left to transformers)."""
+    _check_convertible(config)
+    out = {}
+    for name, tensor in state_dict.items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        out[_rename(name, _KEY_TABLE)] = tensor
+    return out
+
+
+def state_dict_from_hf(state_dict: dict[str, torch.Tensor], config: GPTOSSConfig) -> dict[str, torch.Tensor]:
+    """GptOssForCausalLM's state dict -> ours. Unknown keys (e.g. MXFP4 blocks) raise ConfigError."""
+    _check_convertible(config)
+    out, unknown = {}, []
+    for name, tensor in state_dict.items():
+        try:
+            out[_rename(name, _HF_TO_OURS_TABLE)] = tensor
+        except KeyError:
+            unknown.append(name)
+    if unknown:
+        raise ConfigError(f"unrecognised transformers GptOss weights: {sorted(unknown)[:8]}")
+    if config.tie_word_embeddings:
+        out["lm_head.weight"] = out["embed_tokens.weight"]
+    return out
+
+
+# --- folders ---------------------------------------------------------------------------------------
+def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (directory / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise ConfigError(f"{directory} holds no model.safetensors or model.safetensors.index.json")
+    state = {}
+    for name in files:
+        state.update(load_file(str(directory / name)))
+    return state
+
+
+def load_hf(directory: str | Path, dtype: torch.dtype | None = None, **config_overrides) -> GPTOSS:
+    """GPTOSS from a local transformers GPT-OSS folder; weights keep their stored dtype unless `dtype`."""
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise ConfigError(f"{config_path} does not exist; expected a transformers model folder")
+    config = config_from_hf(json.loads(config_path.read_text()))
+    if config_overrides:
+        config = config.replace(**config_overrides)
+    state = state_dict_from_hf(_read_safetensors(directory), config)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    with torch.device("meta"):  # no random init of weights that are overwritten right away
+        model = GPTOSS(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight  # assign=True replaced the shared Parameter
+    return model
+
+
+def save_hf(model: GPTOSS, directory: str | Path) -> None:
+    """config.json + model.safetensors that GptOssForCausalLM.from_pretrained loads."""
+    directory = Path(directory)
+    hf_config = config_to_hf(model.config)
+    directory.mkdir(parents=True, exist_ok=True)
+    hf_config.save_pretrained(directory)
+    state = state_dict_to_hf(model.state_dict(), model.config)
+    save_file(
+        {k: v.detach().contiguous() for k, v in state.items()},
+        str(directory / "model.safetensors"),
+        metadata={"format": "pt"},
+    )

@@ -1,0 +1,251 @@
+"""Mixture-of-experts layer: router, grouped experts, and the route/permute/compute/combine MoE.
+
+Contract with `pipeline/train` (expert parallelism): `MoE.forward` runs
+
+    1 route      router(x) -> top-k expert ids and weights per token
+    2 permute    stable sort of the (token, slot) pairs by expert; capacity drop happens here
+    3 compute    y_sorted = self.experts(x_sorted, counts_E)
+    4 combine    un-permute and sum the weighted slots per token
+
+and step 3 is the only one expert parallelism replaces: the trainer swaps `moe.experts` for a module
+with the same `forward(x_MD, counts_E) -> y_MD` that all-to-alls rows to the ranks owning the experts
+(`GroupedExperts.shard` builds each rank's slice). Everything else stays local and identical.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.model.config import GPTOSSConfig
+from pipeline.model.mlp import Activation
+
+
+class RouterOutput(NamedTuple):
+    weights_NK: torch.Tensor
+    """Combine weights: softmax over the k selected logits (GPT-OSS), dtype of the input."""
+    expert_ids_NK: torch.Tensor
+    """Selected experts (long), highest logit first."""
+    load_balance_loss: torch.Tensor
+    """Unweighted Switch loss E * sum_i f_i * P_i with f_i = share of the N*k slots sent to expert i,
+    P_i = mean router probability of i. 1.0 when balanced (transformers' variant is k times this)."""
+    z_loss: torch.Tensor
+    """Unweighted router z-loss mean(logsumexp(logits)^2)."""
+    tokens_per_expert_E: torch.Tensor
+    """Detached slot counts per expert (long), before any capacity drop."""
+
+
+class TopKRouter(nn.Module):
+    def __init__(self, config: GPTOSSConfig):
+        super().__init__()
+        self.top_k, self.num_experts = config.top_k, config.n_experts
+        self.gate = nn.Linear(config.n_embd, config.n_experts, bias=config.router_bias)
+
+    def forward(self, x_ND: torch.Tensor) -> RouterOutput:
+        logits_NE = self.gate(x_ND)
+        top_logits_NK, expert_ids_NK = torch.topk(logits_NE, self.top_k, dim=-1)
+        weights_NK = torch.softmax(top_logits_NK, dim=-1)
+        # Losses in fp32: logsumexp^2 and the probability means are sensitive under bf16.
+        logits32_NE = logits_NE.float()
+        counts_E = torch.zeros(self.num_experts, dtype=torch.long, device=x_ND.device)
+        counts_E.scatter_add_(0, expert_ids_NK.reshape(-1), torch.ones_like(expert_ids_NK.reshape(-1)))
+        n_slots = max(expert_ids_NK.numel(), 1)
+        prob_per_expert_E = torch.softmax(logits32_NE, dim=-1).mean(dim=0)
+        load_balance = self.num_experts * torch.sum(counts_E.float() / n_slots * prob_per_expert_E)
+        z_loss = torch.logsumexp(logits32_NE, dim=-1).square().mean()
+        return RouterOutput(weights_NK, expert_ids_NK, load_balance, z_loss, counts_E.detach())
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    grouped_mm's backward rejects non-contiguous gradients (e.g. the expanded ones `.sum().backward()`
+    produces, or those of an empty output), so its outputs pass through this first.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad.numel() == 0:  # an empty grad may carry zero strides, which grouped_mm also rejects
+            return torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device)
+        return grad.contiguous()
+
+
+def _grouped_mm_supported(x_MD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
+    """grouped_mm needs 16-byte aligned row strides on CPU and bf16 on (sm80+) CUDA."""
+    if not hasattr(F, "grouped_mm") or x_MD.dtype != w_EDF.dtype:
+        return False
+    if x_MD.device.type == "cuda":
+        return x_MD.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x_MD.device) >= (8, 0)
+    if x_MD.device.type != "cpu":
+        return False
+    size = x_MD.element_size()
+    return (w_EDF.shape[1] * size) % 16 == 0 and (w_EDF.shape[2] * size) % 16 == 0
+
+
+def grouped_linear(
+    x_MD: torch.Tensor,
+    w_EDF: torch.Tensor,
+    b_EF: torch.Tensor | None,
+    offsets_E: torch.Tensor,
+    expert_of_row_M: torch.Tensor,
+) -> torch.Tensor:
+    """Rows in group e (ending at offsets_E[e]) times w_EDF[e] (+ b_EF[e]) -> [M, F]."""
+    y_MF = _ContiguousGrad.apply(F.grouped_mm(x_MD.contiguous(), w_EDF, offs=offsets_E))
+    if b_EF is not None:
+        # index_select, not b_EF[idx]: its backward is index_add_, far faster on CPU than index_put_.
+        y_MF = y_MF + b_EF.index_select(0, expert_of_row_M)
+    return y_MF
+
+
+class GroupedExperts(nn.Module):
+    """E independent FFN experts stored as stacked parameters (experts on dim 0).
+
+    Parameters: `gate_up_proj` [E, D, 2F] (gate/up interleaved: [..., ::2] gate, [..., 1::2] up; a GELU
+    expert has [E, D, F]), `down_proj` [E, F, D], and with `bias` `gate_up_proj_bias` [E, 2F] /
+    `down_proj_bias` [E, D]. Weights are stored input-major (x @ W), as in transformers' GptOss.
+    """
+
+    def __init__(self, config: GPTOSSConfig, num_experts: int | None = None):
+        super().__init__()
+        self.config = config
+        E = config.n_experts if num_experts is None else num_experts
+        D, hidden = config.n_embd, config.expert_hidden
+        width = 2 * hidden if config.use_swiglu else hidden
+        self.gate_up_proj = nn.Parameter(torch.empty(E, D, width))
+        self.down_proj = nn.Parameter(torch.empty(E, hidden, D))
+        if config.expert_bias:
+            self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, width))
+            self.down_proj_bias = nn.Parameter(torch.zeros(E, D))
+        else:
+            self.gate_up_proj_bias = self.down_proj_bias = None
+        self.act = Activation(config)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 init; down_proj writes to the residual stream, hence the 1/sqrt(2 * n_layer)."""
+        std = self.config.init_std
+        nn.init.normal_(self.gate_up_proj, 0.0, std)
+        nn.init.normal_(self.down_proj, 0.0, std / math.sqrt(2 * self.config.n_layer))
+        for bias in (self.gate_up_proj_bias, self.down_proj_bias):
+            if bias is not None:
+                nn.init.zeros_(bias)
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up_proj.shape[0]
+
+    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Rows of x_MD grouped by expert 0..E-1, counts_E[e] rows each (zeros allowed, M may be 0)."""
+        if not (
+            _grouped_mm_supported(x_MD, self.gate_up_proj) and _grouped_mm_supported(x_MD, self.down_proj)
+        ):
+            return self.forward_reference(x_MD, counts_E)
+        offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
+        # output_size avoids a device->host sync to learn M.
+        expert_of_row_M = torch.repeat_interleave(
+            torch.arange(self.num_experts, device=x_MD.device), counts_E, output_size=x_MD.shape[0]
+        )
+        h = grouped_linear(x_MD, self.gate_up_proj, self.gate_up_proj_bias, offsets_E, expert_of_row_M)
+        return grouped_linear(self.act(h), self.down_proj, self.down_proj_bias, offsets_E, expert_of_row_M)
+
+    def forward_reference(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Per-expert loop: the numerical reference, and the path for shapes grouped_mm rejects."""
+        outputs = []
+        for e, x_e in enumerate(torch.split(x_MD, counts_E.tolist())):
+            h = x_e @ self.gate_up_proj[e]
+            if self.gate_up_proj_bias is not None:
+                h = h + self.gate_up_proj_bias[e]
+            y = self.act(h) @ self.down_proj[e]
+            if self.down_proj_bias is not None:
+                y = y + self.down_proj_bias[e]
+            outputs.append(y)
+        # Empty groups still flow through their expert, so every parameter gets a (zero) gradient.
+        return torch.cat(outputs)
+
+    def shard(self, start: int, end: int) -> GroupedExperts:
+        """A new module holding experts [start, end) as cloned parameters (for expert parallelism)."""
+        if not 0 <= start < end <= self.num_experts:
+            raise ValueError(
+                f"shard [{start}, {end}) is not a non-empty range of the {self.num_experts} experts"
+            )
+        shard = GroupedExperts(self.config, num_experts=end - start).to(
+            device=self.gate_up_proj.device, dtype=self.gate_up_proj.dtype
+        )
+        with torch.no_grad():
+            for name, param in shard.named_parameters():
+                param.copy_(getattr(self, name)[start:end])
+        return shard
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, gate_up_proj={tuple(self.gate_up_proj.shape)}"
+
+
+class MoEStats(NamedTuple):
+    """Detached per-forward statistics for logging."""
+
+    load_balance_loss: torch.Tensor
+    z_loss: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    """[E] slot counts before capacity drop."""
+    dropped_tokens: torch.Tensor
+    """(token, slot) pairs dropped for exceeding expert capacity (0 when dropless)."""
+
+
+class MoE(nn.Module):
+    """Top-k routed experts. Returns (y, router loss already weighted by the config)."""
+
+    def __init__(self, config: GPTOSSConfig):
+        super().__init__()
+        self.top_k, self.num_experts = config.top_k, config.n_experts
+        self.capacity_factor = config.capacity_factor
+        self.aux_weight = config.aux_loss_weight if config.use_aux_loss else 0.0
+        self.z_weight = config.router_z_loss_weight
+        self.router = TopKRouter(config)
+        self.experts = GroupedExperts(config)
+        self.dropout = nn.Dropout(config.dropout)
+        self.last_stats: MoEStats | None = None
+
+    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(-1, D)
+        N, K = x_ND.shape[0], self.top_k
+
+        # 1 route
+        route = self.router(x_ND)
+        # 2 permute: slot s = n*K + k; a stable sort keeps token order within each expert, so
+        # capacity drop keeps the earliest tokens and the result is deterministic.
+        slot_expert_S = route.expert_ids_NK.reshape(-1)  # [S = N*K]
+        order_S = torch.argsort(slot_expert_S, stable=True)
+        counts_E = route.tokens_per_expert_E
+        dropped = torch.zeros((), dtype=torch.long, device=x_ND.device)
+        if self.capacity_factor is not None:
+            capacity = math.ceil(self.capacity_factor * N * K / self.num_experts)
+            starts_E = torch.cumsum(counts_E, 0) - counts_E
+            rank_in_expert_S = torch.arange(N * K, device=x_ND.device) - starts_E[slot_expert_S[order_S]]
+            order_S = order_S[rank_in_expert_S < capacity]  # [M <= S]
+            kept_E = counts_E.clamp(max=capacity)
+            dropped = (counts_E - kept_E).sum()
+            counts_E = kept_E
+        x_MD = x_ND.index_select(0, order_S // K)  # [M, D] (index_select: fast index_add_ backward)
+        # 3 compute (the step expert parallelism replaces)
+        y_MD = self.experts(x_MD, counts_E)
+        # 4 combine: place each slot's weighted output back at its slot (index_copy: unique indices,
+        # deterministic), then sum the K slots of every token; dropped slots stay zero.
+        weights_M = route.weights_NK.reshape(-1)[order_S]
+        y_SD = y_MD.new_zeros(N * K, D).index_copy(0, order_S, y_MD * weights_M[:, None].to(y_MD.dtype))
+        y_BTD = y_SD.view(N, K, D).sum(dim=1).view(B, T, D)
+
+        router_loss = self.aux_weight * route.load_balance_loss + self.z_weight * route.z_loss
+        self.last_stats = MoEStats(
+            route.load_balance_loss.detach(), route.z_loss.detach(), route.tokens_per_expert_E, dropped
+        )
+        return self.dropout(y_BTD), router_loss
