@@ -1,0 +1,191 @@
+"""Training samples: fixed-length windows over the concatenated documents of prepared shards.
+
+Per epoch e the documents are put in a fresh seeded order, concatenated (each already ends in
+EOS), cut into windows of `seq_len + 1` tokens (inputs and shifted labels, overlapping by one
+token with the next window), and the windows are visited in a second seeded order. Only the
+per-document arrays are built eagerly (vectorised from the .idx files); each epoch's two
+permutations are built on first use and cached, so any global index is O(log documents).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data.indexed import MMapIndexedDataset
+from pipeline.data.manifest import MANIFEST, check_vocab_compatible, load_manifest
+from pipeline.errors import ConfigError, DataError
+
+_DOC_ORDER_SALT = 0xD0C5
+_SAMPLE_ORDER_SALT = 0x5A3F
+
+
+def _rng(seed: int, epoch: int, salt: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch, salt, stream]))
+
+
+class GPTDataset:
+    """`ds[i]` -> int64 [seq_len + 1] for any i >= 0; epochs wrap with a new shuffle each."""
+
+    def __init__(
+        self,
+        shards: Sequence[MMapIndexedDataset],
+        seq_len: int,
+        seed: int,
+        stream: int = 0,
+        name: str = "",
+        epoch_cache: int = 2,
+    ):
+        if seq_len < 1:
+            raise ConfigError(f"seq_len must be >= 1, got {seq_len}")
+        if seed < 0:
+            raise ConfigError(f"data seed must be >= 0, got {seed}")
+        self.shards = list(shards)
+        self.seq_len = int(seq_len)
+        self.seed = int(seed)
+        self.stream = int(stream)
+        self.name = name
+        starts, lengths, owner = [], [], []
+        for k, shard in enumerate(self.shards):
+            s, n = shard.document_token_ranges()
+            starts.append(s)
+            lengths.append(n)
+            owner.append(np.full(len(s), k, dtype=np.int32))
+        self.doc_start = np.concatenate(starts) if starts else np.zeros(0, np.int64)  # [D] token offset
+        self.doc_len = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)  # [D] tokens
+        self.doc_shard = np.concatenate(owner) if owner else np.zeros(0, np.int32)  # [D] shard index
+        self.num_tokens = int(self.doc_len.sum())
+        # The last window needs one extra token for its final label.
+        self.samples_per_epoch = max(0, (self.num_tokens - 1) // self.seq_len)
+        if self.samples_per_epoch < 1:
+            raise DataError(
+                f"{name or 'dataset'} has {self.num_tokens} tokens: too few for one sample of "
+                f"seq_len {seq_len} (+1 label token); use more data or a smaller seq_len"
+            )
+        self._epochs: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+        self._epoch_cache = epoch_cache
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(doc_order [D], token start of each ordered doc [D + 1], window order [N]) of one epoch."""
+        hit = self._epochs.get(epoch)
+        if hit is not None:
+            self._epochs.move_to_end(epoch)
+            return hit
+        n_docs = len(self.doc_len)
+        index_dtype = np.int32 if n_docs < 2**31 else np.int64
+        doc_order = (
+            _rng(self.seed, epoch, _DOC_ORDER_SALT, self.stream).permutation(n_docs).astype(index_dtype)
+        )
+        cum = np.zeros(n_docs + 1, dtype=np.int64)
+        np.cumsum(self.doc_len[doc_order], out=cum[1:])
+        window_order = _rng(self.seed, epoch, _SAMPLE_ORDER_SALT, self.stream).permutation(
+            self.samples_per_epoch
+        )
+        entry = (doc_order, cum, window_order)
+        self._epochs[epoch] = entry
+        if len(self._epochs) > self._epoch_cache:  # training moves forward: keep the newest epochs
+            self._epochs.popitem(last=False)
+        return entry
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        index = int(index)
+        if index < 0:
+            raise IndexError(f"sample index must be >= 0, got {index}")
+        epoch, j = divmod(index, self.samples_per_epoch)
+        doc_order, cum, window_order = self._epoch(epoch)
+        need = self.seq_len + 1
+        start = int(window_order[j]) * self.seq_len  # token position in this epoch's concatenation
+        k = int(np.searchsorted(cum, start, side="right")) - 1
+        out = np.empty(need, dtype=np.int64)  # [seq_len + 1]
+        filled = 0
+        while filled < need:
+            d = int(doc_order[k])
+            offset = start + filled - int(cum[k])
+            take = min(int(self.doc_len[d]) - offset, need - filled)
+            first = int(self.doc_start[d]) + offset
+            out[filled : filled + take] = self.shards[self.doc_shard[d]].tokens[first : first + take]
+            filled += take
+            k += 1
+        return out
+
+
+def is_weighted(sources) -> bool:
+    return bool(sources) and all(
+        isinstance(s, (tuple, list))
+        and len(s) == 2
+        and isinstance(s[0], (int, float))
+        and not isinstance(s[0], bool)
+        for s in sources
+    )
+
+
+def _shards_of(path: str | Path, split: str) -> tuple[list[MMapIndexedDataset], Path | None]:
+    """Shards of `split` in a prepared dir, or a bare Megatron prefix (`.../name` with .idx/.bin)."""
+    path = Path(path)
+    if path.is_dir():
+        manifest = load_manifest(path)  # raises a clear error for dirs that are not prepared
+        prefixes = [
+            p
+            for p, s in zip(manifest.shard_prefixes(split), manifest.splits[split].shards, strict=True)
+            if s.documents > 0
+        ]
+        if not prefixes:
+            raise DataError(
+                f"{path} has no {split!r} documents; prepare it with a larger --valid-fraction "
+                f"or train without a validation split"
+            )
+        shards = [MMapIndexedDataset(p) for p in prefixes]
+        for s in shards:
+            if s.dtype != manifest.dtype:
+                raise DataError(
+                    f"{s.prefix}.idx has dtype {s.dtype} but {path}/{MANIFEST} says {manifest.dtype}"
+                )
+        return shards, path
+    prefix = Path(str(path)[:-4]) if path.suffix in (".bin", ".idx") else path
+    if Path(f"{prefix}.idx").is_file():
+        return [MMapIndexedDataset(prefix)], None
+    raise DataError(f"data source {path} is neither a prepared data dir nor a Megatron .bin/.idx prefix")
+
+
+def build_dataset(sources, split: str, seq_len: int, seed: int):
+    """Dataset over `sources`: paths (one corpus) or (weight, path) pairs (exact weighted blend).
+
+    Returns an object with `__getitem__(i)` for any i >= 0 -> int64 [seq_len + 1],
+    `samples_per_epoch` and `__len__ == samples_per_epoch`.
+    """
+    from pipeline.data.blending import BlendedDataset
+
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    sources = list(sources)
+    if not sources:
+        raise ConfigError("no data sources given (data.sources is empty)")
+    weighted = is_weighted(sources)
+    paths = [p for _, p in sources] if weighted else sources
+    dirs = []
+    per_source = []
+    for p in paths:
+        shards, d = _shards_of(p, split)
+        per_source.append(shards)
+        if d is not None:
+            dirs.append(d)
+    if len(dirs) > 1:  # one tokenizer for everything; vocab fit is checked by the trainer
+        check_vocab_compatible(dirs, max(load_manifest(d).vocab_size for d in dirs))
+    if not weighted:
+        return GPTDataset(
+            [s for shards in per_source for s in shards],
+            seq_len,
+            seed,
+            name=f"{split} of {', '.join(map(str, paths))}",
+        )
+    components = [
+        GPTDataset(shards, seq_len, seed, stream=i, name=f"{split} of {p}")
+        for i, (shards, p) in enumerate(zip(per_source, paths, strict=True))
+    ]
+    return BlendedDataset(components, [float(w) for w, _ in sources])
