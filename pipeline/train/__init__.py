@@ -1,0 +1,1 @@
+"""Training: run config, DeepSpeed engine, expert parallelism, checkpoints, metrics."""

@@ -1,0 +1,159 @@
+"""The run config: one YAML file plus `key=value` overrides, resolved and validated at start.
+
+    model:     {preset: debug, <any GPTOSSConfig field>: value}
+    data:      {train: [[0.7, data/a], [0.3, data/b]], seq_len: 128}
+    optim:     {lr: 3e-4, min_lr: 3e-5, warmup_steps: 100, ...}
+    train:     {steps: 1000, micro_batch_size: 4, grad_accum_steps: 1, ...}
+    parallel:  {expert_parallel_size: 2, activation_checkpointing: true}
+    precision: bf16
+    deepspeed_config: ds_configs/zero3.json
+
+The run config owns batch sizes, precision, optimizer, clipping and the schedule; the DeepSpeed JSON
+owns ZeRO, offload and communication settings. Where a DeepSpeed JSON also sets one of ours to a
+different value, start-up fails naming both places (see `pipeline/train/ds_config.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config_utils import apply_overrides, from_dict, load_config_file, to_dict
+from pipeline.errors import ConfigError
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    train: list = field(default_factory=list)
+    """Prepared data dirs: `[dir, ...]` or weighted `[[weight, dir], ...]` for blending."""
+    valid: list | None = None
+    """Validation sources (same forms); default: the `valid` split of `train`."""
+    seq_len: int = 128
+    """Tokens per training sample (each sample reads seq_len + 1 for the shifted targets)."""
+    seed: int = 1234
+    """Shuffle seed for the sample order (independent of the model init seed)."""
+
+    def __post_init__(self):
+        if not self.train:
+            raise ConfigError("data.train is empty: give prepared dirs (python -m pipeline.prepare --output DIR)")
+        if self.seq_len < 1:
+            raise ConfigError(f"data.seq_len ({self.seq_len}) must be >= 1")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 3e-4
+    """Peak learning rate, reached after warmup."""
+    min_lr: float = 3e-5
+    """Floor of the cosine decay."""
+    warmup_steps: int = 100
+    decay_steps: int | None = None
+    """Steps from the end of warmup to min_lr; default: train.steps - warmup_steps."""
+    weight_decay: float = 0.1
+    """Applied to matrices only; norms, biases, sinks and embeddings are not decayed (Megatron)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+    implementation: str = "auto"
+    """auto | torch | fused: auto = DeepSpeed FusedAdam on GPU, torch.optim.AdamW on CPU
+    (CPU offload always uses DeepSpeedCPUAdam)."""
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"optim.lr ({self.lr}) must be > 0 and optim.min_lr ({self.min_lr}) in [0, lr]")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps ({self.warmup_steps}) must be >= 0")
+        if self.implementation not in ("auto", "torch", "fused"):
+            raise ConfigError(f"optim.implementation ({self.implementation!r}) must be auto, torch or fused")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps to run (the run stops at this step, also when resumed)."""
+    micro_batch_size: int = 4
+    """Samples per rank per forward/backward."""
+    grad_accum_steps: int = 1
+    log_interval: int = 10
+    eval_interval: int = 100
+    """Steps between evaluations (0 = only at the end)."""
+    eval_iters: int = 10
+    """Micro-batches per rank per evaluation."""
+    save_interval: int = 500
+    """Steps between checkpoints (0 = only at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept; older ones are deleted once a newer one is complete."""
+    seed: int = 1234
+    """Model init and RNG seed."""
+    peak_tflops: float | None = None
+    """Per-GPU dense bf16 peak for the MFU metric; default: looked up from the GPU name
+    (H100/H200 989, A100 312). Without it (e.g. on CPU) achieved TFLOP/s is logged, MFU is not."""
+
+    def __post_init__(self):
+        for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_interval", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} ({getattr(self, name)}) must be >= 1")
+        for name in ("eval_interval", "save_interval", "eval_iters"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} ({getattr(self, name)}) must be >= 0")
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    expert_parallel_size: int = 1
+    """Ranks an MoE layer's experts are split over; must divide the world size and n_experts."""
+    activation_checkpointing: bool = False
+    """Recompute each block in backward instead of storing its activations."""
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    run_dir: str = "runs/debug"
+    """Output dir: checkpoints/, tensorboard/, config.yaml, ds_config.json."""
+    model: dict = field(default_factory=lambda: {"preset": "debug"})
+    """`preset` plus any GPTOSSConfig field to override. vocab_size defaults to the data's tokenizer."""
+    data: DataConfig
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: str = "fp32"
+    """fp32 | bf16 (bf16 weights/activations with fp32 master weights in the optimizer)."""
+    deepspeed_config: str = "ds_configs/zero3.json"
+    """DeepSpeed JSON (ZeRO stage, offload, comm); relative paths resolve against the repo root."""
+    tensorboard: bool = True
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision ({self.precision!r}) must be fp32 or bf16")
+        if "preset" not in self.model:
+            raise ConfigError("model.preset is missing (e.g. model.preset=debug); see pipeline.model.list_presets()")
+
+    @property
+    def model_overrides(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model.items() if k != "preset"}
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_path(path: str | Path) -> Path:
+    """Relative config paths: cwd first (user files), then the repo root (shipped ds_configs/)."""
+    path = Path(path)
+    if path.is_absolute() or path.exists():
+        return path
+    return REPO_ROOT / path if (REPO_ROOT / path).exists() else path
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    tree = load_config_file(path) if path else {}
+    tree = apply_overrides(tree, list(overrides))
+    if "data" not in tree:
+        raise ConfigError("the run config has no `data` section: set data.train to prepared dirs")
+    return from_dict(RunConfig, tree)
+
+
+def run_config_to_dict(cfg: RunConfig) -> dict:
+    return to_dict(cfg)

@@ -1,0 +1,64 @@
+"""Pieces every training path shares: parameter groups, the LR schedule and the loss.
+
+The DeepSpeed trainer, the plain-PyTorch `train_model` API, the single-process reference the
+equivalence tests compare against, and the benchmark all call these, so "the same run" means
+the same decay groups, the same learning rate at every step and the same objective.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from pipeline.train.config import OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: norms, biases, sinks and embeddings are not decayed (Megatron/OLMo)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_embedding = "embed" in name or "pos_embed" in name
+        # Stacked expert weights are 3-D [E, in, out]; their biases are 2-D [E, out].
+        is_bias_or_norm = p.ndim < 2 or name.endswith("bias") or "sinks" in name
+        (no_decay if is_embedding or is_bias_or_norm else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
+    """Linear warmup to optim.lr, then cosine to optim.min_lr; `step` counts from 0.
+
+    A pure function of the step, so a resumed run follows the same schedule with no state to save.
+    """
+    if optim.warmup_steps and step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    decay_steps = optim.decay_steps or max(1, total_steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / decay_steps)
+    return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+class LossParts(NamedTuple):
+    total: torch.Tensor  # lm + router loss: what backward runs on
+    lm: torch.Tensor
+    router: torch.Tensor  # aux (load-balance) + z-loss, already weighted by the model config
+
+
+def compute_loss(model: nn.Module, batch_BT1: torch.Tensor) -> LossParts:
+    """batch [B, T + 1] token ids -> next-token loss on the first T positions."""
+    inputs, targets = batch_BT1[:, :-1], batch_BT1[:, 1:]
+    _, lm_loss, router_loss = model(inputs, targets)
+    return LossParts(lm_loss + router_loss, lm_loss, router_loss)
+
+
+def make_torch_adamw(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    """The optimizer the DeepSpeed config asks for on CPU (`torch_adam`), for plain-PyTorch runs."""
+    return torch.optim.AdamW(
+        param_groups(model, optim.weight_decay), lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps
+    )

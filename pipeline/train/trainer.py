@@ -1,0 +1,269 @@
+"""The DeepSpeed trainer: ZeRO-2/3, expert parallelism, activation checkpointing, bf16.
+
+    trainer = Trainer(load_run_config("run.yaml", ["train.steps=100"]))
+    trainer.fit()
+
+Order of set-up matters and is kept in `__init__`: distributed init -> expert-parallel groups ->
+model (same seed on every rank, so each rank's expert slice is a slice of the same full model) ->
+expert parallelism and activation checkpointing applied from outside -> DeepSpeed engine ->
+resume -> data iterators at the resumed sample position.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from pipeline.config_utils import to_dict
+from pipeline.data import MicroBatchIterator, build_dataset, check_vocab_compatible, load_manifest
+from pipeline.errors import ConfigError
+
+from pipeline.flops import flops_per_token
+
+
+from pipeline.model import GPTOSSConfig, MoE, get_preset
+from pipeline.train.checkpoint import CheckpointManager, read_latest
+from pipeline.train.config import RunConfig, run_config_to_dict
+from pipeline.train.ds_config import build_ds_config
+from pipeline.train.engine import build_engine, init_distributed
+from pipeline.train.expert_parallel import check_expert_parallel_size
+from pipeline.train.metrics import MetricsLogger, detect_peak_tflops, expert_load_stats, memory_stats
+from pipeline.train.optim import compute_loss, lr_at
+
+
+def data_sources(sources: list) -> list[str]:
+    """Directories named by `data.train` / `data.valid` in either form ([dir] or [[w, dir]])."""
+    return [str(s[1]) if isinstance(s, (list, tuple)) else str(s) for s in sources]
+
+
+def resolve_model_config(cfg: RunConfig) -> GPTOSSConfig:
+    """The preset plus overrides; vocabulary and EOS come from the data's tokenizer unless set."""
+    overrides = dict(cfg.model_overrides)
+    manifest = load_manifest(data_sources(cfg.data.train)[0])
+    overrides.setdefault("vocab_size", manifest.vocab_size)
+    overrides.setdefault("eos_token_id", manifest.eos_id)
+    try:
+        model_cfg = get_preset(cfg.model["preset"], **overrides)
+    except TypeError as e:  # an unknown field name
+        raise ConfigError(f"model section: {e}; see GPTOSSConfig for valid fields") from e
+    if cfg.data.seq_len > model_cfg.block_size:
+        raise ConfigError(
+            f"data.seq_len ({cfg.data.seq_len}) exceeds model.block_size ({model_cfg.block_size}); "
+            f"lower data.seq_len or set model.block_size={cfg.data.seq_len}"
+        )
+    return model_cfg
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.rank, self.world = init_distributed()
+        self.run_dir = Path(cfg.run_dir)
+        self.model_cfg = resolve_model_config(cfg)
+        check_vocab_compatible(
+            data_sources(cfg.data.train + (cfg.data.valid or [])), self.model_cfg.vocab_size
+        )
+        check_expert_parallel_size(cfg.parallel.expert_parallel_size, self.world, self.model_cfg.n_experts)
+        self.ds_config = build_ds_config(cfg, self.world)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last)
+        self._check_resume_compatible()
+
+        self.engine = build_engine(cfg, self.model_cfg, self.ds_config, self.world)
+        self.moe_layers = [m for m in self.engine.module.modules() if isinstance(m, MoE)]
+        torch.manual_seed(cfg.train.seed + 1000 + self.rank)  # dropout differs per rank
+
+        self.step, consumed, self.eval_history = 0, 0, []
+        state = self.ckpt.load_latest(self.engine)
+        if state is not None:
+            self.step, consumed = state["step"], state["consumed_samples"]
+            self.eval_history = state.get("eval_history", [])
+        t, seed, seq_len = cfg.train, cfg.data.seed, cfg.data.seq_len
+        self.train_data = build_dataset(cfg.data.train, "train", seq_len, seed)
+        self.train_iter = MicroBatchIterator(
+            self.train_data, t.micro_batch_size, self.rank, self.world, consumed
+        )
+        self.valid_data = build_dataset(cfg.data.valid or cfg.data.train, "valid", seq_len, seed)
+
+        self.tokens_per_step = t.micro_batch_size * t.grad_accum_steps * self.world * seq_len
+        self.flops_per_token = flops_per_token(self.model_cfg, seq_len)["total"]
+        self.peak_tflops = t.peak_tflops or detect_peak_tflops()
+        self.log = MetricsLogger(self.run_dir, self.rank == 0, cfg.tensorboard, t.steps)
+        self._write_run_files()
+        if state is not None:
+            self.log.message(f"resumed from {self.ckpt.dir / read_latest(self.ckpt.dir)} at step {self.step}")
+
+    # --- set-up helpers -----------------------------------------------------------------------
+    def run_files(self) -> dict[str, str]:
+        resolved = run_config_to_dict(self.cfg)
+        resolved["model"] = {"preset": self.cfg.model["preset"], **to_dict(self.model_cfg)}
+        return {
+            "config.yaml": yaml.safe_dump(resolved, sort_keys=False),
+            "ds_config.json": json.dumps(self.ds_config, indent=2),
+        }
+
+    def _write_run_files(self) -> None:
+        if self.rank != 0:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in self.run_files().items():
+            (self.run_dir / name).write_text(text)
+
+    def _check_resume_compatible(self) -> None:
+        """A run dir with checkpoints of a different model must not be resumed into."""
+        tag = read_latest(self.ckpt.dir)
+        if tag is None:
+            return
+        saved = yaml.safe_load((self.ckpt.dir / tag / "config.yaml").read_text())["model"]
+        current = {"preset": self.cfg.model["preset"], **to_dict(self.model_cfg)}
+        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        if diff:
+            raise ConfigError(
+                f"{self.run_dir} holds checkpoints of a different model (fields differ: {', '.join(diff)}); "
+                "use a new run_dir, or the same model settings to resume"
+            )
+
+    # --- training -----------------------------------------------------------------------------
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One optimizer step over grad_accum_steps micro-batches; returns detached sums."""
+        lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        sums = torch.zeros(5, dtype=torch.float64)  # total, lm, router, load-balance, z
+        counts = []
+        for _ in range(self.cfg.train.grad_accum_steps):
+            batch = self.train_iter.next().to(self.engine.device)
+            parts = compute_loss(self.engine, batch)
+            self.engine.backward(parts.total)
+            self.engine.step()
+            stats = [m.last_stats for m in self.moe_layers]
+            moe_lb = sum(float(s.load_balance_loss) for s in stats) / max(1, len(stats))
+            moe_z = sum(float(s.z_loss) for s in stats) / max(1, len(stats))
+            sums += torch.tensor(
+                [parts.total.item(), parts.lm.item(), parts.router.item(), moe_lb, moe_z], dtype=torch.float64
+            )
+            if stats:
+                counts.append(torch.stack([s.tokens_per_expert.detach().cpu().double() for s in stats]))
+        sums /= self.cfg.train.grad_accum_steps
+        tokens_LE = torch.stack(counts).sum(0) if counts else torch.zeros(0, 0, dtype=torch.float64)
+        grad_norm = self.engine.get_global_grad_norm()
+        return {
+            "sums": sums,
+            "tokens_per_expert": tokens_LE,
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        }
+
+    def _all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t / self.world
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float] | None:
+        if len(self.valid_data) == 0 or self.cfg.train.eval_iters == 0:
+            return None
+        self.engine.eval()
+        # The same validation samples every time, so evaluations are comparable across steps.
+        it = MicroBatchIterator(self.valid_data, self.cfg.train.micro_batch_size, self.rank, self.world, 0)
+        total = torch.zeros(1, dtype=torch.float64)
+        for _ in range(self.cfg.train.eval_iters):
+            total += float(compute_loss(self.engine, it.next().to(self.engine.device)).lm)
+        self.engine.train()
+        loss = float(self._all_reduce_mean(total / self.cfg.train.eval_iters))
+        ppl = float(torch.tensor(loss).exp())
+        result = {"step": self.step, "eval/loss": loss, "eval/perplexity": ppl}
+        self.eval_history.append(result)
+        self.log.scalars(self.step, {"eval/loss": loss, "eval/perplexity": ppl})
+        self.log.message(f"eval   step {self.step:>6} | loss {loss:.4f} | ppl {ppl:.2f}")
+        self._append_metrics(result)
+        return result
+
+    def save(self) -> Path:
+        state = {
+            "step": self.step,
+            "consumed_samples": self.train_iter.consumed_samples,
+            "world_size": self.world,
+            "eval_history": self.eval_history,
+        }
+        path = self.ckpt.save(self.engine, self.step, state, self.run_files())
+        self.log.message(f"saved checkpoint {path}")
+        return path
+
+    def _append_metrics(self, record: dict) -> None:
+        """Full-precision metrics, one JSON object per line (for scripts and tests)."""
+        if self.rank == 0:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _log_interval(self, window: list[dict], elapsed: float) -> None:
+        sums = self._all_reduce_mean(torch.stack([w["sums"] for w in window]).mean(0))
+        total, lm, router, lb, z = sums.tolist()
+        tokens_LE = torch.stack([w["tokens_per_expert"] for w in window]).sum(0)
+        if tokens_LE.numel():
+            dist.all_reduce(tokens_LE)
+        last = window[-1]
+        tokens_per_s = self.tokens_per_step * len(window) / max(elapsed, 1e-9)
+        tflops = tokens_per_s * self.flops_per_token / self.world / 1e12
+        values = {
+            "loss/total": total,
+            "loss/lm": lm,
+            "loss/aux": router,
+            "moe/load_balance_loss": lb,
+            "moe/z_loss": z,
+            "optim/lr": last["lr"],
+            "optim/grad_norm": last["grad_norm"],
+            "perf/tokens_per_s": tokens_per_s,
+            "perf/model_tflops_per_rank": tflops,
+            "perf/consumed_samples": self.train_iter.consumed_samples,
+            **memory_stats(),
+        }
+        extra = ""
+        if self.peak_tflops:
+            values["perf/mfu"] = tflops / self.peak_tflops
+            extra = f" | mfu {values['perf/mfu']:.1%}"
+        if tokens_LE.numel():
+            values.update(expert_load_stats(tokens_LE))
+            self.log.expert_counts(self.step, tokens_LE)
+        self.log.scalars(self.step, values)
+        self.log.console(self.step, lm, last["lr"], tokens_per_s, extra)
+        self._append_metrics({"step": self.step, **values})
+
+    def fit(self) -> None:
+        t = self.cfg.train
+        if self.step >= t.steps:
+            self.log.message(f"run already at step {self.step} >= train.steps={t.steps}; nothing to do")
+            return
+        self.log.message(
+            f"training {self.model_cfg.n_layer}-layer model, world {self.world}, "
+            f"ep {self.cfg.parallel.expert_parallel_size}, {self.tokens_per_step:,} tokens/step, "
+            f"steps {self.step} -> {t.steps}; tensorboard --logdir {self.log.tb_dir}"
+        )
+        self.log.start(self.step)
+        window, tick = [], time.perf_counter()
+        evaluated = saved = False
+        while self.step < t.steps:
+            window.append(self.train_step())
+            self.step += 1
+            evaluated = saved = False
+            if self.step % t.log_interval == 0 or self.step == t.steps:
+                self._log_interval(window, time.perf_counter() - tick)
+                window, tick = [], time.perf_counter()
+            if t.eval_interval and self.step % t.eval_interval == 0:
+                self.evaluate()
+                evaluated = True
+            if t.save_interval and self.step % t.save_interval == 0:
+                self.save()
+                saved = True
+        if not evaluated:
+            self.evaluate()
+        if not saved:
+            self.save()
+        self.log.flush()
+
+    def close(self) -> None:
+        self.log.close()
