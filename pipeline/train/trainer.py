@@ -22,10 +22,7 @@ import yaml
 from pipeline.config_utils import to_dict
 from pipeline.data import MicroBatchIterator, build_dataset, check_vocab_compatible, load_manifest
 from pipeline.errors import ConfigError
-
 from pipeline.flops import flops_per_token
-
-
 from pipeline.model import GPTOSSConfig, MoE, get_preset
 from pipeline.train.checkpoint import CheckpointManager, read_latest
 from pipeline.train.config import RunConfig, run_config_to_dict
