@@ -1,0 +1,194 @@
+"""A training plan for a run config on N nodes: memory per GPU, tokens, FLOPs, step time, fit.
+
+Everything is derived from what the trainer really runs: the model is built from the run config's
+preset (on the meta device), the DeepSpeed JSON is the one `pipeline.train.ds_config.build_ds_config`
+produces, and the expert-parallel checks are the trainer's own `check_expert_parallel_size`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.errors import ConfigError
+from pipeline.flops import flops_per_token
+from pipeline.model import GPTOSSConfig, count_parameters, get_preset
+from pipeline.planning.activations import ActivationMemory, activation_memory, math_fallback_scores_bytes
+from pipeline.planning.zero import (
+    ParamTensor,
+    RankElements,
+    StateMemory,
+    ZeroSettings,
+    model_param_tensors,
+    rank_elements,
+    state_memory,
+)
+from pipeline.train.config import RunConfig
+from pipeline.train.ds_config import build_ds_config
+from pipeline.train.expert_parallel import check_expert_parallel_size
+
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    name: str
+    memory_bytes: int
+    """Total device memory as nvidia-smi reports it."""
+    peak_bf16: float
+    """Dense (no sparsity) bf16 tensor-core peak, FLOP/s."""
+    peak_fp32: float
+    """Non-tensor-core fp32 peak, FLOP/s (PyTorch does not use TF32 for matmuls by default)."""
+
+    def peak(self, precision: str) -> float:
+        return self.peak_bf16 if precision == "bf16" else self.peak_fp32
+
+
+MiB = 1024**2
+GPUS = {
+    "h100-80gb": GPUSpec("h100-80gb", 81559 * MiB, 989.4e12, 66.9e12),  # SXM5 datasheet
+    "h200-141gb": GPUSpec("h200-141gb", 143771 * MiB, 989.4e12, 66.9e12),
+    "a100-80gb": GPUSpec("a100-80gb", 81920 * MiB, 312e12, 19.5e12),
+    "a100-40gb": GPUSpec("a100-40gb", 40960 * MiB, 312e12, 19.5e12),
+}
+
+
+def get_gpu(name: str) -> GPUSpec:
+    if name not in GPUS:
+        raise ConfigError(f"unknown --gpu {name!r}; choose one of {', '.join(sorted(GPUS))}")
+    return GPUS[name]
+
+
+def model_config(run: RunConfig) -> GPTOSSConfig:
+    """The model the trainer builds (vocab_size from the preset unless model.vocab_size is set)."""
+    cfg = get_preset(run.model["preset"], **run.model_overrides)
+    if run.data.seq_len > cfg.block_size:
+        raise ConfigError(
+            f"data.seq_len ({run.data.seq_len}) is longer than the model's block_size ({cfg.block_size}); "
+            "lower data.seq_len or raise model.block_size"
+        )
+    return cfg
+
+
+@dataclass(frozen=True)
+class Plan:
+    nodes: int
+    gpus_per_node: int
+    world: int
+    ep: int
+    zero: ZeroSettings
+    elements: RankElements
+    state: StateMemory
+    activations: ActivationMemory
+    activation_bytes: int
+    """Peak activation bytes per GPU for one micro-batch under the run's checkpointing setting."""
+    math_fallback_bytes: int
+    """Extra activation bytes if attention fell back to SDPA's math kernel (per micro-batch)."""
+    tokens_per_step: int
+    flops_per_token: dict
+    step_time_s: float
+    tokens_per_s: float
+    gpu: GPUSpec
+    mfu: float
+    usable_bytes: int
+    host_bytes_per_node: int
+
+    @property
+    def gpu_bytes(self) -> int:
+        return self.state.gpu + self.activation_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.gpu_bytes <= self.usable_bytes
+
+    @property
+    def edp(self) -> int:
+        return self.world // self.ep
+
+
+@dataclass
+class Planner:
+    """Plans for one run config at any node count (the model and its parameter list are built once)."""
+
+    run: RunConfig
+    gpus_per_node: int = 8
+    gpu: GPUSpec = GPUS["h100-80gb"]
+    mfu: float = 0.4
+    headroom: float = 0.10
+    """Fraction of GPU memory kept free for the CUDA context, NCCL buffers and fragmentation."""
+
+    def __post_init__(self):
+        if self.gpus_per_node < 1:
+            raise ConfigError(f"--gpus-per-node ({self.gpus_per_node}) must be >= 1")
+        if not 0 < self.mfu <= 1:
+            raise ConfigError(f"--mfu ({self.mfu}) must be in (0, 1]")
+        if not 0 <= self.headroom < 1:
+            raise ConfigError(f"--headroom ({self.headroom}) must be in [0, 1)")
+        self.config = model_config(self.run)
+        self.ep = self.run.parallel.expert_parallel_size
+        if self.config.num_moe_layers:
+            # The trainer's check; world size is checked per node count in `plan`.
+            check_expert_parallel_size(self.ep, self.ep, self.config.n_experts)
+        elif self.ep != 1:
+            raise ConfigError(f"parallel.expert_parallel_size ({self.ep}) must be 1 for a model without MoE layers")
+        self.params: list[ParamTensor] = model_param_tensors(self.config)
+        self.counts = count_parameters(self.config)
+        t = self.run.train
+        act_bytes = 2 if self.run.precision == "bf16" else 4
+        self.activations = activation_memory(self.config, t.micro_batch_size, self.run.data.seq_len, act_bytes)
+        self.math_fallback = self.config.n_layer * math_fallback_scores_bytes(
+            self.config, t.micro_batch_size, self.run.data.seq_len, act_bytes
+        )
+        self.flops = flops_per_token(self.config, self.run.data.seq_len)
+        build_ds_config(self.run, world_size=self.ep, use_cuda=True)  # refuse bad DeepSpeed JSON up front
+
+    def plan(self, nodes: int) -> Plan:
+        if nodes < 1:
+            raise ConfigError(f"node count ({nodes}) must be >= 1")
+        world = nodes * self.gpus_per_node
+        if self.config.num_moe_layers:
+            check_expert_parallel_size(self.ep, world, self.config.n_experts)
+        ds = build_ds_config(self.run, world_size=world, use_cuda=True)
+        zero = ZeroSettings.from_ds_config(ds)
+        elements = rank_elements(self.params, zero, world, self.ep)
+        state = state_memory(elements, zero)
+        ckpt = self.run.parallel.activation_checkpointing
+        activation_bytes = self.activations.total(ckpt)
+        t = self.run.train
+        tokens = t.micro_batch_size * t.grad_accum_steps * world * self.run.data.seq_len
+        peak = self.gpu.peak(self.run.precision)
+        step_time = tokens * self.flops["total"] / (world * peak * self.mfu)
+        return Plan(
+            nodes=nodes,
+            gpus_per_node=self.gpus_per_node,
+            world=world,
+            ep=self.ep,
+            zero=zero,
+            elements=elements,
+            state=state,
+            activations=self.activations,
+            activation_bytes=activation_bytes,
+            math_fallback_bytes=self.math_fallback // (self.config.n_layer if ckpt else 1),
+            tokens_per_step=tokens,
+            flops_per_token=self.flops,
+            step_time_s=step_time,
+            tokens_per_s=tokens / step_time,
+            gpu=self.gpu,
+            mfu=self.mfu,
+            usable_bytes=int(self.gpu.memory_bytes * (1 - self.headroom)),
+            host_bytes_per_node=state.host * self.gpus_per_node,
+        )
+
+    def try_plan(self, nodes: int) -> Plan | str:
+        """A plan, or why this node count cannot run (e.g. EP does not divide the world size)."""
+        try:
+            return self.plan(nodes)
+        except ConfigError as e:
+            return str(e)
+
+    def smallest_fitting(self, max_nodes: int = 1024) -> Plan | None:
+        """The fewest nodes whose plan fits in GPU memory (memory per GPU only falls with more nodes)."""
+        for nodes in range(1, max_nodes + 1):
+            result = self.try_plan(nodes)
+            if isinstance(result, Plan) and result.fits:
+                return result
+        return None

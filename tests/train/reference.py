@@ -1,0 +1,29 @@
+"""Single-process, plain-PyTorch reference for a run config: same model init, same samples per
+step (every rank's micro-batches, in one process), same optimizer and schedule, no DeepSpeed."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.data import MicroBatchIterator, build_dataset
+from pipeline.model import GPTOSS
+from pipeline.train.config import load_run_config
+from pipeline.train.optim import lr_at, make_torch_adamw
+from pipeline.train.simple import plain_train_step
+from pipeline.train.trainer import resolve_model_config
+
+
+def reference_run(config_path, world: int, overrides: list[str] = ()) -> tuple[dict[int, dict], GPTOSS]:
+    """Returns ({step: {"total", "lm", "grad_norm"}}, trained model) for `world` simulated ranks."""
+    cfg = load_run_config(config_path, list(overrides))
+    torch.manual_seed(cfg.train.seed)
+    model = GPTOSS(resolve_model_config(cfg))
+    optimizer = make_torch_adamw(model, cfg.optim)
+    data = build_dataset(cfg.data.train, "train", cfg.data.seq_len, cfg.data.seed)
+    iters = [MicroBatchIterator(data, cfg.train.micro_batch_size, r, world, 0) for r in range(world)]
+    results = {}
+    for step in range(cfg.train.steps):
+        micro = [it.next() for _ in range(cfg.train.grad_accum_steps) for it in iters]
+        lr = lr_at(step, cfg.optim, cfg.train.steps)
+        results[step + 1] = plain_train_step(model, optimizer, micro, lr, cfg.optim.grad_clip)
+    return results, model

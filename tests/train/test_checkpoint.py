@@ -1,0 +1,77 @@
+"""Checkpoints resume exactly, survive SIGKILL (also during a save), and keep the last K."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline.train.checkpoint import checkpoint_steps, read_latest
+from tests.conftest import REPO_ROOT
+from tests.train.conftest import losses, rank_env, train, write_run_config
+
+STEPS, SAVE_EVERY = 10, 4
+
+
+def start_training(config: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "pipeline.train", "--config", str(config)]
+    return subprocess.Popen(cmd, env=rank_env(), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def kill_when(proc: subprocess.Popen, condition, timeout: float = 240) -> None:
+    """SIGKILL the whole launcher process group the moment `condition()` holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, "training finished before it could be killed"
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_sigkill_during_save_then_resume_is_exact(prepared_data, tmp_path):
+    sections = {"train": {"steps": STEPS, "save_interval": SAVE_EVERY, "keep_last": 2}}
+    full_cfg = write_run_config(tmp_path / "full.yaml", prepared_data, tmp_path / "full", **sections)
+    train(2, full_cfg)
+    uninterrupted = losses(tmp_path / "full")
+    # keep_last=2: step_4 was pruned once step_8 and step_10 were complete.
+    assert checkpoint_steps(tmp_path / "full" / "checkpoints") == [8, 10]
+
+    run_dir = tmp_path / "killed"
+    cfg = write_run_config(tmp_path / "killed.yaml", prepared_data, run_dir, **sections)
+    proc = start_training(cfg)
+    # The second save has started (DeepSpeed created step_8/): kill now, most likely mid-write.
+    kill_when(proc, lambda: (run_dir / "checkpoints" / "step_8").exists())
+    assert proc.returncode != 0
+    latest = read_latest(run_dir / "checkpoints")
+    assert latest in ("step_4", "step_8"), latest  # never a half-written one
+    resumed_from = int(latest.split("_")[1])
+
+    train(2, cfg)
+    got = losses(run_dir)  # later records (the resumed run) overwrite the killed run's
+    for step in range(resumed_from + 1, STEPS + 1):
+        assert got[step] == uninterrupted[step], f"step {step}: resumed {got[step]} vs {uninterrupted[step]}"
+    assert read_latest(run_dir / "checkpoints") == f"step_{STEPS}"
+
+
+def test_rerun_of_finished_run_does_nothing_and_keeps_checkpoints(prepared_data, tmp_path):
+    cfg = write_run_config(tmp_path / "run.yaml", prepared_data, tmp_path / "run", train={"steps": 2})
+    train(2, cfg)
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "checkpoints").rglob("*") if p.is_file()}
+    proc = train(2, cfg)
+    assert "nothing to do" in proc.stdout
+    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "checkpoints").rglob("*") if p.is_file()}
+    assert before == after
+
+
+def test_resume_into_run_dir_of_another_model_is_refused(prepared_data, tmp_path):
+    cfg = write_run_config(tmp_path / "run.yaml", prepared_data, tmp_path / "run", train={"steps": 1})
+    train(2, cfg)
+    proc = train(2, cfg, "model.n_layer=2", check=False)
+    assert proc.returncode != 0
+    assert "holds checkpoints of a different model (fields differ: n_layer)" in proc.stderr

@@ -1,0 +1,30 @@
+"""The design documents' `train_model` API: token lists in, trained model out."""
+
+import math
+
+import torch
+
+from pipeline.model import GPTOSS, create_gpt_oss_20b, get_preset
+from pipeline.train.simple import evaluate_loss, train_model
+
+
+def test_train_model_learns_a_repeating_sequence(capsys):
+    torch.manual_seed(0)
+    model = GPTOSS(get_preset("debug", vocab_size=64))
+    tokens = (torch.arange(3000) % 37).tolist()
+    val = torch.tensor(tokens[:33 * 8]).unfold(0, 33, 32)[:8]
+    before = evaluate_loss(model, val, 4)
+    trained = train_model(model, tokens, tokens[:600], seq_len=32, batch_size=8, num_epochs=2, learning_rate=3e-3)
+    assert trained is model
+    after = evaluate_loss(model, val, 4)
+    assert after < before / 3, (before, after)
+    out = capsys.readouterr().out
+    assert "epoch 2/2" in out and "val ppl" in out
+    ppl = float(out.strip().splitlines()[-1].split("val ppl ")[1])
+    assert math.isfinite(ppl) and ppl < math.exp(before)
+
+
+def test_create_gpt_oss_20b_entry_point_on_meta_device():
+    with torch.device("meta"):
+        model = create_gpt_oss_20b(vocab_size=50257, max_seq_len=1024)
+    assert model.config.n_layer == 24 and model.config.n_experts == 32 and model.config.block_size == 1024
