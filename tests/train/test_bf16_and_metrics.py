@@ -61,3 +61,4 @@ def test_tensorboard_scalars_match_printed_losses(bf16_run):
     tb_eval = {e.step: e.value for e in events.Scalars("eval/perplexity")}
     for step, loss, ppl in printed_eval:
         assert math.isclose(tb_eval[int(step)], math.exp(float(loss)), rel_tol=1e-3)
+        assert round(tb_eval[int(step)], 2) == float(ppl)
