@@ -1,0 +1,252 @@
+"""The planner against the real thing: model numel, DeepSpeed's ZeRO-3 partitions on 2 gloo ranks,
+FlopCounterMode, autograd's saved tensors, and the CLI contract (counts, exit codes, shipped configs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline.flops import active_matmul_params, flops_per_token, mean_keys_per_query, model_flops_utilization
+from pipeline.model import GPTOSS, GroupedExperts, count_parameters, get_preset, list_presets
+from pipeline.model.attention import attention_mask
+from pipeline.plan import main
+from pipeline.planning import ZeroSettings, activation_memory, model_param_tensors, rank_elements, state_memory
+from pipeline.planning.zero import DS_DEFAULTS
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = {"launch/configs/gpt-oss-20b-1node.yaml": 1, "launch/configs/gpt-oss-120b-8node.yaml": 8}
+
+
+# --- parameter counts -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list_presets())
+def test_param_tensors_equal_model_numel(name):
+    cfg = get_preset(name)
+    with torch.device("meta"):  # numel of meta tensors is the real numel; nothing is allocated
+        model = GPTOSS(cfg)
+    tensors = model_param_tensors(cfg)
+    unique = {id(p): p for p in model.parameters()}
+    assert sum(t.numel for t in tensors) == sum(p.numel() for p in unique.values())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert sum(t.numel for t in tensors if t.expert) == experts
+    counts = count_parameters(cfg)
+    assert counts["total"] == sum(t.numel for t in tensors) and counts["expert"] == experts
+
+
+def test_active_matmul_params_are_the_active_weight_matrices():
+    cfg = get_preset("gpt-oss-120b")
+    with torch.device("meta"):
+        model = GPTOSS(cfg)
+    dense = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    experts = sum(
+        (m.gate_up_proj.numel() + m.down_proj.numel()) * cfg.top_k // m.num_experts
+        for m in model.modules() if isinstance(m, GroupedExperts)
+    )
+    assert active_matmul_params(cfg)["total"] == dense + experts
+    assert count_parameters(cfg)["active"] - (dense + experts) < 0.005 * (dense + experts)  # biases, norms
+
+
+# --- ZeRO-3 partitions vs the DeepSpeed engine (2 gloo ranks) -----------------------------------------
+CASES = [
+    # the shipped recipe's dtypes, EP 2 (each expert slice partitioned over an EDP group of 1),
+    # a persistence threshold that keeps biases/norms/router whole but partitions matrices
+    {"ep": 2, "precision": "bf16", "grad_accum_dtype": "fp32", "persistence_threshold": 1000},
+    # no EP, fp32, odd sizes (padding), small optimizer sub-groups
+    {"ep": 1, "precision": "fp32", "persistence_threshold": 0, "sub_group_size": 5000,
+     "model": {"n_embd": 63, "intermediate_size": 63, "vocab_size": 509}},
+]
+
+
+@pytest.fixture(scope="module")
+def engine_state():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(REPO / "tests/plan/zero3_state.py"), json.dumps(CASES)],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
+    )
+    lines = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and len(lines) == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return lines
+
+
+@pytest.mark.parametrize("case_idx", range(len(CASES)))
+def test_zero3_state_equals_deepspeed_engine(engine_state, case_idx):
+    sys.path.insert(0, str(REPO / "tests/plan"))
+    from zero3_state import ds_config
+
+    case = CASES[case_idx]
+    cfg = get_preset("debug", **case.get("model", {}))
+    zero = ZeroSettings.from_ds_config(ds_config(case))
+    el = rank_elements(model_param_tensors(cfg), zero, world=2, ep=case["ep"])
+    rows = state_memory(el, zero).rows
+
+    def gpu_bytes(prefix: str) -> int:
+        return next(gpu for label, gpu, _ in rows if label.startswith(prefix))
+
+    for rank in engine_state:
+        real = rank["results"][case_idx]
+        assert real["partition"] == el.partition
+        assert real["expert_partition"] == (el.expert_partition if case["ep"] > 1 else 0)
+        assert real["expert_group_sizes"] == ([2 // case["ep"]] if case["ep"] > 1 else [])
+        assert real["padding"] == el.padding
+        assert real["persistent_count"] == el.persistent_count
+        assert real["persistent_elements"] == el.full_params
+        assert real["master_elements"] == el.partition and not real["master_is_param_buffer"]
+        assert real["adam_elements"] == 2 * el.partition
+        assert max(real["sub_groups"]) == el.optimizer_sub_group
+        assert real["param_bytes"] == gpu_bytes("parameters: ZeRO-3 partition")
+        assert real["grad_bytes"] == gpu_bytes("gradients: partition")
+        assert real["master_bytes"] == gpu_bytes("optimizer: fp32 master")
+        assert real["adam_bytes"] == gpu_bytes("optimizer: Adam")
+    if case["ep"] == 1:
+        assert el.padding > 0  # the odd sizes really exercise the padding rule
+    else:
+        assert 0 < el.persistent_count < len(model_param_tensors(cfg))
+
+
+def test_ds_defaults_match_deepspeed():
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    parsed = DeepSpeedZeroConfig()
+    assert parsed.param_persistence_threshold == DS_DEFAULTS["stage3_param_persistence_threshold"]
+    assert parsed.model_persistence_threshold == DS_DEFAULTS["stage3_model_persistence_threshold"]
+    assert parsed.sub_group_size == DS_DEFAULTS["sub_group_size"]
+    assert parsed.reduce_bucket_size == DS_DEFAULTS["reduce_bucket_size"]
+    assert parsed.prefetch_bucket_size == DS_DEFAULTS["stage3_prefetch_bucket_size"]
+    assert parsed.max_live_parameters == DS_DEFAULTS["stage3_max_live_parameters"]
+    assert parsed.contiguous_gradients == DS_DEFAULTS["contiguous_gradients"]
+
+
+# --- FLOPs ---------------------------------------------------------------------------------------------
+def test_flops_match_flop_counter():
+    """FlopCounterMode has no formula for grouped_mm or CPU flash attention, so experts run their
+    per-expert matmul path (n_embd 66 is not 16-byte aligned) and SDPA its math kernel, which it
+    counts as bmm. The math kernel computes every (query, key) pair of the sink-widened q/k/v, so the
+    counted attention is the full [T, T+1] rectangle at head_dim + 1; everything else must match
+    6 x active matmul params exactly."""
+    cfg = get_preset("debug", n_embd=66, intermediate_size=66)
+    torch.manual_seed(0)
+    model = GPTOSS(cfg)
+    B, T = 2, 64
+    x = torch.randint(0, cfg.vocab_size, (B, T))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        _, loss, aux = model(x, x)
+        (loss + aux).backward()
+    f = flops_per_token(cfg, T)
+    rectangle = 12 * B * cfg.n_head * (cfg.head_size + 1) * T * (T + 1) * cfg.n_layer
+    assert counter.get_total_flops() == pytest.approx(B * T * f["matmul"] + rectangle, rel=0.01)
+
+
+def test_attention_flops_count_the_keys_the_mask_allows():
+    cfg = get_preset("debug")  # window 32 on even blocks, full attention on odd ones
+    for T in (16, 32, 100):
+        visible = 0
+        for i in range(cfg.n_layer):  # the model's own mask; column 0 is the sink
+            visible += int(attention_mask(T, T, cfg.layer_window(i), True, torch.device("cpu"))[:, 1:].sum())
+        expected = 12 * cfg.n_head * cfg.head_size * visible / T  # per token
+        assert flops_per_token(cfg, T)["attention"] == pytest.approx(expected, rel=1e-12)
+    assert mean_keys_per_query(4096, None) == pytest.approx(4097 / 2)
+    assert mean_keys_per_query(4096, 128) == pytest.approx((128 * 129 / 2 + (4096 - 128) * 128) / 4096)
+
+
+def test_model_flops_utilization():
+    f = flops_per_token(get_preset("gpt-oss-20b"), 4096)
+    assert model_flops_utilization(1000.0, f, 989.4e12) == pytest.approx(1000 * f["total"] / 989.4e12)
+    assert model_flops_utilization(2.0, 3.0, 12.0) == 0.5
+
+
+# --- activations -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("debug", {}),
+        ("debug", {"intermediate_size": 96, "n_head": 6, "head_dim": 8}),
+        ("moe-124m", {"n_layer": 2, "n_embd": 64, "n_head": 4, "intermediate_size": 96, "vocab_size": 512}),
+        ("gpt2-dense", {"n_layer": 2, "n_embd": 64, "n_head": 4, "intermediate_size": 96, "vocab_size": 512}),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activation_model_matches_saved_tensors(name, overrides, dtype):
+    cfg = get_preset(name, **overrides)
+    torch.manual_seed(0)
+    model = GPTOSS(cfg).to(dtype)
+    B, T = 2, 128
+    x = torch.randint(0, cfg.vocab_size, (B, T))
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):  # count each storage once: many ops save views of the same tensor
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, x)
+    predicted = activation_memory(cfg, B, T, 2 if dtype == torch.bfloat16 else 4).saved_without_checkpointing
+    assert predicted == pytest.approx(sum(saved.values()), rel=0.03)
+
+
+# --- CLI ---------------------------------------------------------------------------------------------
+def test_cli_preset_prints_model_card_counts(capsys):
+    assert main(["--preset", "gpt-oss-120b", "--ep", "8", "--nodes", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "total 116.83B  active 5.13B" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--preset", "debug", "--ep", "3"], "n_experts (4) must be divisible by parallel.expert_parallel_size (3)"),
+        (["--preset", "gpt-oss-20b", "--ep", "16", "--nodes", "1"], "world size (8) must be divisible"),
+        (["--preset", "debug", "--micro-batch", "0"], "train.micro_batch_size (0) must be >= 1"),
+        (["--preset", "gpt-oss-20b", "--ep", "8", "--zero-stage", "2"], "needs ZeRO stage 3"),
+    ],
+)
+def test_cli_refuses_configs_the_trainer_refuses(capsys, argv, message):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_module_exit_code(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {preset: gpt-oss-20b}\ndata: {train: [x]}\nparallel: {expert_parallel_size: 5}\n")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.plan", "--config", str(bad)],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    assert "n_experts (32) must be divisible by parallel.expert_parallel_size (5)" in proc.stderr
+
+
+@pytest.mark.parametrize("path, nodes", SHIPPED.items())
+def test_shipped_configs_fit(capsys, path, nodes):
+    assert main(["--config", str(REPO / path), "--nodes", str(nodes), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    plan = report["plan"]
+    assert plan["fits"] and plan["world"] == 8 * nodes and plan["zero_stage"] == 3
+    assert plan["gpu_bytes"] <= plan["usable_bytes"]
+
+
+@pytest.mark.parametrize("path, nodes", SHIPPED.items())
+def test_docs_hold_current_planner_output(capsys, monkeypatch, path, nodes):
+    """docs/plan_output.md must be what the planner prints today (regenerate: see the file's top)."""
+    monkeypatch.chdir(REPO)
+    main(["--config", path, "--nodes", str(nodes)])
+    assert capsys.readouterr().out.strip() in (REPO / "docs/plan_output.md").read_text()
+
+
+def test_cli_offload_moves_optimizer_state_to_host(capsys):
+    main(["--preset", "gpt-oss-20b", "--ep", "8", "--json"])
+    on_gpu = json.loads(capsys.readouterr().out)["plan"]
+    main(["--preset", "gpt-oss-20b", "--ep", "8", "--offload", "cpu", "--json"])
+    offloaded = json.loads(capsys.readouterr().out)["plan"]
+    adam = "optimizer: Adam exp_avg + exp_avg_sq (fp32)"
+    assert offloaded["memory_bytes"][adam]["host"] == on_gpu["memory_bytes"][adam]["gpu"] > 0
+    assert offloaded["gpu_bytes"] < on_gpu["gpu_bytes"]
