@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--input",
         nargs="+",
         metavar="PATH",
-        help="files, directories (recursive), globs, or hf:owner/name (Hub, streamed; needs network)",
+        help="files, directories (recursive), globs, hf:owner/name (Hub, streamed; needs network), or "
+        "stdlib: (this Python's standard-library sources, a built-in corpus)",
     )
     io.add_argument(
         "--output", type=Path, metavar="DIR", help="output dir (shards, manifest.json, tokenizer/)"

@@ -17,6 +17,7 @@ import gzip
 import io
 import json
 import os
+import sysconfig
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -109,8 +110,26 @@ def _is_saved_hf_dataset(d: Path) -> bool:
     )
 
 
+STDLIB_SPEC = "stdlib:"
+# Not part of the standard library proper, or test fixtures (some deliberately malformed).
+_STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+def stdlib_sources() -> list[str]:
+    """The built-in corpus: the running interpreter's standard-library sources (.py), sorted.
+
+    Real text on every machine with Python, no download: what the quickstart trains on.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for dirpath, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in _STDLIB_SKIP_DIRS and not d.startswith("."))
+        files += [os.path.join(dirpath, n) for n in sorted(names) if n.endswith(".py")]
+    return files
+
+
 def expand_inputs(specs: list[str], input_format: str, report: SkipReport) -> list[Source]:
-    """Files, directories (recursive, sorted), globs and `hf:` names -> ordered, de-duplicated sources."""
+    """Files, directories (recursive, sorted), globs, `hf:` names and `stdlib:` -> ordered, de-duplicated sources."""
     out: list[Source] = []
     seen: set[str] = set()
 
@@ -146,6 +165,9 @@ def expand_inputs(specs: list[str], input_format: str, report: SkipReport) -> li
     for spec in specs:
         if spec.startswith("hf:"):
             add("hf_hub", spec[3:].lstrip("/"))
+        elif spec == STDLIB_SPEC:
+            for f in stdlib_sources():
+                add("text", f)
         elif any(ch in spec for ch in "*?["):
             matches = sorted(glob.glob(spec, recursive=True))
             if not matches:
