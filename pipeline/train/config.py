@@ -148,7 +148,7 @@ def resolve_path(path: str | Path) -> Path:
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    tree = load_config_file(path) if path else {}
+    tree = load_config_file(resolve_path(path)) if path else {}
     tree = apply_overrides(tree, list(overrides))
     if "data" not in tree:
         raise ConfigError("the run config has no `data` section: set data.train to prepared dirs")
