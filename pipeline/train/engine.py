@@ -10,7 +10,6 @@ and activation checkpointing are applied from outside the (pure PyTorch) model; 
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import warnings
 
