@@ -239,3 +239,19 @@ def test_trained_tokenizer_and_workers_give_identical_shards(docs, tmp_path, cap
     for name in names + ["tokenizer/tokenizer.model"]:
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
     _check_round_trip(outs[0], docs * 3)
+
+
+def test_builtin_stdlib_corpus_is_the_standard_library_without_tests():
+    import sysconfig
+    from pathlib import Path
+
+    from pipeline.data.readers import SkipReport, expand_inputs, stdlib_sources
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = stdlib_sources()
+    assert str(root / "json" / "decoder.py") in files and str(root / "os.py") in files
+    assert len(files) > 300
+    parts = {part for f in files for part in Path(f).relative_to(root).parts[:-1]}
+    assert not parts & {"site-packages", "test", "tests", "idle_test"}
+    sources = expand_inputs(["stdlib:"], "auto", SkipReport())
+    assert [s.path for s in sources] == files and {s.kind for s in sources} == {"text"}
