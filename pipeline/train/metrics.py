@@ -74,12 +74,19 @@ class MetricsLogger:
             self.writer.add_scalar(tag, value, step)
 
     def expert_counts(self, step: int, tokens_per_expert_LE: torch.Tensor) -> None:
-        """Tokens per expert per layer as TensorBoard histograms-by-scalar (one series per expert)."""
+        """Tokens per expert, one histogram per layer whose buckets are the expert ids.
+
+        One tag per layer, not one series per expert: gpt-oss-120b has 36 x 128 experts, which as
+        scalars would be thousands of event files.
+        """
         if self.writer is None:
             return
-        for layer, row in enumerate(tokens_per_expert_LE.tolist()):
-            self.writer.add_scalars(
-                f"moe/tokens_per_expert/layer_{layer}", {f"expert_{e}": v for e, v in enumerate(row)}, step
+        for layer, row in enumerate(tokens_per_expert_LE.double()):
+            ids = torch.arange(len(row), dtype=torch.float64)
+            self.writer.add_histogram_raw(
+                f"moe/tokens_per_expert/layer_{layer}", min=0.0, max=float(len(row) - 1), num=float(row.sum()),
+                sum=float((ids * row).sum()), sum_squares=float((ids * ids * row).sum()),
+                bucket_limits=(ids + 0.5).tolist(), bucket_counts=row.tolist(), global_step=step,
             )
 
     def start(self, step: int) -> None:

@@ -228,7 +228,10 @@ class Trainer:
             self.log.expert_counts(self.step, tokens_LE)
         self.log.scalars(self.step, values)
         self.log.console(self.step, lm, last["lr"], tokens_per_s, extra)
-        self._append_metrics({"step": self.step, **values})
+        record = {"step": self.step, **values}
+        if tokens_LE.numel():
+            record["moe/tokens_per_expert"] = tokens_LE.long().tolist()  # [layer][expert]
+        self._append_metrics(record)
 
     def fit(self) -> None:
         t = self.cfg.train

@@ -40,7 +40,7 @@ def test_bf16_trains_with_finite_falling_loss_and_fp32_master_weights(bf16_run):
 
 def test_tensorboard_scalars_match_printed_losses(bf16_run):
     run_dir, stdout = bf16_run
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0})
     events.Reload()
     tags = set(events.Tags()["scalars"])
     for tag in ("loss/total", "loss/lm", "loss/aux", "moe/load_balance_loss", "moe/z_loss", "optim/lr",
@@ -53,9 +53,16 @@ def test_tensorboard_scalars_match_printed_losses(bf16_run):
     assert sorted(tb_lm) == sorted(printed)
     for step, value in printed.items():
         assert round(tb_lm[step], 4) == value
-    # Per-expert token counts: one series per expert and layer, summing to every routed slot.
-    expert_dirs = [p for p in (run_dir / "tensorboard").rglob("*") if "tokens_per_expert_layer_0" in p.name]
-    assert len(expert_dirs) == 4  # debug preset: 4 experts
+    # Tokens per expert: one histogram per layer, buckets = experts, counts = every routed slot of
+    # the interval on all ranks (2 steps x 2 ranks x 2 x 32 tokens x top-2).
+    records = {r["step"]: r for r in read_metrics(run_dir)}
+    histograms = events.Tags()["histograms"]
+    assert sorted(histograms) == [f"moe/tokens_per_expert/layer_{i}" for i in range(4)]
+    for layer in range(4):
+        for event in events.Histograms(f"moe/tokens_per_expert/layer_{layer}"):
+            counts = records[event.step]["moe/tokens_per_expert"][layer]
+            assert list(event.histogram_value.bucket) == counts
+            assert sum(counts) == 2 * 2 * 2 * 32 * 2
     printed_eval = re.findall(r"eval\s+step\s+(\d+) \| loss (\S+) \| ppl (\S+)", stdout)
     assert [int(s) for s, _, _ in printed_eval] == [6, 12]
     tb_eval = {e.step: e.value for e in events.Scalars("eval/perplexity")}
