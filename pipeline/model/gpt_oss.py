@@ -17,6 +17,7 @@ from torch import nn
 
 from pipeline.model.attention import Attention, KVCache, attention_mask
 from pipeline.model.config import GPTOSSConfig
+from pipeline.model.init import new_init_seed, seeded_normal_
 from pipeline.model.mlp import MLP
 from pipeline.model.moe import GroupedExperts, MoE
 from pipeline.model.rope import RotaryEmbedding
@@ -69,6 +70,9 @@ class GPTOSS(nn.Module):
     def __init__(self, config: GPTOSSConfig):
         super().__init__()
         self.config = config
+        # Drawn before any submodule exists: their constructors consume the global RNG on a real
+        # device but not on meta, and the seed must not depend on where the model is built.
+        self.init_seed = new_init_seed()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos_embed = (
             nn.Embedding(config.block_size, config.n_embd) if config.position_embedding == "learned" else None
@@ -94,29 +98,41 @@ class GPTOSS(nn.Module):
     def init_weights(self) -> None:
         """GPT-2 init: N(0, init_std), zero biases, residual output projections scaled by 1/sqrt(2L).
 
-        Deterministic given torch.manual_seed (modules are visited in registration order).
+        Every tensor is drawn from its own generator keyed by `self.init_seed` and its name (experts
+        by layer and global expert id, see pipeline/model/init.py), so the values do not depend on
+        the device, the visiting order, or which experts this process holds.
         """
         std = self.config.init_std
         resid_std = std / math.sqrt(2 * self.config.n_layer)
-        for module in self.modules():
+        residual = {id(b.attn.o_proj) for b in self.blocks}
+        residual |= {id(b.ffn.down_proj) for b in self.blocks if isinstance(b.ffn, MLP)}
+        for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0.0, std)
+                seeded_normal_(module.weight, resid_std if id(module) in residual else std, self.init_seed, name)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, 0.0, std)
+                seeded_normal_(module.weight, std, self.init_seed, name)
             elif isinstance(module, (RMSNorm, nn.LayerNorm)):
                 nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, GroupedExperts):
-                module.reset_parameters()
             elif isinstance(module, Attention) and module.sinks is not None:
                 nn.init.zeros_(module.sinks)  # a sink logit of 0 = one extra key with score 0
-        for block in self.blocks:
-            nn.init.normal_(block.attn.o_proj.weight, 0.0, resid_std)
-            if isinstance(block.ffn, MLP):
-                nn.init.normal_(block.ffn.down_proj.weight, 0.0, resid_std)
+        # Experts are keyed by layer, not module path: an expert-parallel wrapper may sit in between.
+        for i, block in enumerate(self.blocks):
+            for module in block.modules():
+                if isinstance(module, GroupedExperts):
+                    module.reset_parameters(self.init_seed, f"blocks.{i}.experts")
+
+    def materialize(self, device: torch.device | str = "cpu") -> GPTOSS:
+        """Allocate a model built under `torch.device("meta")` on `device` and initialise it exactly as
+        a model built there directly (same init_seed) would be. Returns self."""
+        self.to_empty(device=device)
+        if self.config.tie_word_embeddings:  # to_empty gives the two modules separate tensors
+            self.lm_head.weight = self.embed_tokens.weight
+        self.init_weights()
+        return self
 
     def get_num_params(self, non_embedding: bool = True) -> int:
         """Parameter count (nanoGPT semantics): with non_embedding, position embeddings are left out,

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.model.config import GPTOSSConfig
+from pipeline.model.init import new_init_seed, seeded_normal_
 from pipeline.model.mlp import Activation
 
 
@@ -127,14 +128,25 @@ class GroupedExperts(nn.Module):
         else:
             self.gate_up_proj_bias = self.down_proj_bias = None
         self.act = Activation(config)
+        self.expert_offset = 0  # global id of expert 0 (non-zero in an expert-parallel shard)
         self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """GPT-2 init; down_proj writes to the residual stream, hence the 1/sqrt(2 * n_layer)."""
+    def reset_parameters(self, seed: int | None = None, key: str = "experts") -> None:
+        """GPT-2 init; down_proj writes to the residual stream, hence the 1/sqrt(2 * n_layer).
+
+        Each expert is drawn from its own generator keyed by (seed, key, *global* expert id), so a
+        shard re-initialised with the same seed and key holds exactly its slice of the full layer:
+        an expert-parallel rank can materialise only its experts. seed=None draws one from torch's
+        global RNG (deterministic under torch.manual_seed).
+        """
+        seed = new_init_seed() if seed is None else seed
         std = self.config.init_std
-        nn.init.normal_(self.gate_up_proj, 0.0, std)
-        nn.init.normal_(self.down_proj, 0.0, std / math.sqrt(2 * self.config.n_layer))
+        resid_std = std / math.sqrt(2 * self.config.n_layer)
+        for e in range(self.num_experts):
+            expert = self.expert_offset + e
+            seeded_normal_(self.gate_up_proj[e], std, seed, f"{key}.gate_up_proj.{expert}")
+            seeded_normal_(self.down_proj[e], resid_std, seed, f"{key}.down_proj.{expert}")
         for bias in (self.gate_up_proj_bias, self.down_proj_bias):
             if bias is not None:
                 nn.init.zeros_(bias)
@@ -177,9 +189,9 @@ class GroupedExperts(nn.Module):
             raise ValueError(
                 f"shard [{start}, {end}) is not a non-empty range of the {self.num_experts} experts"
             )
-        shard = GroupedExperts(self.config, num_experts=end - start).to(
-            device=self.gate_up_proj.device, dtype=self.gate_up_proj.dtype
-        )
+        with torch.device(self.gate_up_proj.device):
+            shard = GroupedExperts(self.config, num_experts=end - start).to(dtype=self.gate_up_proj.dtype)
+        shard.expert_offset = self.expert_offset + start
         with torch.no_grad():
             for name, param in shard.named_parameters():
                 param.copy_(getattr(self, name)[start:end])

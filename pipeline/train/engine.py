@@ -22,6 +22,7 @@ from pipeline.train.expert_parallel import (
     apply_expert_parallel,
     check_expert_parallel_size,
     create_expert_groups,
+    tag_expert_parallel_parameters,
 )
 from pipeline.train.optim import param_groups
 
@@ -55,13 +56,24 @@ def init_distributed() -> tuple[int, int]:
 
 
 def build_model(cfg: RunConfig, model_cfg: GPTOSSConfig, world: int) -> GPTOSS:
+    """This rank's model: non-expert weights whole, experts only its expert-parallel slice.
+
+    Built on the meta device and materialised after the expert swap, so no rank ever allocates the
+    full set of experts (gpt-oss-120b's would be ~470 GB in fp32), and DeepSpeed moves only this
+    rank's share onto the GPU before partitioning it. Per-tensor seeded init makes every value equal
+    to the same tensor of a model built whole from the same seed.
+    """
     ep = cfg.parallel.expert_parallel_size
     check_expert_parallel_size(ep, world, model_cfg.n_experts)
     groups = create_expert_groups(ep) if ep > 1 else None
-    torch.manual_seed(cfg.train.seed)  # identical full model on every rank
-    model = GPTOSS(model_cfg)
+    torch.manual_seed(cfg.train.seed)  # the same init_seed on every rank
+    with torch.device("meta"):
+        model = GPTOSS(model_cfg)
     if groups is not None:
         apply_expert_parallel(model, groups)
+    model.materialize("cpu")
+    if groups is not None:
+        tag_expert_parallel_parameters(model)
     if cfg.parallel.activation_checkpointing:
         model.checkpoint_fn = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
     return model

@@ -122,7 +122,6 @@ class ExpertParallelExperts(nn.Module):
         self.groups = groups
         start = groups.ep_rank * self.n_local
         self.local = experts.shard(start, start + self.n_local)
-        tag_expert_parameters(self.local, groups)
 
     @property
     def num_experts(self) -> int:
@@ -150,11 +149,23 @@ class ExpertParallelExperts(nn.Module):
 
 
 def apply_expert_parallel(model: nn.Module, groups: ExpertGroups) -> int:
-    """Swap every MoE layer's `experts` for its expert-parallel slice. Returns the number swapped."""
+    """Swap every MoE layer's `experts` for its expert-parallel slice and tag the slices for ZeRO-3.
+
+    Works on a model built on the meta device too; re-run `tag_expert_parallel_parameters` after
+    materialising it, since `to_empty` replaces the parameter objects that carry the tags.
+    Returns the number of layers swapped.
+    """
     swapped = 0
     for module in list(model.modules()):
         experts = getattr(module, "experts", None)
         if experts is not None and hasattr(experts, "shard") and hasattr(module, "router"):
             module.experts = ExpertParallelExperts(experts, groups)
             swapped += 1
+    tag_expert_parallel_parameters(model)
     return swapped
+
+
+def tag_expert_parallel_parameters(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, ExpertParallelExperts):
+            tag_expert_parameters(module.local, module.groups)

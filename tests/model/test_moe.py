@@ -235,3 +235,35 @@ def test_gelu_activation_matches_functional():
     expected = F.gelu(x @ experts.gate_up_proj[0] + experts.gate_up_proj_bias[0]) @ experts.down_proj[0]
     expected = expected + experts.down_proj_bias[0]
     torch.testing.assert_close(experts(x, torch.tensor([4, 0, 0, 0])), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_meta_build_materialised_equals_model_built_whole():
+    from pipeline.model import GPTOSS, get_preset
+
+    for preset in ("debug", "gpt2-dense"):
+        cfg = get_preset(preset, n_layer=2, n_embd=64, n_head=4, vocab_size=128, block_size=64)
+        torch.manual_seed(3)
+        whole = GPTOSS(cfg)
+        torch.manual_seed(3)
+        with torch.device("meta"):
+            lazy = GPTOSS(cfg)
+        lazy.materialize("cpu")
+        for (name, a), (_, b) in zip(whole.state_dict().items(), lazy.state_dict().items(), strict=True):
+            assert torch.equal(a, b), name
+        if cfg.tie_word_embeddings:
+            assert lazy.lm_head.weight is lazy.embed_tokens.weight
+
+
+def test_reinitialised_shard_holds_its_slice_of_the_full_layer():
+    from pipeline.model import GroupedExperts, get_preset
+
+    cfg = get_preset("debug")
+    full = GroupedExperts(cfg)
+    full.reset_parameters(seed=11, key="blocks.0.experts")
+    with torch.device("meta"):
+        lazy_full = GroupedExperts(cfg)
+    shard = lazy_full.shard(2, 4).to_empty(device="cpu")
+    assert shard.expert_offset == 2
+    shard.reset_parameters(seed=11, key="blocks.0.experts")
+    assert torch.equal(shard.gate_up_proj, full.gate_up_proj[2:4])
+    assert torch.equal(shard.down_proj, full.down_proj[2:4])

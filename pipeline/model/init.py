@@ -1,0 +1,33 @@
+"""Deterministic, sliceable weight init: every tensor (every expert) has its own generator.
+
+With one global RNG stream, a tensor's values depend on everything drawn before it, so a rank
+that builds only its slice of the experts could never reproduce the full model's values. Keying a
+generator per tensor name (and per global expert id) makes any subset materialisable on its own,
+on any device, in any order: the trainer builds on the meta device and initialises only what a
+rank keeps, and the result equals the same slice of a model built whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+
+def new_init_seed() -> int:
+    """One draw from torch's global CPU RNG: `torch.manual_seed(s); GPTOSS(cfg)` stays reproducible."""
+    return int(torch.randint(0, 2**62, (), device="cpu"))
+
+
+def key_seed(seed: int, key: str) -> int:
+    digest = hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+@torch.no_grad()
+def seeded_normal_(tensor: torch.Tensor, std: float, seed: int, key: str) -> None:
+    """tensor <- N(0, std) drawn in fp32 on the CPU from the generator of (seed, key); meta: no-op."""
+    if tensor.is_meta:
+        return
+    generator = torch.Generator().manual_seed(key_seed(seed, key))
+    tensor.copy_(torch.randn(tensor.shape, generator=generator).mul_(std))
