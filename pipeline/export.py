@@ -123,6 +123,7 @@ def export_rank(run_dir: Path, output: Path, step: int | None) -> None:
     """Body run on every rank."""
     from pipeline.train.config import RunConfig
     from pipeline.train.engine import build_engine, init_distributed
+    from pipeline.train.trainer import data_sources
 
     ckpt = checkpoint_dir(run_dir, step)
     saved = yaml.safe_load((ckpt / "config.yaml").read_text())
@@ -142,8 +143,7 @@ def export_rank(run_dir: Path, output: Path, step: int | None) -> None:
         raise RuntimeError(f"DeepSpeed could not load {ckpt}")
     state = gather_state_dict(engine, cfg.parallel.expert_parallel_size)
     if rank == 0:
-        data_dir = saved["data"]["train"][0]
-        data_dir = Path(data_dir[1] if isinstance(data_dir, list) else data_dir)
+        data_dir = Path(data_sources(saved["data"]["train"])[0])
         fmt = write_export(state, model_cfg, output, data_dir / "tokenizer")
         print(f"exported {ckpt} -> {output} ({fmt})", flush=True)
     dist.barrier()

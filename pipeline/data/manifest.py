@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import DataError
+from pipeline.io_utils import atomic_write_text
 
 MANIFEST = "manifest.json"
 STATE = ".prepare_state.json"
@@ -24,13 +24,7 @@ FORMAT_VERSION = 1
 
 def write_json_atomic(path: str | Path, data: dict) -> None:
     """Write-then-rename so a reader (or a crash) never sees half a JSON file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,17 +28,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.io_utils import atomic_write_text
+
 LATEST = "latest"
 _TAG_RE = re.compile(r"^step_(\d+)$")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
