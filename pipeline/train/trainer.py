@@ -12,6 +12,7 @@ resume -> data iterators at the resumed sample position.
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -31,6 +32,26 @@ from pipeline.train.engine import build_engine, init_distributed
 from pipeline.train.expert_parallel import check_expert_parallel_size
 from pipeline.train.metrics import MetricsLogger, detect_peak_tflops, expert_load_stats, memory_stats
 from pipeline.train.optim import compute_loss, lr_at
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (SLURM preemption, `scancel`, `--signal=USR1@120`) -> stop after the current
+    step with a checkpoint. Ranks receive the signal at different moments, so `agreed()` all-reduces
+    the flag (MAX) once per step: every rank stops after the same step and the save cannot deadlock."""
+
+    def __init__(self, device: torch.device):
+        self.received: str | None = None
+        self.device = device
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1 if self.received else 0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def data_sources(sources: list) -> list[str]:
@@ -90,6 +111,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.model_cfg, seq_len)["total"]
         self.peak_tflops = t.peak_tflops or detect_peak_tflops()
         self.log = MetricsLogger(self.run_dir, self.rank == 0, cfg.tensorboard, t.steps)
+        self.stop = StopSignal(self.engine.device)
         self._write_run_files()
         if state is not None:
             self.log.message(f"resumed from {self.ckpt.dir / read_latest(self.ckpt.dir)} at step {self.step}")
@@ -259,6 +281,13 @@ class Trainer:
             if t.save_interval and self.step % t.save_interval == 0:
                 self.save()
                 saved = True
+            if self.stop.agreed():
+                if not saved:
+                    self.save()
+                self.log.message(f"stopped at step {self.step} on {self.stop.received or 'a signal to another rank'}; "
+                                 "run the same command again to resume")
+                self.log.flush()
+                return
         if not evaluated:
             self.evaluate()
         if not saved:

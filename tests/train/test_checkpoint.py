@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from pipeline.train.checkpoint import checkpoint_steps, read_latest
 from tests.conftest import REPO_ROOT
@@ -16,11 +19,11 @@ from tests.train.conftest import losses, rank_env, train, write_run_config
 STEPS, SAVE_EVERY = 10, 4
 
 
-def start_training(config: Path) -> subprocess.Popen:
+def start_training(config: Path, stdout=subprocess.DEVNULL) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "pipeline.train", "--config", str(config)]
-    return subprocess.Popen(cmd, env=rank_env(), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    return subprocess.Popen(cmd, env=rank_env(), cwd=REPO_ROOT, stdout=stdout, stderr=subprocess.DEVNULL,
+                            start_new_session=True, text=True)
 
 
 def kill_when(proc: subprocess.Popen, condition, timeout: float = 240) -> None:
@@ -34,16 +37,21 @@ def kill_when(proc: subprocess.Popen, condition, timeout: float = 240) -> None:
     proc.wait()
 
 
-def test_sigkill_during_save_then_resume_is_exact(prepared_data, tmp_path):
-    sections = {"train": {"steps": STEPS, "save_interval": SAVE_EVERY, "keep_last": 2}}
-    full_cfg = write_run_config(tmp_path / "full.yaml", prepared_data, tmp_path / "full", **sections)
-    train(2, full_cfg)
-    uninterrupted = losses(tmp_path / "full")
-    # keep_last=2: step_4 was pruned once step_8 and step_10 were complete.
-    assert checkpoint_steps(tmp_path / "full" / "checkpoints") == [8, 10]
+SECTIONS = {"train": {"steps": STEPS, "save_interval": SAVE_EVERY, "keep_last": 2}}
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(prepared_data, tmp_path_factory) -> dict[int, float]:
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    train(2, write_run_config(tmp / "full.yaml", prepared_data, tmp / "full", **SECTIONS))
+    # keep_last=2: step_4 was pruned once step_8 and step_10 were complete.
+    assert checkpoint_steps(tmp / "full" / "checkpoints") == [8, 10]
+    return losses(tmp / "full")
+
+
+def test_sigkill_during_save_then_resume_is_exact(prepared_data, tmp_path, uninterrupted):
     run_dir = tmp_path / "killed"
-    cfg = write_run_config(tmp_path / "killed.yaml", prepared_data, run_dir, **sections)
+    cfg = write_run_config(tmp_path / "killed.yaml", prepared_data, run_dir, **SECTIONS)
     proc = start_training(cfg)
     # The second save has started (DeepSpeed created step_8/): kill now, most likely mid-write.
     kill_when(proc, lambda: (run_dir / "checkpoints" / "step_8").exists())
@@ -57,6 +65,28 @@ def test_sigkill_during_save_then_resume_is_exact(prepared_data, tmp_path):
     for step in range(resumed_from + 1, STEPS + 1):
         assert got[step] == uninterrupted[step], f"step {step}: resumed {got[step]} vs {uninterrupted[step]}"
     assert read_latest(run_dir / "checkpoints") == f"step_{STEPS}"
+
+
+def test_sigterm_checkpoints_at_an_agreed_step_and_resumes_exactly(prepared_data, tmp_path, uninterrupted):
+    """SLURM preemption signals every process of the job: the launcher and each rank."""
+    run_dir = tmp_path / "preempted"
+    cfg = write_run_config(tmp_path / "run.yaml", prepared_data, run_dir, **SECTIONS)
+    proc = start_training(cfg, stdout=subprocess.PIPE)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):  # past step 2
+        assert proc.poll() is None and time.monotonic() < deadline, "training ended before it could be signalled"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    stopped = re.search(r"stopped at step (\d+) on SIGTERM", out)
+    assert stopped, out[-2000:]
+    step = int(stopped[1])
+    assert 2 <= step < STEPS and read_latest(run_dir / "checkpoints") == f"step_{step}"
+
+    train(2, cfg)
+    got = losses(run_dir)
+    assert [got[s] for s in range(step + 1, STEPS + 1)] == [uninterrupted[s] for s in range(step + 1, STEPS + 1)]
 
 
 def test_rerun_of_finished_run_does_nothing_and_keeps_checkpoints(prepared_data, tmp_path):
