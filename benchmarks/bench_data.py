@@ -1,7 +1,7 @@
 """Data pipeline benchmark: prepare throughput and memory, loader speed -- ratios in one run.
 
-Corpus: the Python standard library's source files, repeated and shuffled into JSONL documents
-until the requested size (offline, real text). Prints, side by side:
+Corpus: the Python standard library's source files, shuffled into JSONL documents (offline, real
+text); the large corpus repeats the small one's documents, reshuffled each time. Prints, side by side:
   1. prepare tokens/s with 1 and N workers vs the tokenizer's own encode_batch rate in one process
      on the same text (ratio per worker; target >= 0.9x);
   2. prepare peak RSS (process tree, children included) on a small and a 10x larger corpus
@@ -41,20 +41,34 @@ def stdlib_sources() -> list[str]:
     return texts
 
 
-def make_corpus(path: Path, megabytes: float, texts: list[str], seed: int = 0) -> int:
-    """JSONL of stdlib sources, shuffled per repetition, until `megabytes`; returns bytes written."""
-    texts = list(texts)
-    rng = random.Random(seed)
-    target, written = int(megabytes * 1e6), 0
+def documents_until(texts: list[str], megabytes: float, seed: int = 0) -> list[str]:
+    """A fixed shuffled sample of `texts` (repeated if needed) totalling about `megabytes`."""
+    texts, rng, out, size = list(texts), random.Random(seed), [], 0
+    while size < megabytes * 1e6:
+        rng.shuffle(texts)
+        for t in texts:
+            out.append(t)
+            size += len(t)
+            if size >= megabytes * 1e6:
+                break
+    return out
+
+
+def make_corpus(path: Path, docs: list[str], repeats: int = 1, seed: int = 0) -> int:
+    """JSONL of `docs` repeated `repeats` times, reshuffled per repetition; returns bytes written.
+
+    The 10x memory corpus repeats the 1x corpus's documents, so both hold the same largest
+    document: peak RSS then compares corpus size alone (a tokenised document is held in memory
+    while it is encoded, so one huge document sets the peak whatever the corpus size)."""
+    rng, written = random.Random(seed), 0
     with open(path, "w", encoding="utf-8") as out:
-        while written < target:
-            rng.shuffle(texts)
-            for t in texts:
+        for _ in range(repeats):
+            order = list(docs)
+            rng.shuffle(order)
+            for t in order:
                 line = json.dumps({"text": t}) + "\n"
                 out.write(line)
                 written += len(line)
-                if written >= target:
-                    break
     return written
 
 
@@ -179,8 +193,9 @@ def main() -> None:
     big, small = work / "big.jsonl", work / "small.jsonl"
     t0 = time.time()
     texts = stdlib_sources()
-    big_bytes = make_corpus(big, args.corpus_mb, texts)
-    small_bytes = make_corpus(small, args.small_mb, texts, seed=1)
+    base = documents_until(texts, args.small_mb)
+    small_bytes = make_corpus(small, base)
+    big_bytes = make_corpus(big, base, repeats=max(1, round(args.corpus_mb / args.small_mb)), seed=1)
     del texts
     print(
         f"corpus: {big_bytes / 1e6:.0f} MB and {small_bytes / 1e6:.0f} MB of stdlib source as JSONL "

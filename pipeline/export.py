@@ -64,7 +64,7 @@ def gather_state_dict(engine, ep_size: int) -> dict[str, torch.Tensor]:
     state = {}
     for name, p in engine.module.named_parameters():
         with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-            full = p.detach().clone().cpu()
+            full = p.detach().clone()  # on the parameter's device: NCCL gathers GPU tensors only
         if ep_group is not None and is_expert_parameter(p):
             # This rank's [n_local, ...] slice; EP rank r holds experts [r*n_local, (r+1)*n_local).
             parts = [torch.empty_like(full) for _ in range(ep_size)]
@@ -72,7 +72,7 @@ def gather_state_dict(engine, ep_size: int) -> dict[str, torch.Tensor]:
             full = torch.cat(parts, dim=0)
             name = name.replace(".experts.local.", ".experts.")
         if rank == 0:
-            state[name] = full
+            state[name] = full.cpu()
     return state
 
 

@@ -177,10 +177,13 @@ class Trainer:
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         }
 
-    def _all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.clone()
+    def _all_reduce(self, t: torch.Tensor, mean: bool) -> torch.Tensor:
+        """Sum (or mean) over ranks of a small CPU tensor; reduced on the engine's device because
+        NCCL only reduces GPU tensors."""
+        t = t.to(self.engine.device, copy=True)  # never reduce into the caller's tensor
         dist.all_reduce(t)
-        return t / self.world
+        t = t.cpu()
+        return t / self.world if mean else t
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
@@ -193,7 +196,7 @@ class Trainer:
         for _ in range(self.cfg.train.eval_iters):
             total += float(compute_loss(self.engine, it.next().to(self.engine.device)).lm)
         self.engine.train()
-        loss = float(self._all_reduce_mean(total / self.cfg.train.eval_iters))
+        loss = float(self._all_reduce(total / self.cfg.train.eval_iters, mean=True))
         ppl = float(torch.tensor(loss).exp())
         result = {"step": self.step, "eval/loss": loss, "eval/perplexity": ppl}
         self.eval_history.append(result)
@@ -220,11 +223,11 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def _log_interval(self, window: list[dict], elapsed: float) -> None:
-        sums = self._all_reduce_mean(torch.stack([w["sums"] for w in window]).mean(0))
+        sums = self._all_reduce(torch.stack([w["sums"] for w in window]).mean(0), mean=True)
         total, lm, router, lb, z = sums.tolist()
         tokens_LE = torch.stack([w["tokens_per_expert"] for w in window]).sum(0)
         if tokens_LE.numel():
-            dist.all_reduce(tokens_LE)
+            tokens_LE = self._all_reduce(tokens_LE, mean=False)
         last = window[-1]
         tokens_per_s = self.tokens_per_step * len(window) / max(elapsed, 1e-9)
         tflops = tokens_per_s * self.flops_per_token / self.world / 1e12
