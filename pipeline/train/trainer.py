@@ -152,23 +152,23 @@ class Trainer:
         lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
-        sums = torch.zeros(5, dtype=torch.float64)  # total, lm, router, load-balance, z
-        counts = []
+        # Accumulated on the device and read once per log interval: an .item() per loss and per MoE
+        # layer here would stall the GPU pipeline dozens of times per micro-batch.
+        device = self.engine.device
+        sums = torch.zeros(5, dtype=torch.float64, device=device)  # total, lm, router, load-balance, z
+        tokens_LE = torch.zeros(len(self.moe_layers), self.model_cfg.n_experts, dtype=torch.float64, device=device)
         for _ in range(self.cfg.train.grad_accum_steps):
-            batch = self.train_iter.next().to(self.engine.device)
+            batch = self.train_iter.next().to(device)
             parts = compute_loss(self.engine, batch)
             self.engine.backward(parts.total)
             self.engine.step()
-            stats = [m.last_stats for m in self.moe_layers]
-            moe_lb = sum(float(s.load_balance_loss) for s in stats) / max(1, len(stats))
-            moe_z = sum(float(s.z_loss) for s in stats) / max(1, len(stats))
-            sums += torch.tensor(
-                [parts.total.item(), parts.lm.item(), parts.router.item(), moe_lb, moe_z], dtype=torch.float64
-            )
-            if stats:
-                counts.append(torch.stack([s.tokens_per_expert.detach().cpu().double() for s in stats]))
+            sums[:3] += torch.stack([parts.total, parts.lm, parts.router]).detach().double()
+            if self.moe_layers:
+                stats = [m.last_stats for m in self.moe_layers]
+                sums[3] += torch.stack([st.load_balance_loss for st in stats]).double().mean()
+                sums[4] += torch.stack([st.z_loss for st in stats]).double().mean()
+                tokens_LE += torch.stack([st.tokens_per_expert for st in stats]).double()
         sums /= self.cfg.train.grad_accum_steps
-        tokens_LE = torch.stack(counts).sum(0) if counts else torch.zeros(0, 0, dtype=torch.float64)
         grad_norm = self.engine.get_global_grad_norm()
         return {
             "sums": sums,
@@ -178,8 +178,8 @@ class Trainer:
         }
 
     def _all_reduce(self, t: torch.Tensor, mean: bool) -> torch.Tensor:
-        """Sum (or mean) over ranks of a small CPU tensor; reduced on the engine's device because
-        NCCL only reduces GPU tensors."""
+        """Sum (or mean) over ranks of a small tensor, returned on the CPU; reduced on the engine's
+        device because NCCL only reduces GPU tensors."""
         t = t.to(self.engine.device, copy=True)  # never reduce into the caller's tensor
         dist.all_reduce(t)
         t = t.cpu()
@@ -192,9 +192,9 @@ class Trainer:
         self.engine.eval()
         # The same validation samples every time, so evaluations are comparable across steps.
         it = MicroBatchIterator(self.valid_data, self.cfg.train.micro_batch_size, self.rank, self.world, 0)
-        total = torch.zeros(1, dtype=torch.float64)
+        total = torch.zeros(1, dtype=torch.float64, device=self.engine.device)
         for _ in range(self.cfg.train.eval_iters):
-            total += float(compute_loss(self.engine, it.next().to(self.engine.device)).lm)
+            total += compute_loss(self.engine, it.next().to(self.engine.device)).lm.detach().double()
         self.engine.train()
         loss = float(self._all_reduce(total / self.cfg.train.eval_iters, mean=True))
         ppl = float(torch.tensor(loss).exp())
