@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 
 from pipeline.model.attention import Attention, KVCache
 from pipeline.model.config import GPTOSSConfig
@@ -63,7 +64,7 @@ class Block(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor | None,
         sin: torch.Tensor | None,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | BlockMask | None,
         cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         h = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
