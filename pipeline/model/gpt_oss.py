@@ -163,7 +163,7 @@ class GPTOSS(nn.Module):
         return_logits=False the logits are None and the loss comes from the chunked linear +
         cross-entropy (same value and gradients, no [B*T, V] fp32 tensor).
         """
-        x, aux_loss = self._trunk(input_ids, caches=None)
+        x, aux_loss = self._trunk(input_ids, caches=None, documents=self.config.document_masking)
         if targets is not None and not return_logits:
             return None, self.lm_head(x, targets), aux_loss
         logits = self.lm_head(x)  # [B, T, V]
@@ -175,9 +175,12 @@ class GPTOSS(nn.Module):
         return logits, loss, aux_loss
 
     def _trunk(
-        self, input_ids: torch.Tensor, caches: list[KVCache] | None
+        self, input_ids: torch.Tensor, caches: list[KVCache] | None, documents: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final-normed hidden states [B, T, D] and the mean router loss."""
+        """Final-normed hidden states [B, T, D] and the mean router loss.
+
+        documents: mask attention and restart positions at document boundaries (EOS). Only `forward`
+        asks for it: generation, cached or not, treats its context as one sequence."""
         B, T = input_ids.shape
         past = caches[0].length if caches is not None else 0
         if past + T > self.config.block_size:
@@ -185,9 +188,10 @@ class GPTOSS(nn.Module):
                 f"sequence of {past + T} tokens is longer than block_size ({self.config.block_size})"
             )
         device = input_ids.device
-        # Documents are a training-time notion: generation (KV cache) treats its context as one sequence.
         doc_BT = None
-        if self.config.document_masking and caches is None:
+        if documents:
+            if caches is not None:
+                raise ValueError("document masking needs the whole sequence; it cannot run with a KV cache")
             doc_BT = document_ids(input_ids, self.config.eos_token_id)  # [B, T]
             positions = document_positions(doc_BT)  # [B, T]
         else:

@@ -140,10 +140,12 @@ def test_document_masking_each_document_equals_the_document_alone(backend):
 
 
 def test_cached_generation_with_flex_backend_matches_sdpa():
-    cfg = tiny_gpt_oss(sliding_window=4, attention_backend="flex")
+    # document_masking applies to forward only: generation treats the prompt (EOS inside) as one sequence.
+    cfg = tiny_gpt_oss(sliding_window=4, attention_backend="flex", eos_token_id=EOS, document_masking=True)
     flex = build(cfg)
     sdpa = build(cfg.replace(attention_backend="sdpa"))
-    prompt = torch.randint(0, cfg.vocab_size, (2, 7))
+    prompt = torch.randint(EOS + 1, cfg.vocab_size, (2, 7))
+    prompt[:, 3] = EOS
     # Prefill runs FlexAttention, each decoding step SDPA over the cache.
     out = flex.generate(prompt, 9, temperature=0.0)
     assert torch.equal(out, sdpa.generate(prompt, 9, temperature=0.0))
