@@ -214,13 +214,14 @@ def test_gpu_training_step_never_reaches_the_sdpa_math_kernel():
         loss = flex(ids, torch.roll(ids, -1, dims=1), return_logits=False)[1]
         loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in flex.parameters())
-    # Activation checkpointing recomputes exactly: same gradients as without it.
-    grads = [p.grad.clone() for p in flex.parameters()]
+    # Activation checkpointing recomputes the same values: the gradients match the run without it up
+    # to the atomics' summation order in CUDA backward kernels (index_add_, FlexAttention's dQ).
+    grads = [p.grad.float().clone() for p in flex.parameters()]
     flex.zero_grad()
     flex.checkpoint_fn = None
     flex(ids, torch.roll(ids, -1, dims=1), return_logits=False)[1].backward()
-    for g, p in zip(grads, flex.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
+    for (name, p), g in zip(flex.named_parameters(), grads, strict=True):
+        assert (p.grad.float() - g).norm() <= 1e-2 * g.norm() + 1e-6, name
 
 
 def test_sdpa_reference_matches_plain_softmax_with_sinks():
