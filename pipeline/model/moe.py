@@ -274,7 +274,7 @@ class MoE(nn.Module):
             rank_in_expert_S = torch.arange(N * K, device=x_ND.device) - starts_E[slot_expert_S[order_S]]
             # Kept slots first (still grouped by expert), dropped ones after them as padding rows:
             # the shapes stay static, so no host sync (a boolean index would need one).
-            order_S = order_S[torch.argsort(rank_in_expert_S >= capacity, stable=True)]
+            order_S = order_S[torch.argsort((rank_in_expert_S >= capacity).to(torch.uint8), stable=True)]
             kept_E = counts_E.clamp(max=capacity)
             dropped = (counts_E - kept_E).sum()
             counts_E = kept_E

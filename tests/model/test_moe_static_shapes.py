@@ -38,6 +38,8 @@ def test_padded_rows_output_zero_and_pass_no_gradient():
 @pytest.mark.gpu
 @pytest.mark.parametrize("capacity_factor", [None, 1.0])
 def test_gpu_moe_step_has_no_host_sync(capacity_factor):
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("before sm90, grouped_mm loops over the groups on the host (DESIGN.md §6)")
     cfg = make_cfg(n_embd=128, intermediate_size=128, capacity_factor=capacity_factor)
     moe = MoE(cfg).cuda().to(torch.bfloat16)
     x = torch.randn(2, 64, cfg.n_embd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
