@@ -70,6 +70,8 @@ def build_ds_config(run: RunConfig, world_size: int, use_cuda: bool | None = Non
             f'precision={run.precision}; make them agree or set bf16.enabled to "auto"'
         )
     bf16["enabled"] = want_bf16
+    if want_bf16:  # ZeRO-1/2 skip a bf16 step with a non-finite gradient only with this (health.py)
+        bf16.setdefault("check_grad_overflow", True)
 
     for owned in ("optimizer", "scheduler"):
         if owned in ds:

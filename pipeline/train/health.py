@@ -1,0 +1,148 @@
+"""Step health: skip non-finite and spiking steps on every rank, stop after too many in a row.
+
+What OLMo-core and Megatron do, on DeepSpeed ZeRO: after the last micro-batch's forward and before
+its backward, one SUM all-reduce of [loss, one non-finite flag per rank] tells every rank the
+global loss and which ranks saw a non-finite loss. If any did, or the loss is a spike, every rank
+poisons that last backward (loss * NaN). The accumulated gradient is then non-finite on every rank
+and DeepSpeed takes its own overflow path: no optimizer step (weights, Adam moments and Adam's step
+count unchanged), gradients cleared, `engine.skipped_steps` + 1, micro-step counters in sync. A
+gradient that turns non-finite with a finite loss takes the same path by itself. Skipped steps still
+consume their data and advance the LR schedule (Megatron counts a skipped iteration too).
+
+DeepSpeed behaviour this relies on (deepspeed 0.19.8) lives in the marked section below and is
+guarded by tests/train/test_health.py (weights and optimizer state bit-identical across a skip).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+FAULT_ENV = "PIPELINE_INJECT_NAN"
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive skipped steps; the message names the step and the last good checkpoint."""
+
+
+class SpikeDetector:
+    """Loss more than `sigma` standard deviations above the mean of the last `window` accepted losses.
+
+    Skipped steps never enter the window, so one spike cannot raise the bar for the next. Needs
+    `min(window, 8)` losses before it judges anything (early losses fall fast and are not spikes).
+    """
+
+    def __init__(self, sigma: float, window: int):
+        self.sigma = sigma
+        self.losses: deque[float] = deque(maxlen=window)
+        self.min_history = min(window, 8)
+
+    def is_spike(self, loss: float) -> bool:
+        if self.sigma <= 0 or len(self.losses) < self.min_history:
+            return False
+        n = len(self.losses)
+        mean = sum(self.losses) / n
+        std = math.sqrt(sum((x - mean) ** 2 for x in self.losses) / max(n - 1, 1))
+        return loss > mean + self.sigma * std
+
+    def accept(self, loss: float) -> None:
+        self.losses.append(loss)
+
+
+@dataclass
+class Verdict:
+    """What every rank agreed about one step before its last backward."""
+
+    loss: float
+    """Mean over ranks of the step's loss (NaN if any rank's is)."""
+    bad_ranks: list[int]
+    """Ranks whose loss was not finite."""
+    spike: bool
+
+    @property
+    def skip(self) -> bool:
+        return bool(self.bad_ranks) or self.spike
+
+    @property
+    def reason(self) -> str | None:
+        if self.bad_ranks:
+            return f"non-finite loss on rank(s) {', '.join(map(str, self.bad_ranks))}"
+        return "loss spike" if self.spike else None
+
+
+def agree(local_loss: torch.Tensor, detector: SpikeDetector, rank: int, world: int) -> Verdict:
+    """One SUM all-reduce of [loss, one-hot non-finite flag]; the same Verdict on every rank.
+
+    This is the step's one host sync: the decision must be known before the last backward.
+    """
+    vec = torch.zeros(1 + world, dtype=torch.float64, device=local_loss.device)
+    finite = torch.isfinite(local_loss)
+    vec[0] = torch.where(finite, local_loss.double(), torch.zeros((), dtype=torch.float64, device=vec.device))
+    vec[1 + rank] = (~finite).double()
+    dist.all_reduce(vec)
+    values = vec.tolist()
+    bad = [r for r, flag in enumerate(values[1:]) if flag > 0]
+    loss = float("nan") if bad else values[0] / world
+    return Verdict(loss, bad, spike=not bad and detector.is_spike(loss))
+
+
+def poison(loss: torch.Tensor) -> torch.Tensor:
+    """The loss whose backward makes every gradient NaN (keeps the graph, so the backward runs and
+    DeepSpeed's gradient hooks and reductions happen exactly as on a normal step)."""
+    return loss * float("nan")
+
+
+class FaultInjection:
+    """Test-only fault-injection switch: `PIPELINE_INJECT_NAN=KIND:RANK:FIRST[:LAST]` makes rank RANK
+    see a NaN at steps FIRST..LAST (1-based; LAST defaults to FIRST). KIND `loss` replaces that rank's
+    loss with NaN (caught by the all-reduced check); `grad` keeps the loss and poisons only its
+    backward (caught by DeepSpeed's gradient-norm check). Unset in normal runs; it exists so tests can
+    prove that a NaN on one rank leaves every rank's state untouched."""
+
+    def __init__(self, spec: str | None, rank: int):
+        self.kind, self.steps = None, range(0)
+        if not spec:
+            return
+        try:
+            kind, target, first, *last = spec.split(":")
+            if kind not in ("loss", "grad") or len(last) > 1:
+                raise ValueError
+            if int(target) == rank:
+                self.kind, self.steps = kind, range(int(first), int(last[0] if last else first) + 1)
+        except ValueError:
+            raise ValueError(f"{FAULT_ENV}={spec!r}: expected KIND:RANK:FIRST[:LAST], KIND loss or grad") from None
+
+    @classmethod
+    def from_env(cls, rank: int) -> FaultInjection:
+        return cls(os.environ.get(FAULT_ENV), rank)
+
+    def active(self, step: int, kind: str) -> bool:
+        return self.kind == kind and step in self.steps
+
+
+# --- DeepSpeed-dependent (deepspeed 0.19.8) ------------------------------------------------------
+# ZeRO-3's optimizer skips the step when the global gradient norm is not finite, in every dtype
+# (stage3.py: `is_invalid_grad_norm` -> overflow -> `_overflow_clean_up`); ZeRO-1/2 does in fp32, and
+# in bf16 with `bf16.check_grad_overflow` (which ds_config.py sets). The engine then counts it in
+# `engine.skipped_steps`. `ds_tensor` is ZeRO-3's local partition of a parameter.
+
+
+def skipped_steps(engine) -> int:
+    return int(engine.skipped_steps)
+
+
+def local_params_finite(engine) -> bool:
+    """True on every rank iff every rank's share of every parameter is finite (MAX all-reduce)."""
+    bad = torch.zeros(1, device=engine.device)
+    for p in engine.module.parameters():
+        local = getattr(p, "ds_tensor", p)
+        if local.numel() and not torch.isfinite(local).all():
+            bad.fill_(1)
+            break
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad.item())
