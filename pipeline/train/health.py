@@ -98,31 +98,32 @@ def poison(loss: torch.Tensor) -> torch.Tensor:
 
 
 class FaultInjection:
-    """Test-only fault-injection switch: `PIPELINE_INJECT_NAN=KIND:RANK:FIRST[:LAST]` makes rank RANK
-    see a NaN at steps FIRST..LAST (1-based; LAST defaults to FIRST). KIND `loss` replaces that rank's
-    loss with NaN (caught by the all-reduced check); `grad` keeps the loss and poisons only its
+    """Test-only fault-injection switch: `PIPELINE_INJECT_NAN=KIND:RANK:FIRST[:LAST][,...]` makes rank
+    RANK see a NaN at steps FIRST..LAST (1-based; LAST defaults to FIRST). KIND `loss` replaces that
+    rank's loss with NaN (caught by the all-reduced check); `grad` keeps the loss and poisons only its
     backward (caught by DeepSpeed's gradient-norm check). Unset in normal runs; it exists so tests can
     prove that a NaN on one rank leaves every rank's state untouched."""
 
     def __init__(self, spec: str | None, rank: int):
-        self.kind, self.steps = None, range(0)
-        if not spec:
-            return
-        try:
-            kind, target, first, *last = spec.split(":")
-            if kind not in ("loss", "grad") or len(last) > 1:
-                raise ValueError
-            if int(target) == rank:
-                self.kind, self.steps = kind, range(int(first), int(last[0] if last else first) + 1)
-        except ValueError:
-            raise ValueError(f"{FAULT_ENV}={spec!r}: expected KIND:RANK:FIRST[:LAST], KIND loss or grad") from None
+        self.faults: list[tuple[str, range]] = []  # (kind, steps) aimed at this rank
+        for item in filter(None, (spec or "").split(",")):
+            try:
+                kind, target, first, *last = item.strip().split(":")
+                if kind not in ("loss", "grad") or len(last) > 1:
+                    raise ValueError
+                if int(target) == rank:
+                    self.faults.append((kind, range(int(first), int(last[0] if last else first) + 1)))
+            except ValueError:
+                raise ValueError(
+                    f"{FAULT_ENV}={spec!r}: expected KIND:RANK:FIRST[:LAST][,...] with KIND loss or grad"
+                ) from None
 
     @classmethod
     def from_env(cls, rank: int) -> FaultInjection:
         return cls(os.environ.get(FAULT_ENV), rank)
 
     def active(self, step: int, kind: str) -> bool:
-        return self.kind == kind and step in self.steps
+        return any(k == kind and step in steps for k, steps in self.faults)
 
 
 # --- DeepSpeed-dependent (deepspeed 0.19.8) ------------------------------------------------------
