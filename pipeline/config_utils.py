@@ -120,6 +120,9 @@ def convert(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own, more precise, error
+            return convert(value, options[0], key)
         for arg in (a for a in args if a is not type(None)):
             try:
                 return convert(value, arg, key)
