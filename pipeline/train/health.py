@@ -97,6 +97,31 @@ def poison(loss: torch.Tensor) -> torch.Tensor:
     return loss * float("nan")
 
 
+class CollapseMonitor:
+    """Warns once when a MoE layer's max/mean expert load stays above `ratio` for `patience` log
+    intervals in a row (routing collapse), and again only after it recovered and collapsed anew."""
+
+    def __init__(self, ratio: float, patience: int, n_layers: int):
+        self.ratio, self.patience = ratio, patience
+        self.streak = [0] * n_layers
+
+    def update(self, tokens_LE: torch.Tensor) -> list[str]:
+        """tokens_LE: [layers, experts] loads of one log interval (all ranks); returns warnings."""
+        if self.ratio <= 0 or not tokens_LE.numel():
+            return []
+        imbalance_L = tokens_LE.max(dim=1).values / tokens_LE.double().mean(dim=1).clamp(min=1e-9)
+        warnings = []
+        for layer, value in enumerate(imbalance_L.tolist()):
+            self.streak[layer] = self.streak[layer] + 1 if value > self.ratio else 0
+            if self.streak[layer] == self.patience:
+                warnings.append(
+                    f"warning: MoE layer {layer} routing is collapsing: max/mean expert load {value:.2f} > "
+                    f"train.collapse_warn_ratio={self.ratio} for {self.patience} log intervals; consider "
+                    "model.load_balance_bias_rate (e.g. 1e-3) or a larger model.aux_loss_weight"
+                )
+        return warnings
+
+
 class FaultInjection:
     """Test-only fault-injection switch: `PIPELINE_INJECT_NAN=KIND:RANK:FIRST[:LAST][,...]` makes rank
     RANK see a NaN at steps FIRST..LAST (1-based; LAST defaults to FIRST). KIND `loss` replaces that

@@ -120,7 +120,7 @@ class Trainer:
         self.fault = health.FaultInjection.from_env(self.rank)
         self.spikes = health.SpikeDetector(t.spike_sigma, t.spike_window)
         self.bad_steps = self.skipped_total = 0  # consecutive / all skipped steps of this process
-        self.collapse_streak = [0] * len(self.moe_layers)  # log intervals above collapse_warn_ratio
+        self.collapse = health.CollapseMonitor(t.collapse_warn_ratio, t.collapse_warn_intervals, len(self.moe_layers))
         self.bias_rate = self.model_cfg.load_balance_bias_rate
         self._write_run_files()
         if state is not None:
@@ -285,7 +285,8 @@ class Trainer:
         if tokens_LE.numel():
             values.update(expert_load_stats(tokens_LE))
             self.log.expert_counts(self.step, tokens_LE)
-            self._collapse_warnings(tokens_LE)
+            for warning in self.collapse.update(tokens_LE):
+                self.log.message(warning)
         biases = [m.router.expert_bias for m in self.moe_layers if m.router.expert_bias is not None]
         for layer, bias in enumerate(biases):
             values[f"moe/expert_bias_absmax/layer_{layer}"] = float(bias.abs().max())
@@ -391,20 +392,6 @@ class Trainer:
         tokens_LE = self._all_reduce(tokens_LE, mean=False)
         for m, tokens_E in zip(self.moe_layers, tokens_LE, strict=True):
             m.router.update_expert_bias(tokens_E, self.bias_rate)
-
-    def _collapse_warnings(self, tokens_LE: torch.Tensor) -> None:
-        ratio, patience = self.cfg.train.collapse_warn_ratio, self.cfg.train.collapse_warn_intervals
-        if ratio <= 0:
-            return
-        imbalance_L = tokens_LE.max(dim=1).values / tokens_LE.mean(dim=1).clamp(min=1e-9)
-        for layer, value in enumerate(imbalance_L.tolist()):
-            self.collapse_streak[layer] = self.collapse_streak[layer] + 1 if value > ratio else 0
-            if self.collapse_streak[layer] == patience:
-                self.log.message(
-                    f"warning: MoE layer {layer} routing is collapsing: max/mean expert load {value:.2f} > "
-                    f"train.collapse_warn_ratio={ratio} for {patience} log intervals; consider "
-                    "model.load_balance_bias_rate (e.g. 1e-3) or a larger model.aux_loss_weight"
-                )
 
     def close(self) -> None:
         self.log.close()

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipeline.train.checkpoint import checkpoint_steps, read_latest
-from pipeline.train.health import FaultInjection, SpikeDetector
+from pipeline.train.health import CollapseMonitor, FaultInjection, SpikeDetector
 from tests.train.conftest import SCRIPTS, losses, torchrun, train, write_run_config
 
 
@@ -61,6 +62,10 @@ def test_nan_on_one_rank_skips_the_step_everywhere_and_training_goes_on(prepared
     assert sorted(got) == [1, 2, 4, 6, 7] and all(math.isfinite(v) for v in got.values())
     assert got[7] < got[1]  # it kept learning
     assert read_latest(run_dir / "checkpoints") == "step_7"
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    counted = {e.step: e.value for e in events.Scalars("train/skipped_steps")}
+    assert counted[3] == 1 and counted[5] == 2 and counted[7] == 2
 
 
 def test_persistent_nan_stops_with_the_last_good_checkpoint(prepared_data, tmp_path, monkeypatch):
@@ -114,6 +119,19 @@ def test_spike_detector():
         detector.accept(5.0)  # the window slides: the new level is the norm
     assert not detector.is_spike(5.0)
     assert not SpikeDetector(sigma=0.0, window=4).is_spike(1e9)  # off
+
+
+def test_collapse_warning_after_patience_and_again_after_recovery():
+    monitor = CollapseMonitor(ratio=3.0, patience=2, n_layers=2)
+    collapsed = torch.tensor([[100.0, 0, 0, 0], [25, 25, 25, 25]])  # layer 0: max/mean 4
+    assert monitor.update(collapsed) == []
+    [warning] = monitor.update(collapsed)
+    assert warning.startswith("warning: MoE layer 0 routing is collapsing: max/mean expert load 4.00 > "
+                              "train.collapse_warn_ratio=3.0 for 2 log intervals")
+    assert monitor.update(collapsed) == []  # once per episode
+    monitor.update(torch.full((2, 4), 25.0))
+    assert monitor.update(collapsed) == [] and len(monitor.update(collapsed)) == 1
+    assert CollapseMonitor(ratio=0.0, patience=1, n_layers=2).update(collapsed) == []
 
 
 def test_fault_injection_switch_parses_and_rejects():
