@@ -45,3 +45,24 @@ def test_bias_is_exact_under_ep_equal_on_ranks_and_survives_resume(prepared_data
     logged = {r["step"]: r for r in read_metrics(run_dir)}
     assert logged[6]["moe/expert_bias"] == resumed[0]["expert_bias"]
     assert logged[6]["moe/expert_bias_absmax/layer_0"] == max(abs(b) for b in resumed[0]["expert_bias"][0])
+
+
+def test_export_drops_the_bias_with_a_warning(tmp_path, capsys):
+    """transformers' GptOss has no selection-only bias: the export keeps every weight, drops the bias."""
+    from pipeline.export import load_exported, write_export
+    from pipeline.model import GPTOSS, get_preset
+
+    cfg = get_preset("debug", load_balance_bias_rate=RATE)
+    model = GPTOSS(cfg)
+    with torch.no_grad():
+        model.blocks[0].ffn.router.expert_bias.copy_(torch.tensor([0.5, -0.5, 0.25, -0.25]))
+    # As gather_state_dict produces it (parameters), plus the bias should a gatherer include buffers.
+    bias = model.blocks[0].ffn.router.expert_bias
+    state = {**dict(model.named_parameters()), "blocks.0.ffn.router.expert_bias": bias}
+    assert write_export(state, cfg, tmp_path / "hf", None) == "hf-gpt-oss"
+    assert "the per-expert routing bias is not exported" in capsys.readouterr().err
+    exported = load_exported(tmp_path / "hf")
+    assert exported.config.load_balance_bias_rate == 0.0
+    assert not any(k.endswith("expert_bias") for k in exported.state_dict())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(exported.get_parameter(name), p, rtol=0, atol=0)
