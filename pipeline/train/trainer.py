@@ -348,6 +348,9 @@ class Trainer:
             self.evaluate()
         if not saved and self.bad_steps == 0:
             self.save_if_finite()
+        elif not saved:
+            self.log.message(f"no checkpoint at the last step {self.step}: it was skipped; "
+                             f"the newest good one is {read_latest(self.ckpt.dir)}")
         self.log.flush()
 
     # --- step health ----------------------------------------------------------------------------
@@ -389,7 +392,8 @@ class Trainer:
         Routing is local to each rank (also under expert parallelism), so this sum is the global load."""
         if self.bias_rate <= 0 or not self.moe_layers:
             return
-        tokens_LE = self._all_reduce(tokens_LE, mean=False)
+        tokens_LE = tokens_LE.clone()  # stays on the device: no host sync for this
+        dist.all_reduce(tokens_LE)
         for m, tokens_E in zip(self.moe_layers, tokens_LE, strict=True):
             m.router.update_expert_bias(tokens_E, self.bias_rate)
 
