@@ -149,7 +149,9 @@ class Trainer:
             return
         saved = yaml.safe_load((self.ckpt.dir / tag / "config.yaml").read_text())["model"]
         current = {"preset": self.cfg.model["preset"], **to_dict(self.model_cfg)}
-        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        # A field added to GPTOSSConfig after the checkpoint was written reads as its default there.
+        defaults = to_dict(GPTOSSConfig())
+        diff = sorted(k for k in set(saved) | set(current) if saved.get(k, defaults.get(k)) != current.get(k))
         if diff:
             raise ConfigError(
                 f"{self.run_dir} holds checkpoints of a different model (fields differ: {', '.join(diff)}); "
