@@ -9,8 +9,9 @@ count unchanged), gradients cleared, `engine.skipped_steps` + 1, micro-step coun
 gradient that turns non-finite with a finite loss takes the same path by itself. Skipped steps still
 consume their data and advance the LR schedule (Megatron counts a skipped iteration too).
 
-DeepSpeed behaviour this relies on (deepspeed 0.19.8) lives in the marked section below and is
-guarded by tests/train/test_health.py (weights and optimizer state bit-identical across a skip).
+DeepSpeed behaviour this relies on (deepspeed 0.19.8) lives in the marked section below. It is
+guarded by tests/train/test_health.py (weights and optimizer state bit-identical across a skip, fp32
+and bf16) and at run time: `Trainer.train_step` raises if DeepSpeed ever applies a poisoned step.
 """
 
 from __future__ import annotations
