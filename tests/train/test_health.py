@@ -13,7 +13,10 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from pipeline.errors import ConfigError
 from pipeline.train.checkpoint import checkpoint_steps, read_latest
+from pipeline.train.config import load_run_config
+from pipeline.train.ds_config import build_ds_config
 from pipeline.train.health import CollapseMonitor, FaultInjection, SpikeDetector
 from tests.train.conftest import SCRIPTS, losses, torchrun, train, write_run_config
 
@@ -93,9 +96,11 @@ def test_persistent_nan_stops_with_the_last_good_checkpoint(prepared_data, tmp_p
 
 def test_diverging_learning_rate_stops_and_keeps_the_finite_checkpoint(prepared_data, tmp_path):
     """The issue's report (optim.lr=1e30): the first update blows the weights up to ~1e30, every later
-    loss is NaN. Before, the run trained on and saved NaN checkpoints over the good ones."""
+    loss is NaN. Before, the run trained on and saved NaN checkpoints over the good ones. Here on
+    ZeRO-2 in bf16, whose overflow check DeepSpeed runs only with bf16.check_grad_overflow."""
     run_dir = tmp_path / "run"
-    cfg = write_run_config(tmp_path / "run.yaml", prepared_data, run_dir,
+    cfg = write_run_config(tmp_path / "run.yaml", prepared_data, run_dir, precision="bf16",
+                           deepspeed_config="ds_configs/zero2.json", parallel={"expert_parallel_size": 1},
                            train={"steps": 5, "save_interval": 1, "keep_last": 1, "max_bad_steps": 2})
     proc = train(2, cfg, "optim.lr=1e30", "optim.min_lr=0", "optim.warmup_steps=0", check=False)
     assert proc.returncode != 0
@@ -105,6 +110,17 @@ def test_diverging_learning_rate_stops_and_keeps_the_finite_checkpoint(prepared_
             f"non-finite loss on rank(s) 0, 1); last good checkpoint: {ckpt / 'step_1'}") in proc.stderr
     assert checkpoint_steps(ckpt) == [1] and read_latest(ckpt) == "step_1"
     assert_checkpoint_finite(ckpt / "step_1")
+
+
+def test_deepspeed_json_that_would_apply_nan_steps_is_refused(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"check_grad_overflow": False}}))
+    cfg = write_run_config(tmp_path / "run.yaml", tmp_path / "data", tmp_path / "run", precision="bf16",
+                           deepspeed_config=str(ds), parallel={"expert_parallel_size": 1})
+    with pytest.raises(ConfigError, match="bf16.check_grad_overflow = False: non-finite steps could not be skipped"):
+        build_ds_config(load_run_config(cfg), world_size=2, use_cuda=False)
+    assert build_ds_config(load_run_config(cfg, ["deepspeed_config=ds_configs/zero2.json"]), world_size=2,
+                           use_cuda=False)["bf16"]["check_grad_overflow"] is True
 
 
 def test_spike_detector():
