@@ -125,23 +125,24 @@ class CollapseMonitor:
 
 class FaultInjection:
     """Test-only fault-injection switch: `PIPELINE_INJECT_NAN=KIND:RANK:FIRST[:LAST][,...]` makes rank
-    RANK see a NaN at steps FIRST..LAST (1-based; LAST defaults to FIRST). KIND `loss` replaces that
+    RANK see a fault at steps FIRST..LAST (1-based; LAST defaults to FIRST). KIND `loss` replaces that
     rank's loss with NaN (caught by the all-reduced check); `grad` keeps the loss and poisons only its
-    backward (caught by DeepSpeed's gradient-norm check). Unset in normal runs; it exists so tests can
-    prove that a NaN on one rank leaves every rank's state untouched."""
+    backward (caught by DeepSpeed's gradient-norm check); `spike` multiplies the loss by 1000 (caught
+    by the spike detector when train.spike_sigma is set). Unset in normal runs; it exists so tests can
+    prove that a fault on one rank leaves every rank's state untouched."""
 
     def __init__(self, spec: str | None, rank: int):
         self.faults: list[tuple[str, range]] = []  # (kind, steps) aimed at this rank
         for item in filter(None, (spec or "").split(",")):
             try:
                 kind, target, first, *last = item.strip().split(":")
-                if kind not in ("loss", "grad") or len(last) > 1:
+                if kind not in ("loss", "grad", "spike") or len(last) > 1:
                     raise ValueError
                 if int(target) == rank:
                     self.faults.append((kind, range(int(first), int(last[0] if last else first) + 1)))
             except ValueError:
                 raise ValueError(
-                    f"{FAULT_ENV}={spec!r}: expected KIND:RANK:FIRST[:LAST][,...] with KIND loss or grad"
+                    f"{FAULT_ENV}={spec!r}: expected KIND:RANK:FIRST[:LAST][,...] with KIND loss, grad or spike"
                 ) from None
 
     @classmethod
@@ -150,6 +151,14 @@ class FaultInjection:
 
     def active(self, step: int, kind: str) -> bool:
         return any(k == kind and step in steps for k, steps in self.faults)
+
+    def inject(self, step: int, parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The loss parts (a NamedTuple) this rank reports at `step`: NaN for `loss`, x1000 for `spike`."""
+        if self.active(step, "loss"):
+            return type(parts)(*(poison(t) for t in parts))
+        if self.active(step, "spike"):
+            return type(parts)(*(t * 1000.0 for t in parts))
+        return parts
 
 
 # --- DeepSpeed-dependent (deepspeed 0.19.8) ------------------------------------------------------

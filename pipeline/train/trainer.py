@@ -33,7 +33,7 @@ from pipeline.train.ds_config import build_ds_config
 from pipeline.train.engine import build_engine, init_distributed
 from pipeline.train.expert_parallel import check_expert_parallel_size
 from pipeline.train.metrics import MetricsLogger, detect_peak_tflops, expert_load_stats, memory_stats
-from pipeline.train.optim import LossParts, compute_loss, lr_at
+from pipeline.train.optim import compute_loss, lr_at
 
 
 class StopSignal:
@@ -178,11 +178,8 @@ class Trainer:
         verdict = None
         for micro in range(gas):
             batch = self.train_iter.next().to(device)
-            parts = compute_loss(self.engine, batch)
+            parts = self.fault.inject(step, compute_loss(self.engine, batch))
             loss = parts.total
-            if self.fault.active(step, "loss"):
-                parts = LossParts(*(health.poison(t) for t in parts))
-                loss = parts.total
             sums[:3] += torch.stack([parts.total, parts.lm, parts.router]).detach().double()
             if micro == gas - 1:
                 verdict = health.agree(sums[0] / gas, self.spikes, self.rank, self.world)

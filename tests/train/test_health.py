@@ -44,31 +44,35 @@ def assert_checkpoint_finite(tag_dir: Path) -> None:
 
 def test_nan_on_one_rank_skips_the_step_everywhere_and_training_goes_on(prepared_data, tmp_path, monkeypatch):
     # Step 3: rank 1's loss is NaN (our all-reduced check). Step 5: rank 0's gradient is NaN with a
-    # finite loss (DeepSpeed's gradient-norm check). Both must leave every rank's state untouched.
-    monkeypatch.setenv("PIPELINE_INJECT_NAN", "loss:1:3,grad:0:5")
+    # finite loss (DeepSpeed's gradient-norm check). Step 9: rank 1's loss is 1000x (the spike
+    # detector, judging from 4 accepted steps). Each must leave every rank's state untouched.
+    monkeypatch.setenv("PIPELINE_INJECT_NAN", "loss:1:3,grad:0:5,spike:1:9")
     run_dir = tmp_path / "run"
     cfg = write_run_config(tmp_path / "run.yaml", prepared_data, run_dir,
-                           train={"steps": 7, "grad_accum_steps": 2})
+                           train={"steps": 10, "grad_accum_steps": 2, "spike_sigma": 6, "spike_window": 4})
     torchrun(2, [str(SCRIPTS / "train_health.py"), "--config", str(cfg)])
+    bad = {3, 5, 9}
     for rank in range(2):
         report = json.loads((run_dir / f"health_rank{rank}.json").read_text())
         changed = {int(k): v for k, v in report["changed"].items()}
-        assert changed == {1: True, 2: True, 3: False, 4: True, 5: False, 6: True, 7: True}, (rank, changed)
+        assert changed == {s: s not in bad for s in range(1, 11)}, (rank, changed)
         adam = {int(k): v for k, v in report["adam_steps"].items()}
-        assert [adam[s] for s in range(1, 8)] == [1, 2, 2, 3, 3, 4, 5], (rank, adam)  # no Adam step counted
+        applied = [sum(1 for t in range(1, s + 1) if t not in bad) for s in range(1, 11)]
+        assert [adam[s] for s in range(1, 11)] == applied, (rank, adam)  # a skip counts no Adam step
     skips = {r["step"]: r for r in records(run_dir) if "skipped" in r}
-    assert sorted(skips) == [3, 5]
+    assert sorted(skips) == sorted(bad)
     assert skips[3]["skipped"] == "non-finite loss on rank(s) 1" and skips[3]["loss"] is None
     assert skips[5]["skipped"] == "non-finite gradient norm" and math.isfinite(skips[5]["loss"])
-    assert skips[5]["train/skipped_steps"] == 2
+    assert skips[9]["skipped"] == "loss spike" and skips[9]["loss"] > 1000
+    assert skips[9]["train/skipped_steps"] == 3
     got = losses(run_dir)
-    assert sorted(got) == [1, 2, 4, 6, 7] and all(math.isfinite(v) for v in got.values())
-    assert got[7] < got[1]  # it kept learning
-    assert read_latest(run_dir / "checkpoints") == "step_7"
+    assert sorted(got) == [1, 2, 4, 6, 7, 8, 10] and all(math.isfinite(v) for v in got.values())
+    assert got[10] < got[1]  # it kept learning
+    assert read_latest(run_dir / "checkpoints") == "step_10"
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
     counted = {e.step: e.value for e in events.Scalars("train/skipped_steps")}
-    assert counted[3] == 1 and counted[5] == 2 and counted[7] == 2
+    assert counted[3] == 1 and counted[5] == 2 and counted[9] == 3 and counted[10] == 3
 
 
 def test_persistent_nan_stops_with_the_last_good_checkpoint(prepared_data, tmp_path, monkeypatch):
@@ -151,8 +155,9 @@ def test_collapse_warning_after_patience_and_again_after_recovery():
 
 
 def test_fault_injection_switch_parses_and_rejects():
-    fault = FaultInjection("loss:1:3,grad:1:5:6,loss:0:2", rank=1)
+    fault = FaultInjection("loss:1:3,grad:1:5:6,loss:0:2,spike:1:7", rank=1)
     assert [s for s in range(1, 8) if fault.active(s, "loss")] == [3]
+    assert [s for s in range(1, 8) if fault.active(s, "spike")] == [7]
     assert [s for s in range(1, 8) if fault.active(s, "grad")] == [5, 6]
     assert not FaultInjection(None, rank=0).active(1, "loss")
     with pytest.raises(ValueError, match="PIPELINE_INJECT_NAN='nan:1'"):
