@@ -119,7 +119,8 @@ class Trainer:
         self.stop = StopSignal(self.engine.device)
         self.fault = health.FaultInjection.from_env(self.rank)
         self.spikes = health.SpikeDetector(t.spike_sigma, t.spike_window)
-        self.bad_steps = self.skipped_total = 0  # consecutive / all skipped steps of this process
+        self.bad_steps = 0  # consecutive skipped steps
+        self.skipped_total = state.get("skipped_steps", 0) if state else 0  # TensorBoard's running count
         self.collapse = health.CollapseMonitor(t.collapse_warn_ratio, t.collapse_warn_intervals, len(self.moe_layers))
         self.bias_rate = self.model_cfg.load_balance_bias_rate
         self._write_run_files()
@@ -244,6 +245,7 @@ class Trainer:
             "consumed_samples": self.train_iter.consumed_samples,
             "world_size": self.world,
             "eval_history": self.eval_history,
+            "skipped_steps": self.skipped_total,
         }
         path = self.ckpt.save(self.engine, self.step, state, self.run_files())
         self.log.message(f"saved checkpoint {path}")

@@ -69,6 +69,8 @@ def test_nan_on_one_rank_skips_the_step_everywhere_and_training_goes_on(prepared
     assert sorted(got) == [1, 2, 4, 6, 7, 8, 10] and all(math.isfinite(v) for v in got.values())
     assert got[10] < got[1]  # it kept learning
     assert read_latest(run_dir / "checkpoints") == "step_10"
+    state = json.loads((run_dir / "checkpoints" / "step_10" / "trainer_state.json").read_text())
+    assert state["skipped_steps"] == 3  # a resumed run continues the count
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
     counted = {e.step: e.value for e in events.Scalars("train/skipped_steps")}
