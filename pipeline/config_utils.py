@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -96,11 +97,11 @@ def _convert_scalar(value: Any, tp: type) -> Any:
             raise ValueError
         return int(number)
     if tp is float:
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            return float(value.strip())  # "3e-4": YAML 1.1 has no exponent-only floats
-        raise ValueError
+        # "3e-4": YAML 1.1 reads a float without a dot as a string. NaN / inf are never a setting.
+        number = float(value.strip() if isinstance(value, str) else value)
+        if not math.isfinite(number):
+            raise ValueError
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -123,7 +124,7 @@ def convert(value: Any, tp: Any, key: str) -> Any:
         options = [a for a in args if a is not type(None)]
         if len(options) == 1:  # Optional[X]: X's own, more precise, error
             return convert(value, options[0], key)
-        for arg in (a for a in args if a is not type(None)):
+        for arg in options:
             try:
                 return convert(value, arg, key)
             except ConfigError:

@@ -56,6 +56,8 @@ def test_yaml_file_values_are_typed(tmp_path):
     ("train.steps=abc", "config key train.steps = 'abc' is not a valid int"),
     ("train.steps=2.5", "config key train.steps = 2.5 is not a valid int"),
     ("optim.lr=fast", "config key optim.lr = 'fast' is not a valid float"),
+    ("optim.lr=nan", "config key optim.lr = 'nan' is not a valid float"),
+    ("optim.lr=[1]", "config key optim.lr = [1] is not a valid float"),
     ("train.micro_batch_size=true", "config key train.micro_batch_size = True is not a valid int"),
     ("parallel.activation_checkpointing=maybe",
      "config key parallel.activation_checkpointing = 'maybe' is not a valid bool"),
