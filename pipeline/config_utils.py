@@ -5,13 +5,16 @@ A run is one config file plus dotted overrides on the command line::
     python -m pipeline.train --config run.yaml model.n_layer=4 optim.lr=3e-4
 
 Every unknown key is an error that names the key and lists the valid ones, so a typo never
-silently trains with a default.
+silently trains with a default. Every value is converted to the field's declared type (`convert`):
+YAML 1.1 reads `3e-4` as the *string* "3e-4", so a float field must not trust the parser, and a value
+that cannot be converted is a ConfigError naming the key, the value and the type.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -69,13 +72,91 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def _unwrap_optional(tp: Any) -> Any:
-    origin = typing.get_origin(tp)
+_TRUE, _FALSE = ("true", "yes", "on"), ("false", "no", "off")
+
+
+def type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert_scalar(value: Any, tp: type) -> Any:
+    """int / float / bool / str from what YAML or `key=value` produced; ValueError if impossible."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ValueError
+    if isinstance(value, bool):  # True is an int in Python, never a number in a config
+        raise ValueError
+    if tp is int:
+        if isinstance(value, int):
+            return value
+        number = float(value) if isinstance(value, (str, float)) else None  # "4", "1e3", 1000.0
+        if number is None or not number.is_integer():
+            raise ValueError
+        return int(number)
+    if tp is float:
+        # "3e-4": YAML 1.1 reads a float without a dot as a string. NaN / inf are never a setting.
+        number = float(value.strip() if isinstance(value, str) else value)
+        if not math.isfinite(number):
+            raise ValueError
+        return number
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)):
+            return str(value)
+        raise ValueError
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ValueError
+    return value
+
+
+def convert(value: Any, tp: Any, key: str) -> Any:
+    """`value` as declared type `tp` (scalars, Optional/unions, list[X], dict, nested dataclasses)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any or tp is object:
+        return value
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own, more precise, error
+            return convert(value, options[0], key)
+        for arg in options:
+            try:
+                return convert(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key {key} = {value!r} is not a {type_name(tp)}")
+    if _is_dataclass_type(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key} = {value!r} must be a mapping of {tp.__name__} fields")
+        return from_dict(tp, value, key)
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key} = {value!r} must be a list, e.g. [1, 3]")
+        if args and origin is list:
+            return [convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        return list(value)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key} = {value!r} must be a mapping")
+        return value
+    try:
+        return _convert_scalar(value, tp)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {key} = {value!r} is not a valid {type_name(tp)}") from None
+
+
+def convert_fields(cls: type, data: dict, where: str) -> dict:
+    """Convert the entries of `data` that name fields of dataclass `cls`; other keys pass through."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    return {k: convert(v, hints[k], f"{where}.{k}" if where else k) if k in names else v for k, v in data.items()}
 
 
 def from_dict(cls: type[T], data: dict | None, where: str = "") -> T:
@@ -90,12 +171,8 @@ def from_dict(cls: type[T], data: dict | None, where: str = "") -> T:
             f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
             f"valid keys{' under ' + where if where else ''}: {', '.join(sorted(names))}"
         )
-    kwargs = {}
-    for name, value in data.items():
-        tp = _unwrap_optional(hints[name])
-        if _is_dataclass_type(tp) and isinstance(value, dict):
-            value = from_dict(tp, value, f"{where}.{name}" if where else name)
-        kwargs[name] = value
+    kwargs = {name: convert(value, hints[name], f"{where}.{name}" if where else name)
+              for name, value in data.items()}
     return cls(**kwargs)
 
 

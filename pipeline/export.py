@@ -80,6 +80,16 @@ def write_export(state: dict, model_cfg: GPTOSSConfig, output: Path, tokenizer_d
     """Writes the folder atomically (tmp dir, then rename); returns the format written."""
     from safetensors.torch import save_file
 
+    if model_cfg.load_balance_bias_rate > 0:
+        # transformers' GptOss router has no selection-only bias, and it cannot be folded into the
+        # router's Linear bias: that would also shift the softmax over the selected logits (the
+        # combine weights). Dropping it keeps every weight exact and changes only which experts
+        # are picked where the bias tipped the top-k; the model trained against the biased choice.
+        print(f"warning: load_balance_bias_rate={model_cfg.load_balance_bias_rate}: the per-expert routing "
+              "bias is not exported (transformers' GptOss has none); routing uses the unbiased router "
+              "logits", file=sys.stderr, flush=True)
+        model_cfg = model_cfg.replace(load_balance_bias_rate=0.0)
+        state = {k: v for k, v in state.items() if not k.endswith(".router.expert_bias")}
     model = GPTOSS(model_cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if model_cfg.tie_word_embeddings else set()

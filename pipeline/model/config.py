@@ -19,6 +19,7 @@ from pipeline.errors import ConfigError
 LAYER_TYPES = ("sliding_attention", "full_attention")  # transformers' names, so configs convert 1:1
 POSITION_EMBEDDINGS = ("rope", "learned")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")  # resolved per device by pipeline/model/flex_attention.py
+AUX_LOSS_GRANULARITIES = ("batch", "sequence")
 
 
 @dataclass(kw_only=True)
@@ -91,6 +92,13 @@ class GPTOSSConfig:
     """Weight of the load-balancing loss (1.0 when perfectly balanced, E when collapsed)."""
     router_z_loss_weight: float = 0.0
     """Weight of the router z-loss mean(logsumexp(logits)^2) (ST-MoE); 0 disables it."""
+    aux_loss_granularity: str = "batch"
+    """"batch": the load-balancing loss over all tokens of the micro-batch (Switch); "sequence": its
+    mean over the sequences, each balanced on its own (DeepSeek-V3's sequence-wise balance loss)."""
+    load_balance_bias_rate: float = 0.0
+    """Aux-loss-free load balancing (DeepSeek-V3): each MoE layer keeps a per-expert bias added to the
+    router logits for the top-k *selection* only, moved by rate * sign(mean load - expert load) after
+    every optimizer step (by the trainer). 0 = off (no bias buffer exists); DeepSeek-V3 used 1e-3."""
     router_bias: bool = False
     """Bias in the router projection (GPT-OSS: True)."""
     expert_bias: bool = False
@@ -294,7 +302,11 @@ class GPTOSSConfig:
             self.capacity_factor > 0 and math.isfinite(self.capacity_factor)
         ):
             raise ConfigError(f"capacity_factor ({self.capacity_factor}) must be > 0, or null for dropless")
-        for name in ("aux_loss_weight", "router_z_loss_weight"):
+        if self.aux_loss_granularity not in AUX_LOSS_GRANULARITIES:
+            raise ConfigError(
+                f"aux_loss_granularity ({self.aux_loss_granularity!r}) must be one of {AUX_LOSS_GRANULARITIES}"
+            )
+        for name in ("aux_loss_weight", "router_z_loss_weight", "load_balance_bias_rate"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 0")
         if self.expert_hidden < 1 or self.dense_hidden < 1:

@@ -25,7 +25,7 @@ from pipeline.model.init import new_init_seed, seeded_normal_
 from pipeline.model.loss import LMHead
 from pipeline.model.masks import attention_mask, block_mask, document_ids, document_positions
 from pipeline.model.mlp import MLP
-from pipeline.model.moe import GroupedExperts, MoE
+from pipeline.model.moe import GroupedExperts, MoE, TopKRouter
 from pipeline.model.rope import RotaryEmbedding
 
 
@@ -125,6 +125,8 @@ class GPTOSS(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, Attention) and module.sinks is not None:
                 nn.init.zeros_(module.sinks)  # a sink logit of 0 = one extra key with score 0
+            elif isinstance(module, TopKRouter) and module.expert_bias is not None:
+                module.expert_bias.zero_()  # balancing starts neutral (and to_empty left garbage)
         # Experts are keyed by layer, not module path: an expert-parallel wrapper may sit in between.
         for i, block in enumerate(self.blocks):
             for module in block.modules():

@@ -49,21 +49,60 @@ class TopKRouter(nn.Module):
     def __init__(self, config: GPTOSSConfig):
         super().__init__()
         self.top_k, self.num_experts = config.top_k, config.n_experts
+        self.granularity = config.aux_loss_granularity
         self.gate = nn.Linear(config.n_embd, config.n_experts, bias=config.router_bias)
+        # Aux-loss-free balancing (DeepSeek-V3): a persistent fp32 buffer, so checkpoints carry it and
+        # it is never trained by the optimizer; moved by `update_expert_bias` after each step.
+        self.expert_bias: torch.Tensor | None
+        if config.load_balance_bias_rate > 0:
+            self.register_buffer("expert_bias", torch.zeros(config.n_experts, dtype=torch.float32))
+        else:
+            self.expert_bias = None
 
-    def forward(self, x_ND: torch.Tensor) -> RouterOutput:
+    def forward(self, x_ND: torch.Tensor, n_seq: int = 1) -> RouterOutput:
+        """x_ND: the n_seq sequences' tokens, flattened in order (n_seq only matters for the
+        sequence-level load-balancing loss)."""
         logits_NE = self.gate(x_ND)
-        top_logits_NK, expert_ids_NK = torch.topk(logits_NE, self.top_k, dim=-1)
+        if self.expert_bias is None:
+            top_logits_NK, expert_ids_NK = torch.topk(logits_NE, self.top_k, dim=-1)
+        else:
+            # The bias steers which experts are chosen, never how much they count: the combine
+            # weights stay the softmax of the *unbiased* selected logits (DeepSeek-V3 eq. 16).
+            _, expert_ids_NK = torch.topk(logits_NE.float() + self.expert_bias, self.top_k, dim=-1)
+            top_logits_NK = logits_NE.gather(-1, expert_ids_NK)
         weights_NK = torch.softmax(top_logits_NK, dim=-1)
         # Losses in fp32: logsumexp^2 and the probability means are sensitive under bf16.
         logits32_NE = logits_NE.float()
         counts_E = torch.zeros(self.num_experts, dtype=torch.long, device=x_ND.device)
         counts_E.scatter_add_(0, expert_ids_NK.reshape(-1), torch.ones_like(expert_ids_NK.reshape(-1)))
-        n_slots = max(expert_ids_NK.numel(), 1)
-        prob_per_expert_E = torch.softmax(logits32_NE, dim=-1).mean(dim=0)
-        load_balance = self.num_experts * torch.sum(counts_E.float() / n_slots * prob_per_expert_E)
+        probs_NE = torch.softmax(logits32_NE, dim=-1)
+        if self.granularity == "sequence":
+            load_balance = self._sequence_load_balance(probs_NE, expert_ids_NK, n_seq)
+        else:
+            n_slots = max(expert_ids_NK.numel(), 1)
+            load_balance = self.num_experts * torch.sum(counts_E.float() / n_slots * probs_NE.mean(dim=0))
         z_loss = torch.logsumexp(logits32_NE, dim=-1).square().mean()
         return RouterOutput(weights_NK, expert_ids_NK, load_balance, z_loss, counts_E.detach())
+
+    def _sequence_load_balance(self, probs_NE: torch.Tensor, expert_ids_NK: torch.Tensor, n_seq: int):
+        """The Switch loss of each sequence on its own, averaged over sequences (DeepSeek-V3 §2.1.2):
+        a batch can be balanced while every sequence sends all its tokens to one expert."""
+        E = self.num_experts
+        probs_BTE = probs_NE.view(n_seq, -1, E)
+        ids_BS = expert_ids_NK.reshape(n_seq, -1)  # [B, T*K]
+        counts_BE = torch.zeros(n_seq, E, dtype=probs_NE.dtype, device=probs_NE.device)
+        counts_BE.scatter_add_(1, ids_BS, torch.ones_like(ids_BS, dtype=probs_NE.dtype))
+        share_BE = counts_BE / max(ids_BS.shape[1], 1)
+        return E * (share_BE * probs_BTE.mean(dim=1)).sum(dim=1).mean()
+
+    @torch.no_grad()
+    def update_expert_bias(self, tokens_E: torch.Tensor, rate: float) -> None:
+        """bias += rate * sign(mean load - load), then centred: underloaded experts become more
+        likely to be selected. `tokens_E` must be the step's counts over *all* ranks and
+        micro-batches, so every rank applies the same update and the biases stay identical."""
+        load_E = tokens_E.to(self.expert_bias.device, torch.float32)
+        self.expert_bias += rate * torch.sign(load_E.mean() - load_E)
+        self.expert_bias -= self.expert_bias.mean()  # only differences between experts matter
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -260,7 +299,7 @@ class MoE(nn.Module):
         N, K = x_ND.shape[0], self.top_k
 
         # 1 route
-        route = self.router(x_ND)
+        route = self.router(x_ND, n_seq=B)
         # 2 permute: slot s = n*K + k; a stable sort keeps token order within each expert, so
         # capacity drop keeps the earliest tokens and the result is deterministic.
         slot_expert_S = route.expert_ids_NK.reshape(-1)  # [S = N*K]

@@ -2,14 +2,22 @@
 
     deepspeed --num_gpus 8 --module pipeline.train --config launch/configs/gpt-oss-20b-1node.yaml
     torchrun --nproc_per_node 2 -m pipeline.train --config run.yaml train.steps=100
+
+Exit codes: 0 done (or stopped on a signal with a checkpoint), 2 bad config or data at start-up,
+3 stopped after train.max_bad_steps consecutive skipped steps. Errors are one line, no traceback,
+printed once per node (by local rank 0): every rank raises the same error from the same config, so
+every rank exits on its own and none waits in a collective for a rank that has gone.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pipeline.errors import ConfigError, DataError
+
+EXIT_CONFIG, EXIT_DIVERGED = 2, 3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -22,6 +30,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def fail(message: str, code: int) -> int:
+    """One line per node, then leave the process group without waiting for peers (they fail alike)."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pipeline.train.config import load_run_config
@@ -32,10 +51,13 @@ def main(argv: list[str] | None = None) -> int:
 
         trainer = Trainer(cfg)
     except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return fail(str(e), EXIT_CONFIG)
+    from pipeline.train.health import TrainingDiverged
+
     try:
         trainer.fit()
+    except TrainingDiverged as e:
+        return fail(str(e), EXIT_DIVERGED)
     finally:
         trainer.close()
     return 0

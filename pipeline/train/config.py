@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config_utils import apply_overrides, from_dict, load_config_file, to_dict
+from pipeline.config_utils import apply_overrides, convert_fields, from_dict, load_config_file, to_dict
 from pipeline.errors import ConfigError
+from pipeline.model.config import GPTOSSConfig
 
 
 @dataclass(kw_only=True)
@@ -91,9 +92,27 @@ class TrainConfig:
     peak_tflops: float | None = None
     """Per-GPU dense bf16 peak for the MFU metric; default: looked up from the GPU name
     (H100/H200 989, A100 312). Without it (e.g. on CPU) achieved TFLOP/s is logged, MFU is not."""
+    spike_sigma: float = 0.0
+    """Skip a step whose loss is this many standard deviations above the mean of the last
+    `spike_window` accepted steps (e.g. 6); 0 = off. Steps with a non-finite loss or gradient
+    norm are always skipped."""
+    spike_window: int = 128
+    """Accepted-step losses the spike detector's mean and deviation are taken over."""
+    max_bad_steps: int = 20
+    """Consecutive skipped steps after which the run stops (exit code 3), naming the last good checkpoint."""
+    collapse_warn_ratio: float = 3.0
+    """Warn when a MoE layer's max/mean expert load stays above this for `collapse_warn_intervals`
+    log intervals in a row (routing collapse); 0 = off. The ratio cannot exceed n_experts / top_k."""
+    collapse_warn_intervals: int = 3
+    """Consecutive log intervals a layer must stay above `collapse_warn_ratio` before the warning."""
 
     def __post_init__(self):
-        for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_interval", "keep_last"):
+        if self.spike_sigma < 0:
+            raise ConfigError(f"train.spike_sigma ({self.spike_sigma}) must be >= 0 (0 = off; e.g. 6)")
+        if self.collapse_warn_ratio < 0:
+            raise ConfigError(f"train.collapse_warn_ratio ({self.collapse_warn_ratio}) must be >= 0 (0 = off)")
+        for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_interval", "keep_last",
+                     "spike_window", "max_bad_steps", "collapse_warn_intervals"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} ({getattr(self, name)}) must be >= 1")
         for name in ("eval_interval", "save_interval", "eval_iters"):
@@ -130,6 +149,9 @@ class RunConfig:
             raise ConfigError(f"precision ({self.precision!r}) must be fp32 or bf16")
         if "preset" not in self.model:
             raise ConfigError("model.preset is missing (e.g. model.preset=debug); see pipeline.model.list_presets()")
+        # Typed like every other section: `model.n_experts=three` fails here, naming the key. Keys that
+        # are not GPTOSSConfig fields (preset, ...) pass through to their own checks.
+        self.model = convert_fields(GPTOSSConfig, self.model, "model")
 
     @property
     def model_overrides(self) -> dict[str, Any]:

@@ -70,6 +70,12 @@ def build_ds_config(run: RunConfig, world_size: int, use_cuda: bool | None = Non
             f'precision={run.precision}; make them agree or set bf16.enabled to "auto"'
         )
     bf16["enabled"] = want_bf16
+    # ZeRO-1/2 skip a bf16 step with a non-finite gradient only with this on (pipeline/train/health.py).
+    if bf16.setdefault("check_grad_overflow", True) is not True:
+        raise ConfigError(
+            f"{where}: bf16.check_grad_overflow = {bf16['check_grad_overflow']}: non-finite steps could not be "
+            "skipped and NaN gradients would be applied; remove the key"
+        )
 
     for owned in ("optimizer", "scheduler"):
         if owned in ds:

@@ -12,6 +12,7 @@ resume -> data iterators at the resumed sample position.
 from __future__ import annotations
 
 import json
+import math
 import signal
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from pipeline.data import MicroBatchIterator, build_dataset, check_vocab_compati
 from pipeline.errors import ConfigError
 from pipeline.flops import flops_per_token
 from pipeline.model import GPTOSSConfig, MoE, get_preset
+from pipeline.train import health
 from pipeline.train.checkpoint import CheckpointManager, read_latest
 from pipeline.train.config import RunConfig, run_config_to_dict
 from pipeline.train.ds_config import build_ds_config
@@ -93,6 +95,9 @@ class Trainer:
 
         self.engine = build_engine(cfg, self.model_cfg, self.ds_config, self.world)
         self.moe_layers = [m for m in self.engine.module.modules() if isinstance(m, MoE)]
+        for m in self.moe_layers:  # bf16 DeepSpeed cast buffers; +-rate steps need fp32 (before resume loads them)
+            if m.router.expert_bias is not None:
+                m.router.expert_bias = m.router.expert_bias.float()
         torch.manual_seed(cfg.train.seed + 1000 + self.rank)  # dropout differs per rank
 
         self.step, consumed, self.eval_history = 0, 0, []
@@ -112,6 +117,12 @@ class Trainer:
         self.peak_tflops = t.peak_tflops or detect_peak_tflops()
         self.log = MetricsLogger(self.run_dir, self.rank == 0, cfg.tensorboard, t.steps)
         self.stop = StopSignal(self.engine.device)
+        self.fault = health.FaultInjection.from_env(self.rank)
+        self.spikes = health.SpikeDetector(t.spike_sigma, t.spike_window)
+        self.bad_steps = 0  # consecutive skipped steps
+        self.skipped_total = state.get("skipped_steps", 0) if state else 0  # TensorBoard's running count
+        self.collapse = health.CollapseMonitor(t.collapse_warn_ratio, t.collapse_warn_intervals, len(self.moe_layers))
+        self.bias_rate = self.model_cfg.load_balance_bias_rate
         self._write_run_files()
         if state is not None:
             self.log.message(f"resumed from {self.ckpt.dir / read_latest(self.ckpt.dir)} at step {self.step}")
@@ -139,7 +150,9 @@ class Trainer:
             return
         saved = yaml.safe_load((self.ckpt.dir / tag / "config.yaml").read_text())["model"]
         current = {"preset": self.cfg.model["preset"], **to_dict(self.model_cfg)}
-        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        # A field added to GPTOSSConfig after the checkpoint was written reads as its default there.
+        defaults = to_dict(GPTOSSConfig())
+        diff = sorted(k for k in set(saved) | set(current) if saved.get(k, defaults.get(k)) != current.get(k))
         if diff:
             raise ConfigError(
                 f"{self.run_dir} holds checkpoints of a different model (fields differ: {', '.join(diff)}); "
@@ -147,34 +160,55 @@ class Trainer:
             )
 
     # --- training -----------------------------------------------------------------------------
-    def train_step(self) -> dict[str, torch.Tensor]:
-        """One optimizer step over grad_accum_steps micro-batches; returns detached sums."""
+    def train_step(self) -> dict:
+        """One optimizer step over grad_accum_steps micro-batches; returns detached sums.
+
+        Before the last backward every rank agrees (`health.agree`) whether the step is healthy; if
+        not, that backward is poisoned and DeepSpeed skips the update on every rank (health.py).
+        """
         lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         # Accumulated on the device and read once per log interval: an .item() per loss and per MoE
         # layer here would stall the GPU pipeline dozens of times per micro-batch.
         device = self.engine.device
+        gas, step = self.cfg.train.grad_accum_steps, self.step + 1
         sums = torch.zeros(5, dtype=torch.float64, device=device)  # total, lm, router, load-balance, z
         tokens_LE = torch.zeros(len(self.moe_layers), self.model_cfg.n_experts, dtype=torch.float64, device=device)
-        for _ in range(self.cfg.train.grad_accum_steps):
+        skipped_before = health.skipped_steps(self.engine)
+        verdict = None
+        for micro in range(gas):
             batch = self.train_iter.next().to(device)
-            parts = compute_loss(self.engine, batch)
-            self.engine.backward(parts.total)
-            self.engine.step()
+            parts = self.fault.inject(step, compute_loss(self.engine, batch))
+            loss = parts.total
             sums[:3] += torch.stack([parts.total, parts.lm, parts.router]).detach().double()
+            if micro == gas - 1:
+                verdict = health.agree(sums[0] / gas, self.spikes, self.rank, self.world)
+                if verdict.skip or self.fault.active(step, "grad"):
+                    loss = health.poison(loss)
+            self.engine.backward(loss)
+            self.engine.step()
             if self.moe_layers:
                 stats = [m.last_stats for m in self.moe_layers]
                 sums[3] += torch.stack([st.load_balance_loss for st in stats]).double().mean()
                 sums[4] += torch.stack([st.z_loss for st in stats]).double().mean()
                 tokens_LE += torch.stack([st.tokens_per_expert for st in stats]).double()
-        sums /= self.cfg.train.grad_accum_steps
+        sums /= gas
+        skipped = verdict.reason
+        if health.skipped_steps(self.engine) == skipped_before:
+            if skipped:  # the guard on DeepSpeed's overflow path: a poisoned step must never apply
+                raise RuntimeError(f"step {step}: DeepSpeed applied an update with NaN gradients ({skipped}); "
+                                   "its overflow handling changed (see pipeline/train/health.py)")
+        elif not skipped:
+            skipped = "non-finite gradient norm"
         grad_norm = self.engine.get_global_grad_norm()
         return {
             "sums": sums,
             "tokens_per_expert": tokens_LE,
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "loss": verdict.loss,
+            "skipped": skipped,
         }
 
     def _all_reduce(self, t: torch.Tensor, mean: bool) -> torch.Tensor:
@@ -211,6 +245,7 @@ class Trainer:
             "consumed_samples": self.train_iter.consumed_samples,
             "world_size": self.world,
             "eval_history": self.eval_history,
+            "skipped_steps": self.skipped_total,
         }
         path = self.ckpt.save(self.engine, self.step, state, self.run_files())
         self.log.message(f"saved checkpoint {path}")
@@ -222,14 +257,14 @@ class Trainer:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def _log_interval(self, window: list[dict], elapsed: float) -> None:
+    def _log_interval(self, window: list[dict], elapsed: float, steps: int) -> None:
         sums = self._all_reduce(torch.stack([w["sums"] for w in window]).mean(0), mean=True)
         total, lm, router, lb, z = sums.tolist()
         tokens_LE = torch.stack([w["tokens_per_expert"] for w in window]).sum(0)
         if tokens_LE.numel():
             tokens_LE = self._all_reduce(tokens_LE, mean=False)
         last = window[-1]
-        tokens_per_s = self.tokens_per_step * len(window) / max(elapsed, 1e-9)
+        tokens_per_s = self.tokens_per_step * steps / max(elapsed, 1e-9)  # skipped steps read data too
         tflops = tokens_per_s * self.flops_per_token / self.world / 1e12
         values = {
             "loss/total": total,
@@ -251,11 +286,19 @@ class Trainer:
         if tokens_LE.numel():
             values.update(expert_load_stats(tokens_LE))
             self.log.expert_counts(self.step, tokens_LE)
+            for warning in self.collapse.update(tokens_LE):
+                self.log.message(warning)
+        biases = [m.router.expert_bias for m in self.moe_layers if m.router.expert_bias is not None]
+        for layer, bias in enumerate(biases):
+            values[f"moe/expert_bias_absmax/layer_{layer}"] = float(bias.abs().max())
+        values["train/skipped_steps"] = self.skipped_total
         self.log.scalars(self.step, values)
         self.log.console(self.step, lm, last["lr"], tokens_per_s, extra)
         record = {"step": self.step, **values}
         if tokens_LE.numel():
             record["moe/tokens_per_expert"] = tokens_LE.long().tolist()  # [layer][expert]
+        if biases:
+            record["moe/expert_bias"] = [b.tolist() for b in biases]  # [layer][expert], equal on every rank
         self._append_metrics(record)
 
     def fit(self) -> None:
@@ -269,33 +312,91 @@ class Trainer:
             f"steps {self.step} -> {t.steps}; tensorboard --logdir {self.log.tb_dir}"
         )
         self.log.start(self.step)
-        window, tick = [], time.perf_counter()
+        window, window_steps, tick = [], 0, time.perf_counter()
         evaluated = saved = False
+        save_due = False
         while self.step < t.steps:
-            window.append(self.train_step())
+            out = self.train_step()
             self.step += 1
+            window_steps += 1
             evaluated = saved = False
-            if self.step % t.log_interval == 0 or self.step == t.steps:
-                self._log_interval(window, time.perf_counter() - tick)
-                window, tick = [], time.perf_counter()
+            healthy = out["skipped"] is None
+            if healthy:
+                self.bad_steps = 0
+                self.spikes.accept(out["loss"])
+                self._update_router_bias(out["tokens_per_expert"])
+                window.append(out)
+            else:
+                self._record_skip(out)
+            if (self.step % t.log_interval == 0 or self.step == t.steps) and window:
+                self._log_interval(window, time.perf_counter() - tick, window_steps)
+                window, window_steps, tick = [], 0, time.perf_counter()
             if t.eval_interval and self.step % t.eval_interval == 0:
                 self.evaluate()
                 evaluated = True
-            if t.save_interval and self.step % t.save_interval == 0:
-                self.save()
-                saved = True
+            save_due = save_due or bool(t.save_interval and self.step % t.save_interval == 0)
+            if save_due and healthy:
+                saved = self.save_if_finite()
+                save_due = False
             if self.stop.agreed():
-                if not saved:
-                    self.save()
+                if not saved and healthy:
+                    self.save_if_finite()
                 self.log.message(f"stopped at step {self.step} on {self.stop.received or 'a signal to another rank'}; "
                                  "run the same command again to resume")
                 self.log.flush()
                 return
         if not evaluated:
             self.evaluate()
-        if not saved:
-            self.save()
+        if not saved and self.bad_steps == 0:
+            self.save_if_finite()
+        elif not saved:
+            self.log.message(f"no checkpoint at the last step {self.step}: it was skipped; "
+                             f"the newest good one is {read_latest(self.ckpt.dir)}")
         self.log.flush()
+
+    # --- step health ----------------------------------------------------------------------------
+    def _record_skip(self, out: dict) -> None:
+        """Console line, TensorBoard train/skipped_steps and a metrics.jsonl record per skipped step;
+        raises TrainingDiverged after train.max_bad_steps in a row."""
+        self.bad_steps += 1
+        self.skipped_total += 1
+        self.log.message(f"skipped step {self.step}: {out['skipped']} (loss {out['loss']:.4g}, grad norm "
+                         f"{out['grad_norm']:.4g}); weights and optimizer state unchanged, "
+                         f"{self.bad_steps} in a row")
+        self.log.scalars(self.step, {"train/skipped_steps": self.skipped_total})
+        finite_or_none = {k: v if math.isfinite(v) else None for k, v in (("loss", out["loss"]),
+                                                                             ("grad_norm", out["grad_norm"]))}
+        self._append_metrics({"step": self.step, "skipped": out["skipped"], **finite_or_none,
+                              "consecutive_skips": self.bad_steps,
+                              "train/skipped_steps": self.skipped_total})
+        if self.bad_steps >= self.cfg.train.max_bad_steps:
+            last = read_latest(self.ckpt.dir)
+            good = f"last good checkpoint: {self.ckpt.dir / last}" if last else "no checkpoint was written yet"
+            self.log.flush()
+            raise health.TrainingDiverged(
+                f"training stopped at step {self.step}: {self.bad_steps} consecutive steps skipped "
+                f"(train.max_bad_steps={self.cfg.train.max_bad_steps}; last: {out['skipped']}); {good}. "
+                "Lower optim.lr or raise optim.warmup_steps, then resume from that checkpoint"
+            )
+
+    def save_if_finite(self) -> bool:
+        """A checkpoint is only ever written from finite weights (checked on every rank's shard)."""
+        if not health.local_params_finite(self.engine):
+            self.log.message(f"not saving at step {self.step}: the weights are not finite")
+            return False
+        self.save()
+        return True
+
+    def _update_router_bias(self, tokens_LE: torch.Tensor) -> None:
+        """Aux-loss-free balancing after every applied step, from the step's expert loads summed over
+        all micro-batches and all ranks: one all-reduce for all layers, the same update everywhere.
+        Routing is local to each rank (also under expert parallelism), so this sum is the global load."""
+        if self.bias_rate <= 0 or not self.moe_layers:
+            return
+        tokens_LE = tokens_LE.clone()  # stays on the device: no host sync for this
+        dist.all_reduce(tokens_LE)
+        for m, tokens_E in zip(self.moe_layers, tokens_LE, strict=True):
+            m.router.update_expert_bias(tokens_E, self.bias_rate)
 
     def close(self) -> None:
         self.log.close()

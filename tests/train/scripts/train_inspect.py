@@ -44,7 +44,9 @@ def main() -> None:
     trainer.fit()
     trainer.close()
     report = {"rank": dist.get_rank(), "world": dist.get_world_size(), "params": params, **calls,
-              "steps_run": trainer.cfg.train.steps, "master_dtypes": master_dtypes}
+              "steps_run": trainer.cfg.train.steps, "master_dtypes": master_dtypes,
+              "expert_bias": [m.router.expert_bias.tolist() for m in trainer.moe_layers
+                              if m.router.expert_bias is not None]}
     Path(trainer.run_dir, f"inspect_rank{dist.get_rank()}.json").write_text(json.dumps(report))
 
 
