@@ -174,7 +174,8 @@ class StartupMemory:
     fp32 draw of the largest single tensor (seeded init draws on the CPU, pipeline/model/init.py)."""
     host_cpu_only: int
     """Host bytes per rank with no GPU (what tests measure): the partitions built so far, the
-    largest module's own parameters whole in the training dtype, and the largest fp32 draw."""
+    largest module's own parameters whole in the training dtype plus a staging copy for the
+    broadcast zero.Init runs before partitioning, and the largest fp32 draw."""
     gpu: int
     """GPU bytes at the start-up peak on a GPU node: partitions + the largest module whole."""
     whole_share_fp32: int
@@ -196,7 +197,7 @@ def startup_memory(params: list[ParamTensor], zero: ZeroSettings, partition_elem
     partitions = partition_elements * pb
     return StartupMemory(
         host_gpu_node=draw,
-        host_cpu_only=partitions + largest_module + draw,
+        host_cpu_only=partitions + 2 * largest_module + draw,
         gpu=partitions + largest_module,
         whole_share_fp32=share,
     )

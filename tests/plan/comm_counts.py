@@ -1,17 +1,19 @@
 """Rank script for tests/plan/test_comm.py: build the trainer's engine the trainer's way, measure the
 start-up peak RSS of `build_model`, then count every collective of one optimizer step.
 
-    torchrun --standalone --nproc_per_node 4 tests/plan/comm_counts.py RUN_OVERRIDES_JSON
+    torchrun --standalone --nproc_per_node 4 tests/plan/comm_counts.py RUN_OVERRIDES_JSON OUT_DIR
 
 Collectives are counted by wrapping the torch.distributed functions before DeepSpeed's comm backend
 binds them (it keeps references to all_gather_into_tensor / reduce_scatter_tensor from start-up), so
 DeepSpeed's ZeRO-3 gathers and reduce-scatters and the expert-parallel all-to-all are all seen.
-Prints one JSON line "RESULT {...}" per rank.
+Writes OUT_DIR/rank{R}.json per rank.
 """
 
+import gc
 import json
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -33,7 +35,7 @@ def _wrap(name: str, out_arg: bool):
         if COUNTING["on"]:
             group = kwargs.get("group")
             size = dist.get_world_size(group) if group is not None else dist.get_world_size()
-            key = f"{name}/{size}" + (("@" + COUNTING["phase"]) if COUNTING.get("phase") else "")
+            key = f"{name}/{size}"
             c = COUNTS[key]
             c["calls"] += 1
             if out_arg:  # f(output, input, ...)
@@ -46,17 +48,12 @@ def _wrap(name: str, out_arg: bool):
     setattr(dist, name, wrapped)
 
 
-import os
-if os.environ.get("WRAP_ALL"):
-    for _name in dir(dist):
-        if any(k in _name for k in ("gather", "scatter", "reduce", "all_to_all", "broadcast", "coalesc", "send", "recv")) and callable(getattr(dist, _name)) and not isinstance(getattr(dist, _name), type):
-            _wrap(_name, False)
-else:
-  for _name, _out in (("all_gather_into_tensor", True), ("reduce_scatter_tensor", True), ("all_to_all_single", True),
-                    ("all_gather", True), ("reduce_scatter", True), ("all_reduce", False), ("broadcast", False),
-                    ("_all_gather_base", True), ("_reduce_scatter_base", True)):
+for _name in ("all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single", "all_gather", "reduce_scatter",
+              "_all_gather_base", "_reduce_scatter_base"):
     if hasattr(dist, _name):
-        _wrap(_name, _out)
+        _wrap(_name, out_arg=True)
+for _name in ("all_reduce", "broadcast"):
+    _wrap(_name, out_arg=False)
 
 
 def _status_kib(field: str) -> int:
@@ -80,9 +77,9 @@ def main() -> None:
     cfg = model_config(run)
     ds = build_ds_config(run, world_size=world, use_cuda=False)
 
-    # Start-up peak: reset the kernel's high-water mark, build, read it back.
-    import gc
-
+    # Start-up peak: one build first pays the one-time costs (imports, expert groups, DeepSpeed's
+    # first zero.Init); then reset the kernel's high-water mark, build again, read it back.
+    build_model(run, cfg, world, ds)
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -98,11 +95,8 @@ def main() -> None:
     def step():
         for _ in range(t.grad_accum_steps):
             x = torch.randint(0, cfg.vocab_size, (t.micro_batch_size, run.data.seq_len + 1))
-            COUNTING["phase"] = os.environ.get("PHASES") and f"fwd{_}"
             _, loss, aux = engine(x[:, :-1], x[:, 1:])
-            COUNTING["phase"] = os.environ.get("PHASES") and f"bwd{_}"
             engine.backward(loss + aux)
-        COUNTING["phase"] = os.environ.get("PHASES") and "step"
         engine.step()
 
     step()  # the first step records DeepSpeed's module trace; count a steady-state step
@@ -110,8 +104,9 @@ def main() -> None:
     COUNTING["on"] = True
     step()
     COUNTING["on"] = False
-    print("RESULT " + json.dumps({"rank": rank, "world": world, "startup_peak_bytes": startup_peak,
-                                  "partitioned_before_initialize": partitioned, "counts": dict(COUNTS)}), flush=True)
+    result = {"rank": rank, "world": world, "startup_peak_bytes": startup_peak,
+              "partitioned_before_initialize": partitioned, "counts": dict(COUNTS)}
+    (Path(sys.argv[2]) / f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
 
