@@ -75,6 +75,18 @@ def model_config(run: RunConfig) -> GPTOSSConfig:
     return cfg
 
 
+_TABLES: dict[str, tuple[list[ParamTensor], dict]] = {}
+
+
+def _model_tables(config: GPTOSSConfig) -> tuple[list[ParamTensor], dict]:
+    """Parameter list and counts of a model (built on meta), once per config: --search plans one
+    model under dozens of layouts."""
+    key = repr(config)
+    if key not in _TABLES:
+        _TABLES[key] = (model_param_tensors(config), count_parameters(config))
+    return _TABLES[key]
+
+
 @dataclass(frozen=True)
 class Plan:
     nodes: int
@@ -147,8 +159,7 @@ class Planner:
             check_expert_parallel_size(self.ep, self.ep, self.config.n_experts)
         elif self.ep != 1:
             raise ConfigError(f"parallel.expert_parallel_size ({self.ep}) must be 1 for a model without MoE layers")
-        self.params: list[ParamTensor] = model_param_tensors(self.config)
-        self.counts = count_parameters(self.config)
+        self.params, self.counts = _model_tables(self.config)
         t = self.run.train
         act_bytes = 2 if self.run.precision == "bf16" else 4
         self.activations = activation_memory(self.config, t.micro_batch_size, self.run.data.seq_len, act_bytes)
