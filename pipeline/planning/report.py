@@ -107,6 +107,10 @@ def render_text(planner: Planner, plan: Plan, source: str, table: list[Plan | st
 
 def render_startup(plan: Plan) -> list[str]:
     st = plan.startup
+    if plan.zero.stage != 3:
+        return [f"start-up (ZeRO-{plan.zero.stage}: each rank materialises its whole share in fp32 first)",
+                f"  host memory per rank  {_gib(st.whole_share_fp32)} GiB, per node "
+                f"{_gib(st.whole_share_fp32 * plan.gpus_per_node)} GiB"]
     return [
         "start-up (build_model: materialise + partition one module at a time)",
         f"  host memory per rank  {_gib(st.host_gpu_node)} GiB on a GPU node (largest fp32 init draw), "

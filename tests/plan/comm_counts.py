@@ -9,6 +9,7 @@ DeepSpeed's ZeRO-3 gathers and reduce-scatters and the expert-parallel all-to-al
 Writes OUT_DIR/rank{R}.json per rank.
 """
 
+import ctypes
 import gc
 import json
 import sys
@@ -81,6 +82,7 @@ def main() -> None:
     # first zero.Init); then reset the kernel's high-water mark, build again, read it back.
     build_model(run, cfg, world, ds)
     gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # RSS before the build = what is live
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     rss_before = _status_kib("VmRSS") * 1024
