@@ -78,7 +78,12 @@ def render_text(planner: Planner, plan: Plan, source: str, table: list[Plan | st
                  f"({planner.headroom:.0%} headroom) -> {verdict}")
     if plan.host_bytes_per_node:
         lines.append(f"  host memory per node for offloaded state: {_gib(plan.host_bytes_per_node)} GiB")
-    lines.append(f"  if SDPA fell back to its math kernel (T x T scores kept): +{_gib(plan.math_fallback_bytes)} GiB")
+    if plan.attention_backend == "sdpa":
+        lines.append(f"  attention_backend sdpa: on CUDA the math kernel keeps the T x T scores, included above "
+                     f"(+{_gib(plan.math_fallback_bytes)} GiB); auto / flex would not")
+    else:
+        lines.append(f"  attention_backend {plan.attention_backend}: no T x T scores (flex / fused kernels); "
+                     f"sdpa on CUDA would add +{_gib(plan.math_fallback_bytes)} GiB")
     lines += ["", *render_startup(plan), "", *render_comm(planner, plan)]
     f = plan.flops_per_token
     peak = plan.gpu.peak(run.precision)
