@@ -3,6 +3,7 @@
     python -m pipeline.plan --config launch/configs/gpt-oss-120b-8node.yaml --nodes 8
     python -m pipeline.plan --config RUN.yaml train.micro_batch_size=2 --nodes 1 2 4 8 16
     python -m pipeline.plan --preset gpt-oss-20b --seq-len 4096 --ep 8 --activation-checkpointing
+    python -m pipeline.plan --config launch/configs/gpt-oss-120b-8node.yaml --nodes 8 --search
 
 It reads exactly the run configs the trainer reads (`pipeline.train.config.load_run_config`, same
 `key=value` overrides) and the DeepSpeed JSON the trainer would build from them. Flags such as
@@ -19,8 +20,10 @@ import tempfile
 from pathlib import Path
 
 from pipeline.errors import ConfigError
-from pipeline.planning.planner import GPUS, Planner, get_gpu
+from pipeline.planning.comm import Links
+from pipeline.planning.planner import DEFAULT_MFU, GPUS, Planner, get_gpu
 from pipeline.planning.report import plan_to_dict, render_text
+from pipeline.planning.search import render_search, search
 from pipeline.train.config import RunConfig, load_run_config
 from pipeline.train.ds_config import load_ds_json
 
@@ -48,7 +51,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nodes", nargs="+", default=["1"], help="node count(s); the first gets the detailed report")
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--gpu", default="h100-80gb", choices=sorted(GPUS))
-    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization assumed for step time")
+    p.add_argument("--mfu", type=float, default=DEFAULT_MFU,
+                   help="model FLOPs utilization of the compute (default 0.28: NeMo AutoModel, gpt-oss-20b, 8xH100)")
+    p.add_argument("--nvlink-gbps", type=float, default=Links.nvlink / 1e9,
+                   help="GB/s per GPU inside a node (default: H100 NVLink, NCCL all-gather bus bandwidth)")
+    p.add_argument("--network-gbps", type=float, default=Links.network / 1e9,
+                   help="GB/s per GPU between nodes (default: one 400 Gb/s NIC per GPU)")
+    p.add_argument("--search", action="store_true",
+                   help="try every EP size, micro-batch and checkpointing choice on the first --nodes; "
+                   "print the fastest layouts that fit")
+    p.add_argument("--top", type=int, default=10, help="rows --search prints")
     p.add_argument("--headroom", type=float, default=0.10, help="fraction of GPU memory kept free")
     p.add_argument("--max-nodes", type=int, default=1024, help="search limit for the smallest fitting count")
     p.add_argument("--table-nodes", default=",".join(map(str, DEFAULT_TABLE_NODES)),
@@ -109,8 +121,14 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             run, source = load_run(args, Path(tmp))
             nodes = _node_list(args.nodes)
+            if args.nvlink_gbps <= 0 or args.network_gbps <= 0:
+                raise ConfigError("--nvlink-gbps and --network-gbps must be > 0")
             planner = Planner(run, gpus_per_node=args.gpus_per_node, gpu=get_gpu(args.gpu), mfu=args.mfu,
-                              headroom=args.headroom)
+                              headroom=args.headroom,
+                              links=Links(nvlink=args.nvlink_gbps * 1e9, network=args.network_gbps * 1e9))
+            if args.search:
+                print(render_search(search(planner, nodes[0]), nodes[0], args.gpus_per_node, args.top))
+                return 0
             plan = planner.plan(nodes[0])  # the requested layout must be runnable: errors exit 2
             table_nodes = sorted(set(_node_list([args.table_nodes])) | set(nodes))
             table = [planner.try_plan(n) for n in table_nodes]

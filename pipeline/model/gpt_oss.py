@@ -10,7 +10,7 @@ outside: `pipeline/train` may set
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import torch
@@ -101,18 +101,21 @@ class GPTOSS(nn.Module):
 
     # --- init / counting -----------------------------------------------------------------------
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, only: Collection[nn.Module] | None = None) -> None:
         """GPT-2 init: N(0, init_std), zero biases, residual output projections scaled by 1/sqrt(2L).
 
         Every tensor is drawn from its own generator keyed by `self.init_seed` and its name (experts
         by layer and global expert id, see pipeline/model/init.py), so the values do not depend on
-        the device, the visiting order, or which experts this process holds.
+        the device, the visiting order, or which experts this process holds. `only`: initialise just
+        these modules' own tensors (the trainer materialises and partitions a model module by module).
         """
         std = self.config.init_std
         resid_std = std / math.sqrt(2 * self.config.n_layer)
         residual = {id(b.attn.o_proj) for b in self.blocks}
         residual |= {id(b.ffn.down_proj) for b in self.blocks if isinstance(b.ffn, MLP)}
         for name, module in self.named_modules():
+            if only is not None and module not in only:
+                continue
             if isinstance(module, nn.Linear):
                 seeded_normal_(module.weight, resid_std if id(module) in residual else std, self.init_seed, name)
                 if module.bias is not None:
@@ -130,7 +133,7 @@ class GPTOSS(nn.Module):
         # Experts are keyed by layer, not module path: an expert-parallel wrapper may sit in between.
         for i, block in enumerate(self.blocks):
             for module in block.modules():
-                if isinstance(module, GroupedExperts):
+                if isinstance(module, GroupedExperts) and (only is None or module in only):
                     module.reset_parameters(self.init_seed, f"blocks.{i}.experts")
 
     def materialize(self, device: torch.device | str = "cpu") -> GPTOSS:

@@ -1,8 +1,10 @@
-"""Planning tools behind `python -m pipeline.plan`: ZeRO state, activation memory, fit and step time.
+"""Planning tools behind `python -m pipeline.plan`: ZeRO state, activations, communication, fit, step time.
 
     zero.py         per-rank parameter / gradient / optimizer elements and bytes (DeepSpeed's rules)
     activations.py  bytes autograd keeps per micro-batch, with and without checkpointing
-    planner.py      run config + node count -> Plan; GPU specs; smallest fitting node count
+    comm.py         bytes per collective per step and the link each crosses; start-up host memory
+    planner.py      run config + node count -> Plan; GPU specs; step time; smallest fitting node count
+    search.py       --search: the fastest fitting EP size / micro-batch / checkpointing on N nodes
     report.py       text and JSON output
 """
 

@@ -13,6 +13,7 @@ from pipeline.errors import ConfigError
 from pipeline.flops import flops_per_token
 from pipeline.model import GPTOSSConfig, count_parameters, get_preset
 from pipeline.planning.activations import ActivationMemory, activation_memory, math_fallback_scores_bytes
+from pipeline.planning.comm import Communication, Links, StartupMemory, communication, startup_memory
 from pipeline.planning.zero import (
     ParamTensor,
     RankElements,
@@ -27,6 +28,11 @@ from pipeline.train.ds_config import build_ds_config
 from pipeline.train.expert_parallel import check_expert_parallel_size
 
 GiB = 1024**3
+
+DEFAULT_MFU = 0.28
+"""NeMo AutoModel's published gpt-oss-20b pretraining throughput on 8 x H100 is ~28% MFU (and
+Megatron-Bridge reports ~16% for gpt-oss-120b across nodes). Those end-to-end figures include their
+own exposed communication, so as a compute-only efficiency 28% is on the safe side for one node."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,18 @@ def model_config(run: RunConfig) -> GPTOSSConfig:
     return cfg
 
 
+_TABLES: dict[str, tuple[list[ParamTensor], dict]] = {}
+
+
+def _model_tables(config: GPTOSSConfig) -> tuple[list[ParamTensor], dict]:
+    """Parameter list and counts of a model (built on meta), once per config: --search plans one
+    model under dozens of layouts."""
+    key = repr(config)
+    if key not in _TABLES:
+        _TABLES[key] = (model_param_tensors(config), count_parameters(config))
+    return _TABLES[key]
+
+
 @dataclass(frozen=True)
 class Plan:
     nodes: int
@@ -91,6 +109,11 @@ class Plan:
     mfu: float
     usable_bytes: int
     host_bytes_per_node: int
+    comm: Communication
+    startup: StartupMemory
+    compute_s: float
+    """Compute time of one optimizer step at the stated MFU."""
+    attention_backend: str
 
     @property
     def gpu_bytes(self) -> int:
@@ -104,6 +127,11 @@ class Plan:
     def edp(self) -> int:
         return self.world // self.ep
 
+    @property
+    def bound(self) -> str:
+        """What sets the step time: compute, or the ZeRO traffic that prefetch cannot hide behind it."""
+        return "compute" if self.compute_s >= self.comm.seconds(overlapped=True) else "communication"
+
 
 @dataclass
 class Planner:
@@ -112,9 +140,10 @@ class Planner:
     run: RunConfig
     gpus_per_node: int = 8
     gpu: GPUSpec = GPUS["h100-80gb"]
-    mfu: float = 0.4
+    mfu: float = DEFAULT_MFU
     headroom: float = 0.10
     """Fraction of GPU memory kept free for the CUDA context, NCCL buffers and fragmentation."""
+    links: Links = Links()
 
     def __post_init__(self):
         if self.gpus_per_node < 1:
@@ -130,8 +159,7 @@ class Planner:
             check_expert_parallel_size(self.ep, self.ep, self.config.n_experts)
         elif self.ep != 1:
             raise ConfigError(f"parallel.expert_parallel_size ({self.ep}) must be 1 for a model without MoE layers")
-        self.params: list[ParamTensor] = model_param_tensors(self.config)
-        self.counts = count_parameters(self.config)
+        self.params, self.counts = _model_tables(self.config)
         t = self.run.train
         act_bytes = 2 if self.run.precision == "bf16" else 4
         self.activations = activation_memory(self.config, t.micro_batch_size, self.run.data.seq_len, act_bytes)
@@ -152,11 +180,23 @@ class Planner:
         elements = rank_elements(self.params, zero, world, self.ep)
         state = state_memory(elements, zero)
         ckpt = self.run.parallel.activation_checkpointing
-        activation_bytes = self.activations.total(ckpt)
+        math_fallback = self.math_fallback // (self.config.n_layer if ckpt else 1)
+        # attention_backend arrives with the GPU attention work (issue 9): auto = flex on CUDA, which
+        # never materialises the scores; an explicit sdpa on CUDA runs the math kernel, which does.
+        backend = getattr(self.config, "attention_backend", "auto")
+        activation_bytes = self.activations.total(ckpt) + (math_fallback if backend == "sdpa" else 0)
         t = self.run.train
         tokens = t.micro_batch_size * t.grad_accum_steps * world * self.run.data.seq_len
         peak = self.gpu.peak(self.run.precision)
-        step_time = tokens * self.flops["total"] / (world * peak * self.mfu)
+        compute = tokens * self.flops["total"] / (world * peak * self.mfu)
+        comm = communication(
+            self.config, self.params, zero, world=world, ep=self.ep, gpus_per_node=self.gpus_per_node,
+            micro_batch=t.micro_batch_size, seq_len=self.run.data.seq_len, grad_accum=t.grad_accum_steps,
+            checkpointing=ckpt, links=self.links,
+        )
+        # ZeRO gathers / reduce-scatters overlap compute (prefetch, overlap_comm); the expert
+        # all-to-all is synchronous inside the MoE layer, so it adds.
+        step_time = max(compute, comm.seconds(overlapped=True)) + comm.seconds(overlapped=False)
         return Plan(
             nodes=nodes,
             gpus_per_node=self.gpus_per_node,
@@ -167,7 +207,7 @@ class Planner:
             state=state,
             activations=self.activations,
             activation_bytes=activation_bytes,
-            math_fallback_bytes=self.math_fallback // (self.config.n_layer if ckpt else 1),
+            math_fallback_bytes=math_fallback,
             tokens_per_step=tokens,
             flops_per_token=self.flops,
             step_time_s=step_time,
@@ -176,6 +216,10 @@ class Planner:
             mfu=self.mfu,
             usable_bytes=int(self.gpu.memory_bytes * (1 - self.headroom)),
             host_bytes_per_node=state.host * self.gpus_per_node,
+            comm=comm,
+            startup=startup_memory(self.params, zero, elements.partition, self.ep, self.config.n_experts),
+            compute_s=compute,
+            attention_backend=backend,
         )
 
     def try_plan(self, nodes: int) -> Plan | str:

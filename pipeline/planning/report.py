@@ -31,7 +31,15 @@ assumptions:
   - fits: GPU total <= (1 - headroom) x device memory; the headroom covers the CUDA context, NCCL
     buffers and allocator fragmentation.
   - compute: model FLOPs (pipeline/flops.py: 6 x active matmul params incl. the LM head, plus causal,
-    window-limited attention; recomputation not counted) at the stated MFU of the dense peak."""
+    window-limited attention; recomputation not counted) at the stated MFU of the dense peak. Default
+    MFU 28%: NeMo AutoModel's gpt-oss-20b on 8 x H100 (Megatron-Bridge reports ~16% for gpt-oss-120b).
+  - communication: bytes per collective as DeepSpeed 0.19.8 and our EP layer issue them (measured in
+    tests), balanced routing, each at the bandwidth of the link its group crosses (pipeline/planning/
+    comm.py); ZeRO traffic overlaps compute, the EP all-to-all adds to it. Not modelled: NCCL
+    protocol/topology choices, congestion, stragglers, launch gaps, DeepSpeed keeping the last
+    modules gathered between forward and backward (stage3_max_reuse_distance).
+  - start-up: build_model materialises and ZeRO-3-partitions one module at a time; not counted: the
+    process itself (CUDA context, libraries, NCCL: a few GB of host memory per rank)."""
 
 
 def render_text(planner: Planner, plan: Plan, source: str, table: list[Plan | str],
@@ -70,15 +78,25 @@ def render_text(planner: Planner, plan: Plan, source: str, table: list[Plan | st
                  f"({planner.headroom:.0%} headroom) -> {verdict}")
     if plan.host_bytes_per_node:
         lines.append(f"  host memory per node for offloaded state: {_gib(plan.host_bytes_per_node)} GiB")
-    lines.append(f"  if SDPA fell back to its math kernel (T x T scores kept): +{_gib(plan.math_fallback_bytes)} GiB")
+    if plan.attention_backend == "sdpa":
+        lines.append(f"  attention_backend sdpa: on CUDA the math kernel keeps the T x T scores, included above "
+                     f"(+{_gib(plan.math_fallback_bytes)} GiB); auto / flex would not")
+    else:
+        lines.append(f"  attention_backend {plan.attention_backend}: no T x T scores (flex / fused kernels); "
+                     f"sdpa on CUDA would add +{_gib(plan.math_fallback_bytes)} GiB")
+    lines += ["", *render_startup(plan), "", *render_comm(planner, plan)]
     f = plan.flops_per_token
     peak = plan.gpu.peak(run.precision)
+    zero_s, a2a_s = plan.comm.seconds(overlapped=True), plan.comm.seconds(overlapped=False)
     lines += [
         "",
         f"compute   {f['total'] / 1e9:.2f} GFLOP/token (matmul {f['matmul'] / 1e9:.2f}, attention "
         f"{f['attention'] / 1e9:.2f}; forward+backward)",
-        f"          step {_duration(plan.step_time_s)} at {plan.mfu:.0%} MFU of {peak / 1e12:.1f} TFLOP/s "
-        f"{run.precision} per {plan.gpu.name} -> {plan.tokens_per_s:,.0f} tokens/s",
+        f"step      compute {_duration(plan.compute_s)} at {plan.mfu:.0%} MFU of {peak / 1e12:.1f} TFLOP/s "
+        f"{run.precision} per {plan.gpu.name}  |  ZeRO communication {_duration(zero_s)} (overlaps compute)  "
+        f"|  EP all-to-all {_duration(a2a_s)} (on the critical path)",
+        f"          -> step {_duration(plan.step_time_s)} = max(compute, ZeRO) + all-to-all, "
+        f"{plan.bound}-bound, {plan.tokens_per_s:,.0f} tokens/s",
         "",
         "smallest node count that fits: "
         + (f"{smallest.nodes} ({smallest.world} GPUs, {_gib(smallest.gpu_bytes)} GiB per GPU)" if smallest
@@ -92,9 +110,40 @@ def render_text(planner: Planner, plan: Plan, source: str, table: list[Plan | st
     return "\n".join(line.rstrip() for line in lines)
 
 
+def render_startup(plan: Plan) -> list[str]:
+    st = plan.startup
+    if plan.zero.stage != 3:
+        return [f"start-up (ZeRO-{plan.zero.stage}: each rank materialises its whole share in fp32 first)",
+                f"  host memory per rank  {_gib(st.whole_share_fp32)} GiB, per node "
+                f"{_gib(st.whole_share_fp32 * plan.gpus_per_node)} GiB"]
+    return [
+        "start-up (build_model: materialise + partition one module at a time)",
+        f"  host memory per rank  {_gib(st.host_gpu_node)} GiB on a GPU node (largest fp32 init draw), "
+        f"{_gib(st.host_cpu_only)} GiB without a GPU; per node {_gib(st.host_gpu_node * plan.gpus_per_node)} GiB",
+        f"  GPU memory per rank   {_gib(st.gpu)} GiB (partitions + the largest module whole)",
+        f"  (materialising the whole share first would hold {_gib(st.whole_share_fp32)} GiB fp32 per rank, "
+        f"{_gib(st.whole_share_fp32 * plan.gpus_per_node)} GiB per node)",
+    ]
+
+
+def render_comm(planner: Planner, plan: Plan) -> list[str]:
+    links = planner.links
+    lines = [
+        f"communication per optimizer step, per GPU (NVLink {links.nvlink / 1e9:.0f} GB/s, network "
+        f"{links.network / 1e9:.0f} GB/s per GPU)",
+        f"  {'collective':<70}{'group':>9}{'GB':>9}{'on link':>9} {'link':<8}{'time':>9}",
+    ]
+    for t in plan.comm.transfers:
+        if not t.bytes:
+            continue
+        lines.append(f"  {t.label:<70}{t.group + ' ' + str(t.group_size):>9}{t.bytes / 1e9:>9.2f}"
+                     f"{t.link_bytes / 1e9:>9.2f} {t.link:<8}{_duration(t.seconds):>9}")
+    return lines
+
+
 def render_table(table: list[Plan | str]) -> str:
     head = (f"{'nodes':>5} {'GPUs':>5} {'ep':>4} {'edp':>4} {'params':>7} {'grads':>6} {'optim':>6} "
-            f"{'work':>6} {'act':>6} {'total':>7}  {'fits':<4} {'tokens/step':>12} {'step':>9} {'tokens/s':>11}")
+            f"{'work':>6} {'act':>6} {'total':>7}  {'fits':<4} {'tokens/step':>12} {'step':>9} {'tokens/s':>11}  bound")
     rows = ["by node count (GiB per GPU; params = partition + persistent, optim = master + Adam + step "
             "buffer, work = ZeRO-3 gather/reduce buffers, act = activations; micro-batch and grad-accum "
             "as configured, so tokens/step grow with the node count):", head]
@@ -111,7 +160,7 @@ def render_table(table: list[Plan | str]) -> str:
         rows.append(
             f"{p.nodes:>5} {p.world:>5} {p.ep:>4} {p.edp:>4} {_gib(params):>7} {_gib(grads):>6} {_gib(optim):>6} "
             f"{_gib(work):>6} {_gib(p.activation_bytes):>6} {_gib(p.gpu_bytes):>7}  {'yes' if p.fits else 'no':<4} "
-            f"{p.tokens_per_step:>12,} {_duration(p.step_time_s):>9} {p.tokens_per_s:>11,.0f}"
+            f"{p.tokens_per_step:>12,} {_duration(p.step_time_s):>9} {p.tokens_per_s:>11,.0f}  {p.bound}"
         )
     return "\n".join(rows)
 
@@ -133,6 +182,10 @@ def plan_to_dict(planner: Planner, plan: Plan, smallest: Plan | None, table: lis
             "tokens_per_step": p.tokens_per_step,
             "step_time_s": p.step_time_s,
             "tokens_per_s": p.tokens_per_s,
+            "compute_s": p.compute_s,
+            "bound": p.bound,
+            "communication": [vars(t) for t in p.comm.transfers],
+            "startup_bytes": vars(p.startup),
         }
 
     return {

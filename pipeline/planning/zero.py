@@ -50,6 +50,7 @@ DS_DEFAULTS = {
     "stage3_prefetch_bucket_size": 50_000_000,
     "stage3_max_live_parameters": 1_000_000_000,
     "contiguous_gradients": True,
+    "stage3_max_reuse_distance": 1_000_000_000,
 }
 
 
@@ -70,6 +71,7 @@ class ZeroSettings:
     prefetch_bucket_size: int
     max_live_parameters: int
     contiguous_gradients: bool
+    max_reuse_distance: int = 1_000_000_000
 
     @classmethod
     def from_ds_config(cls, ds: dict) -> ZeroSettings:
@@ -96,6 +98,7 @@ class ZeroSettings:
             prefetch_bucket_size=get("stage3_prefetch_bucket_size"),
             max_live_parameters=get("stage3_max_live_parameters"),
             contiguous_gradients=bool(zero.get("contiguous_gradients", DS_DEFAULTS["contiguous_gradients"])),
+            max_reuse_distance=get("stage3_max_reuse_distance"),
         )
 
 
@@ -165,6 +168,18 @@ def rank_elements(params: list[ParamTensor], zero: ZeroSettings, world: int, ep:
         largest_module=_largest_module(params, 1),
         optimizer_sub_group=part,
     )
+
+
+def persistent_names(params: list[ParamTensor], zero: ZeroSettings, world: int, ep: int) -> set[str]:
+    """Parameters ZeRO-3 keeps whole on every rank (`_convert_to_deepspeed_param`'s rule)."""
+    budget = zero.model_persistence_threshold // world  # Init divides it by num_partitions
+    names, used = set(), 0
+    for p in params:
+        local = p.numel // ep if p.expert else p.numel
+        if local <= zero.persistence_threshold and used + local <= budget:
+            names.add(p.name)
+            used += local
+    return names
 
 
 def _zero3_elements(params: list[ParamTensor], zero: ZeroSettings, world: int, ep: int) -> RankElements:

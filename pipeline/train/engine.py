@@ -1,10 +1,11 @@
 """Model -> DeepSpeed engine, the one way the trainer and the exporter both build it.
 
-Order matters: expert-parallel groups exist before the model; every rank builds the *same* full
-model from the same seed, so each rank's expert slice is a slice of one model and the non-expert
-weights DeepSpeed broadcasts from rank 0 are the ones every rank already has; expert parallelism
-and activation checkpointing are applied from outside the (pure PyTorch) model; then
-`deepspeed.initialize` partitions everything under ZeRO.
+Order matters: expert-parallel groups exist before the model; every rank builds the *same* model
+structure on the meta device from the same seed, so each rank's expert slice is a slice of one
+model and the non-expert weights DeepSpeed broadcasts from rank 0 are the ones every rank already
+has; expert parallelism and activation checkpointing are applied from outside the (pure PyTorch)
+model; under ZeRO-3 the parameters are then materialised and partitioned module by module (a rank
+never holds its whole share), under ZeRO-2 `deepspeed.initialize` partitions a CPU-built model.
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ import warnings
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from pipeline.model import GPTOSS, GPTOSSConfig
 from pipeline.train.config import RunConfig
 from pipeline.train.expert_parallel import (
+    ExpertParallelExperts,
     apply_expert_parallel,
     check_expert_parallel_size,
     create_expert_groups,
     tag_expert_parallel_parameters,
+    tag_expert_parameters,
 )
 from pipeline.train.optim import param_groups
 
@@ -55,13 +59,20 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def build_model(cfg: RunConfig, model_cfg: GPTOSSConfig, world: int) -> GPTOSS:
+def is_zero3(ds_config: dict | None) -> bool:
+    return ds_config is not None and int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
+
+
+def build_model(cfg: RunConfig, model_cfg: GPTOSSConfig, world: int, ds_config: dict | None = None) -> GPTOSS:
     """This rank's model: non-expert weights whole, experts only its expert-parallel slice.
 
-    Built on the meta device and materialised after the expert swap, so no rank ever allocates the
-    full set of experts (gpt-oss-120b's would be ~470 GB in fp32), and DeepSpeed moves only this
-    rank's share onto the GPU before partitioning it. Per-tensor seeded init makes every value equal
-    to the same tensor of a model built whole from the same seed.
+    Built on the meta device, so no rank ever allocates the full set of experts (gpt-oss-120b's
+    would be ~470 GB in fp32). Under ZeRO-3 (`ds_config` given with stage 3) each parameter is then
+    materialised, initialised and partitioned one module at a time (`materialize_partitioned`), so
+    a rank's start-up peak is its ZeRO partition plus one module, not its whole share; otherwise
+    (ZeRO-2) the whole share is materialised on the CPU and `deepspeed.initialize` takes it from
+    there. Per-tensor seeded init makes every value equal to the same tensor of a model built whole
+    from the same seed, whichever path builds it.
     """
     ep = cfg.parallel.expert_parallel_size
     check_expert_parallel_size(ep, world, model_cfg.n_experts)
@@ -71,19 +82,63 @@ def build_model(cfg: RunConfig, model_cfg: GPTOSSConfig, world: int) -> GPTOSS:
         model = GPTOSS(model_cfg)
     if groups is not None:
         apply_expert_parallel(model, groups)
-    model.materialize("cpu")
-    if groups is not None:
-        tag_expert_parallel_parameters(model)
+    if is_zero3(ds_config):
+        materialize_partitioned(model, ds_config)
+    else:
+        model.materialize("cpu")
+        if groups is not None:
+            tag_expert_parallel_parameters(model)
     if cfg.parallel.activation_checkpointing:
         model.checkpoint_fn = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
     return model
+
+
+def _post_order(module: nn.Module):
+    """Children before their parent, so a module's own parameters are the only unconverted ones."""
+    for child in module.children():
+        yield from _post_order(child)
+    yield module
+
+
+@torch.no_grad()
+def materialize_partitioned(model: GPTOSS, ds_config: dict) -> None:
+    """Materialise a meta-built model module by module straight into ZeRO-3 partitions.
+
+    For each module's own parameters: allocate them on this rank's device in the training dtype,
+    draw their seeded init, tag expert slices for their expert-data-parallel partition group (the
+    tags must be on the parameter before ZeRO partitions it, DESIGN.md §4), and hand them to
+    `deepspeed.zero.Init(module=...)`, which keeps this rank's partition and frees the rest. This is
+    what `deepspeed.initialize` would do to an already-built model (same `zero.Init`, same dtype), so
+    the engine sees a zero.Init model and neither casts nor moves it. Peak memory: the partitions so
+    far plus one module's parameters (gpt-oss-120b: the 1.2B-element embedding, in bf16).
+    """
+    import deepspeed
+
+    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled", False) else torch.float32
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    expert_groups = {m.local: m.groups for m in model.modules() if isinstance(m, ExpertParallelExperts)}
+    for module in _post_order(model):
+        own = [p for p in module.parameters(recurse=False) if p.is_meta]
+        if not own:  # no parameters, or a tied weight already materialised with its first owner
+            continue
+        for p in own:
+            p.data = p.data.to(dtype)  # free on meta; to_empty then allocates in the training dtype
+        module.to_empty(device=device, recurse=False)
+        only = {module}
+        if model.config.tie_word_embeddings and module is model.embed_tokens:
+            model.lm_head.weight = model.embed_tokens.weight
+            only.add(model.lm_head)  # a whole-model init writes the tied weight twice; the head's wins
+        model.init_weights(only=only)
+        if module in expert_groups:
+            tag_expert_parameters(module, expert_groups[module])
+        deepspeed.zero.Init(module=module, config_dict_or_path=ds_config, dtype=dtype)
 
 
 def build_engine(cfg: RunConfig, model_cfg: GPTOSSConfig, ds_config: dict, world: int):
     """The DeepSpeed engine for `model_cfg` trained as `cfg` describes."""
     import deepspeed
 
-    model = build_model(cfg, model_cfg, world)
+    model = build_model(cfg, model_cfg, world, ds_config)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config
     )

@@ -24,7 +24,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         is_embedding = "embed" in name or "pos_embed" in name
         # Stacked expert weights are 3-D [E, in, out]; their biases are 2-D [E, out].
-        is_bias_or_norm = p.ndim < 2 or name.endswith("bias") or "sinks" in name
+        # A parameter ZeRO-3 partitioned at start-up is a flat shard: its ds_shape is the real one.
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        is_bias_or_norm = ndim < 2 or name.endswith("bias") or "sinks" in name
         (no_decay if is_embedding or is_bias_or_norm else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},

@@ -84,8 +84,10 @@ def main() -> None:
     cases = json.loads(sys.argv[1])
     deepspeed.init_distributed(dist_backend="gloo")
     results = [run_case(case) for case in cases]
-    print("RESULT " + json.dumps({"rank": dist.get_rank(), "results": results}), flush=True)
-    dist.barrier()
+    for rank in range(dist.get_world_size()):  # one rank at a time: concurrent lines interleave
+        if rank == dist.get_rank():
+            print("RESULT " + json.dumps({"rank": rank, "results": results}), flush=True)
+        dist.barrier()
     dist.destroy_process_group()
 
 
