@@ -119,7 +119,9 @@ def materialize_partitioned(model: GPTOSS, ds_config: dict) -> None:
     expert_groups = {m.local: m.groups for m in model.modules() if isinstance(m, ExpertParallelExperts)}
     for module in _post_order(model):
         own = [p for p in module.parameters(recurse=False) if p.is_meta]
-        if not own:  # no parameters, or a tied weight already materialised with its first owner
+        # Buffers too (e.g. the router's expert bias); they keep their own dtype and stay whole.
+        own_buffers = [b for b in module.buffers(recurse=False) if b.is_meta]
+        if not own and not own_buffers:  # nothing here, or a tied weight already materialised
             continue
         for p in own:
             p.data = p.data.to(dtype)  # free on meta; to_empty then allocates in the training dtype
@@ -131,7 +133,8 @@ def materialize_partitioned(model: GPTOSS, ds_config: dict) -> None:
         model.init_weights(only=only)
         if module in expert_groups:
             tag_expert_parameters(module, expert_groups[module])
-        deepspeed.zero.Init(module=module, config_dict_or_path=ds_config, dtype=dtype)
+        if own:
+            deepspeed.zero.Init(module=module, config_dict_or_path=ds_config, dtype=dtype)
 
 
 def build_engine(cfg: RunConfig, model_cfg: GPTOSSConfig, ds_config: dict, world: int):
