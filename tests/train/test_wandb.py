@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from pipeline.errors import ConfigError
+from pipeline.train.config import load_run_config
 from pipeline.train.metrics import WANDB_ID_FILE, WANDB_STEP
 from tests.conftest import REPO_ROOT
 from tests.train.conftest import rank_env, read_metrics, train, write_run_config
@@ -147,3 +149,16 @@ sys.exit(main(["--config", {str(cfg)!r}]))
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install -e .[wandb]" in lines[0], proc.stderr[-3000:]
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_wandb_section_is_validated(tmp_path):
+    cfg = write_run_config(tmp_path / "run.yaml", tmp_path / "data", tmp_path / "run")
+    assert load_run_config(cfg).wandb is None  # off when absent
+    resolved = load_run_config(cfg, ["wandb.project=p", "wandb.entity=team"]).wandb
+    assert (resolved.project, resolved.entity, resolved.name, resolved.mode) == ("p", "team", None, "online")
+    with pytest.raises(ConfigError, match=r"wandb.project \(None\) must name a W&B project"):
+        load_run_config(cfg, ["wandb.mode=offline"])
+    with pytest.raises(ConfigError, match=r"wandb.mode \('shared'\) must be one of online, offline, disabled"):
+        load_run_config(cfg, ["wandb.project=p", "wandb.mode=shared"])
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) wandb.team"):
+        load_run_config(cfg, ["wandb.project=p", "wandb.team=x"])
