@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 import string
+import sys
 import time
 from pathlib import Path
 
@@ -104,7 +105,8 @@ class WandbWriter:
         self.run.log({WANDB_STEP: step, **rows}, commit=False)
 
     def close(self) -> None:
-        self.run.finish()
+        # Called from the caller's `finally`: an exception in flight marks the W&B run failed.
+        self.run.finish(exit_code=0 if sys.exc_info()[0] is None else 1)
 
 
 class MetricsLogger:

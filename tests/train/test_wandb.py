@@ -14,8 +14,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipeline.errors import ConfigError
-from pipeline.train.config import load_run_config
-from pipeline.train.metrics import WANDB_ID_FILE, WANDB_STEP
+from pipeline.train.config import WandbConfig, load_run_config
+from pipeline.train.metrics import WANDB_ID_FILE, WANDB_STEP, MetricsLogger
 from tests.conftest import REPO_ROOT
 from tests.train.conftest import rank_env, read_metrics, train, write_run_config
 
@@ -151,7 +151,7 @@ sys.exit(main(["--config", {str(cfg)!r}]))
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
-def test_wandb_section_is_validated(tmp_path):
+def test_wandb_section_is_validated(tmp_path, monkeypatch):
     cfg = write_run_config(tmp_path / "run.yaml", tmp_path / "data", tmp_path / "run")
     assert load_run_config(cfg).wandb is None  # off when absent
     resolved = load_run_config(cfg, ["wandb.project=p", "wandb.entity=team"]).wandb
@@ -162,3 +162,11 @@ def test_wandb_section_is_validated(tmp_path):
         load_run_config(cfg, ["wandb.project=p", "wandb.mode=shared"])
     with pytest.raises(ConfigError, match=r"unknown config key\(s\) wandb.team"):
         load_run_config(cfg, ["wandb.project=p", "wandb.team=x"])
+    # Online without credentials: one ConfigError naming the ways out, not a wandb traceback.
+    for key in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in {"HOME": tmp_path, "NETRC": tmp_path / "netrc", "WANDB_CONFIG_DIR": tmp_path / "cfg",
+                       "WANDB_SILENT": "true"}.items():
+        monkeypatch.setenv(key, str(value))
+    with pytest.raises(ConfigError, match=r"wandb.init failed \(.*\); run `wandb login` or set WANDB_API_KEY"):
+        MetricsLogger(tmp_path / "online", True, False, 10, wandb=WandbConfig(project="p", mode="online"))
