@@ -157,7 +157,8 @@ def test_shell_blocks_have_our_equivalents():
     train_out = run_command(ours["python train.py"].replace("python", sys.executable, 1))
     assert re.search(r"-> [\d,]+ train / [\d,]+ validation tokens", train_out)
     ppl = [float(p) for p in re.findall(r"epoch \d/2 \| train loss \S+ \| val loss \S+ \| val ppl (\S+)", train_out)]
-    assert len(ppl) == 2 and ppl[1] < ppl[0] < 256, train_out  # better than uniform over bytes, and improving
+    # Improving, and at the end well below the 256 of a uniform guess over bytes.
+    assert len(ppl) == 2 and ppl[1] < ppl[0] and ppl[1] < 64, train_out
     assert re.search(r"sample:\ndef ", train_out)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.model import create_gpt_oss_20b
 from pipeline.train.config import OptimConfig
 from pipeline.train.optim import compute_loss, lr_at, make_torch_adamw
 
@@ -137,15 +138,16 @@ def builtin_text(max_bytes: int) -> bytes:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipeline.train.simple", description=__doc__.split("\n\n")[1])
-    parser.add_argument("--max-bytes", type=int, default=80_000, help="size of the built-in text (bytes = tokens)")
+    parser.add_argument("--max-bytes", type=int, default=100_000, help="size of the built-in text (bytes = tokens)")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="tail of the text held out for validation")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--seq-len", type=int, default=128, help="context of the model, trained at every position")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--num-heads", type=int, default=4)
+    parser.add_argument("--dropout", type=float, default=0.0, help="0: a few epochs of a tiny model do not overfit")
     parser.add_argument("--prompt", default="def ")
     parser.add_argument("--max-new-tokens", type=int, default=120)
     parser.add_argument("--seed", type=int, default=0)
@@ -153,8 +155,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.model import create_gpt_oss_20b
-
     args = parse_args(argv)
     if not 0 < args.val_fraction < 1:
         print(f"error: --val-fraction ({args.val_fraction}) must be in (0, 1)", file=sys.stderr)
@@ -168,9 +168,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --max-bytes ({args.max_bytes}) leaves fewer than --seq-len + 2 ({args.seq_len + 2}) tokens "
               "for training or validation; raise --max-bytes or lower --seq-len", file=sys.stderr)
         return 2
-    model = create_gpt_oss_20b(vocab_size=256, max_seq_len=max(args.seq_len, len(args.prompt.encode()) +
-                                                                 args.max_new_tokens),
-                               d_model=args.d_model, num_layers=args.num_layers, num_heads=args.num_heads)
+    prompt = list(args.prompt.encode())
+    if not prompt or len(prompt) + args.max_new_tokens > args.seq_len:
+        print(f"error: the prompt ({len(prompt)} bytes) + --max-new-tokens ({args.max_new_tokens}) must fit "
+              f"--seq-len ({args.seq_len}), the positions the model is trained on; give a non-empty --prompt",
+              file=sys.stderr)
+        return 2
+    model = create_gpt_oss_20b(vocab_size=256, max_seq_len=args.seq_len, d_model=args.d_model,
+                               num_layers=args.num_layers, num_heads=args.num_heads, dropout=args.dropout)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"text: {len(tokens):,} bytes of standard-library source -> {len(train_tokens):,} train / "
           f"{len(val_tokens):,} validation tokens; model: {n_params:,} parameters", flush=True)
@@ -179,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 num_epochs=args.epochs, learning_rate=args.learning_rate, warmup_steps=10, seed=args.seed)
     print(f"trained in {time.perf_counter() - t0:.0f}s", flush=True)
     model.eval()
-    prompt = torch.tensor([list(args.prompt.encode())])
-    out = model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=0.8, top_k=40)
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=args.max_new_tokens, temperature=0.8, top_k=40)
     print("sample:\n" + bytes(out[0].tolist()).decode("utf-8", errors="replace"))
     return 0
 
