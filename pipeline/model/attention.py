@@ -1,4 +1,8 @@
-"""Causal self-attention: GQA, RoPE, sliding windows and learned attention sinks, on SDPA.
+"""Causal self-attention: GQA, RoPE, sliding windows and learned attention sinks, on two backends.
+
+`Attention.forward` runs FlexAttention when its mask is a `BlockMask` (the fast path on CUDA, see
+pipeline/model/flex_attention.py) and SDPA otherwise (CPU training, KV-cache decoding, and the
+numerical reference). The SDPA path is described here.
 
 Attention sinks (GPT-OSS) add one learned logit per head to every softmax row and drop its
 probability afterwards, so a head can attend to "nothing". SDPA has no sink argument, so we append a
@@ -20,31 +24,14 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 
 from pipeline.model.config import GPTOSSConfig
+from pipeline.model.flex_attention import flex_attention_with_sinks
+from pipeline.model.masks import attention_mask
 from pipeline.model.rope import apply_rope
 
-
-def attention_mask(
-    t_q: int, t_k: int, window: int | None, sinks: bool, device: torch.device
-) -> torch.Tensor | None:
-    """Boolean mask [t_q, t_k (+1 sink column first)], True = may attend, or None for plain causal.
-
-    Queries are the last `t_q` of `t_k` positions (t_k > t_q while decoding with a KV cache). A key j
-    is visible to query i iff j <= i and, on sliding layers, i - j < window. None means the caller
-    can use SDPA's `is_causal` (t_q == t_k) or no mask at all (t_q == 1).
-    """
-    offset = t_k - t_q
-    if not sinks and window is None and (offset == 0 or t_q == 1):
-        return None
-    q_pos = torch.arange(offset, t_k, device=device)[:, None]  # [t_q, 1]
-    k_pos = torch.arange(t_k, device=device)[None, :]  # [1, t_k]
-    mask = k_pos <= q_pos
-    if window is not None:
-        mask &= q_pos - k_pos < window
-    if sinks:
-        mask = torch.cat([mask.new_ones(t_q, 1), mask], dim=1)
-    return mask  # [t_q, t_k (+1)]
+__all__ = ["Attention", "KVCache", "attention_mask"]
 
 
 class KVCache:
@@ -88,10 +75,13 @@ class Attention(nn.Module):
         x_BTD: torch.Tensor,
         cos: torch.Tensor | None,
         sin: torch.Tensor | None,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | BlockMask | None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """`mask` comes from `attention_mask` for this layer's window (shared by all such layers)."""
+        """`mask` is this layer's window mask (shared by all such layers), built by pipeline/model/masks.py:
+        a `BlockMask` selects FlexAttention, a boolean tensor or None selects SDPA.
+
+        cos/sin are [T, d/2], or [B, 1, T, d/2] when positions differ per sample (documents)."""
         B, T, _ = x_BTD.shape
         q = self.q_proj(x_BTD).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, d]
         k = self.k_proj(x_BTD).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, Hkv, T, d]
@@ -100,29 +90,51 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)  # [B, Hkv, T_past + T, d]
-        if self.sinks is not None:
-            q, k, v = self._append_sink(q, k, v)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0,
-            scale=1.0 / math.sqrt(self.head_dim),  # explicit: q and k are one column wider with sinks
-            enable_gqa=self.n_kv_head != self.n_head,
-        )  # [B, H, T, d (+1 with sinks)]
-        y = y[..., : self.head_dim].transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if isinstance(mask, BlockMask):
+            y = flex_attention_with_sinks(q, k, v, mask, self.sinks, scale)  # [B, H, T, d]
+        else:
+            dropout = self.dropout if self.training else 0.0
+            y = sdpa_attention_with_sinks(q, k, v, mask, self.sinks, scale, dropout)  # [B, H, T, d]
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # [B, T, H * d]
         return self.resid_dropout(self.o_proj(y))
 
-    def _append_sink(self, q, k, v):
-        """The virtual sink key of the module docstring: q/k gain a column, k/v gain a first row."""
-        B, H, T, d = q.shape
-        sink_col = (self.sinks.to(q.dtype) * math.sqrt(d)).view(1, H, 1, 1).expand(B, H, T, 1)
-        q = torch.cat([q, sink_col], dim=-1)  # [B, H, T, d+1]
-        sink_key = k.new_zeros(B, self.n_kv_head, 1, d + 1)
-        sink_key[..., -1] = 1.0
-        k = torch.cat([sink_key, F.pad(k, (0, 1))], dim=2)  # [B, Hkv, 1 + T_k, d+1]
-        # v is widened too: SDPA's fused CPU kernel needs equal q/k/v head dims (else: slow math path).
-        v = torch.cat([v.new_zeros(B, self.n_kv_head, 1, d + 1), F.pad(v, (0, 1))], dim=2)
-        return q, k, v  # v: [B, Hkv, 1 + T_k, d+1]
+
+def sdpa_attention_with_sinks(
+    q_BHTd: torch.Tensor,
+    k_BGSd: torch.Tensor,
+    v_BGSd: torch.Tensor,
+    mask: torch.Tensor | None,
+    sinks_H: torch.Tensor | None,
+    scale: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """SDPA of q [B, H, T, d] over k/v [B, Hkv, S, d] with the virtual sink key of the module
+    docstring when sinks_H [H] is given; `mask` from `attention_mask` (sink column included)."""
+    T = q_BHTd.shape[2]
+    q, k, v = (q_BHTd, k_BGSd, v_BGSd) if sinks_H is None else _append_sink(q_BHTd, k_BGSd, v_BGSd, sinks_H, scale)
+    y = F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        is_causal=mask is None and T > 1,
+        dropout_p=dropout,
+        scale=scale,  # explicit: with sinks q and k are one column wider
+        enable_gqa=q.shape[1] != k.shape[1],
+    )  # [B, H, T, d (+1 with sinks)]
+    return y[..., : q_BHTd.shape[-1]]
+
+
+def _append_sink(q, k, v, sinks_H, scale):
+    """The virtual sink key of the module docstring: q/k gain a column, k/v gain a first row."""
+    B, H, T, d = q.shape
+    G = k.shape[1]
+    sink_col = (sinks_H.to(q.dtype) / scale).view(1, H, 1, 1).expand(B, H, T, 1)  # q'.k'_sink * scale = sink
+    q = torch.cat([q, sink_col], dim=-1)  # [B, H, T, d+1]
+    sink_key = k.new_zeros(B, G, 1, d + 1)
+    sink_key[..., -1] = 1.0
+    k = torch.cat([sink_key, F.pad(k, (0, 1))], dim=2)  # [B, Hkv, 1 + S, d+1]
+    # v is widened too: SDPA's fused CPU kernel needs equal q/k/v head dims (else: slow math path).
+    v = torch.cat([v.new_zeros(B, G, 1, d + 1), F.pad(v, (0, 1))], dim=2)
+    return q, k, v  # v: [B, Hkv, 1 + S, d+1]

@@ -18,6 +18,7 @@ from pipeline.errors import ConfigError
 
 LAYER_TYPES = ("sliding_attention", "full_attention")  # transformers' names, so configs convert 1:1
 POSITION_EMBEDDINGS = ("rope", "learned")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex")  # resolved per device by pipeline/model/flex_attention.py
 
 
 @dataclass(kw_only=True)
@@ -130,6 +131,12 @@ class GPTOSSConfig:
     """RoPE base wavelength."""
     rope_scaling: YaRNScaling | None = None
     """YaRN context extension; None = plain RoPE."""
+    attention_backend: str = "auto"
+    """"flex" (FlexAttention: fused, block-sparse; CUDA training, CPU forward only), "sdpa" (virtual
+    sink column; runs everywhere, SDPA's math kernel on CUDA) or "auto" = flex on CUDA, sdpa elsewhere."""
+    document_masking: bool = False
+    """Packed samples: tokens attend only within their document (ended by eos_token_id) and RoPE
+    positions restart at each document (Megatron's --reset-attention-mask --reset-position-ids)."""
 
     # --- embeddings, init, special tokens -------------------------------------------------------
     tie_word_embeddings: bool = True
@@ -252,6 +259,17 @@ class GPTOSSConfig:
                 raise ConfigError(
                     "layer_types has sliding_attention blocks but sliding_window is null; set it"
                 )
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                f"attention_backend ({self.attention_backend!r}) must be one of {ATTENTION_BACKENDS}"
+            )
+        if self.attention_backend == "flex" and self.dropout > 0:
+            raise ConfigError(
+                f"attention_backend='flex' has no attention dropout but dropout is {self.dropout}; "
+                "set dropout=0 or attention_backend=sdpa (auto picks sdpa when dropout > 0)"
+            )
+        if self.document_masking and self.eos_token_id is None:
+            raise ConfigError("document_masking=true needs eos_token_id (documents end at it); set model.eos_token_id")
         for name in ("pad_token_id", "eos_token_id"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:

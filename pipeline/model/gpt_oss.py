@@ -1,7 +1,9 @@
 """The GPT-OSS model: embeddings, a stack of `Block`s (attention + MoE or dense FFN), LM head.
 
 `GPTOSS.forward(input_ids, targets)` returns `(logits, loss, aux_loss)`; the training objective is
-`loss + aux_loss`. Infrastructure is applied from outside: `pipeline/train` may set
+`loss + aux_loss`. Trainers pass `return_logits=False` to get the loss from the chunked LM head
+(pipeline/model/loss.py) without materialising [B, T, V] logits. Infrastructure is applied from
+outside: `pipeline/train` may set
 `model.checkpoint_fn` (activation checkpointing) and swap `block.ffn.experts` (expert parallelism).
 """
 
@@ -14,10 +16,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 
-from pipeline.model.attention import Attention, KVCache, attention_mask
+from pipeline.model.attention import Attention, KVCache
 from pipeline.model.config import GPTOSSConfig
+from pipeline.model.flex_attention import resolve_attention_backend
 from pipeline.model.init import new_init_seed, seeded_normal_
+from pipeline.model.loss import LMHead
+from pipeline.model.masks import attention_mask, block_mask, document_ids, document_positions
 from pipeline.model.mlp import MLP
 from pipeline.model.moe import GroupedExperts, MoE
 from pipeline.model.rope import RotaryEmbedding
@@ -58,7 +64,7 @@ class Block(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor | None,
         sin: torch.Tensor | None,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | BlockMask | None,
         cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         h = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
@@ -85,7 +91,7 @@ class GPTOSS(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = make_norm(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.n_embd, config.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # Set by the trainer, e.g. functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False);
@@ -148,14 +154,18 @@ class GPTOSS(nn.Module):
 
     # --- forward ---------------------------------------------------------------------------------
     def forward(
-        self, input_ids: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
         """input_ids [B, T] -> (logits [B, T, V], LM loss or None, weighted router loss).
 
         targets [B, T] are the next tokens (already shifted); -100 positions are ignored. The router
-        loss is averaged over MoE blocks (a 0-dim zero for dense models).
+        loss is averaged over MoE blocks (a 0-dim zero for dense models). With targets and
+        return_logits=False the logits are None and the loss comes from the chunked linear +
+        cross-entropy (same value and gradients, no [B*T, V] fp32 tensor).
         """
-        x, aux_loss = self._trunk(input_ids, caches=None)
+        x, aux_loss = self._trunk(input_ids, caches=None, documents=self.config.document_masking)
+        if targets is not None and not return_logits:
+            return None, self.lm_head(x, targets), aux_loss
         logits = self.lm_head(x)  # [B, T, V]
         loss = None
         if targets is not None:
@@ -165,9 +175,12 @@ class GPTOSS(nn.Module):
         return logits, loss, aux_loss
 
     def _trunk(
-        self, input_ids: torch.Tensor, caches: list[KVCache] | None
+        self, input_ids: torch.Tensor, caches: list[KVCache] | None, documents: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final-normed hidden states [B, T, D] and the mean router loss."""
+        """Final-normed hidden states [B, T, D] and the mean router loss.
+
+        documents: mask attention and restart positions at document boundaries (EOS). Only `forward`
+        asks for it: generation, cached or not, treats its context as one sequence."""
         B, T = input_ids.shape
         past = caches[0].length if caches is not None else 0
         if past + T > self.config.block_size:
@@ -175,20 +188,24 @@ class GPTOSS(nn.Module):
                 f"sequence of {past + T} tokens is longer than block_size ({self.config.block_size})"
             )
         device = input_ids.device
+        doc_BT = None
+        if documents:
+            if caches is not None:
+                raise ValueError("document masking needs the whole sequence; it cannot run with a KV cache")
+            doc_BT = document_ids(input_ids, self.config.eos_token_id)  # [B, T]
+            positions = document_positions(doc_BT)  # [B, T]
+        else:
+            positions = torch.arange(past, past + T, device=device)  # [T]
         x = self.embed_tokens(input_ids)  # [B, T, D]
-        positions_T = torch.arange(past, past + T, device=device)
         if self.pos_embed is not None:
-            x = x + self.pos_embed(positions_T)
+            x = x + self.pos_embed(positions)
         x = self.drop(x)
         cos = sin = None
         if self.rope is not None:
-            cos, sin = self.rope(positions_T, x.dtype)  # [T, hd/2]
-        # One mask per distinct window, shared by all blocks with that window.
-        sinks = self.config.use_attention_sinks
-        masks = {
-            w: attention_mask(T, past + T, w, sinks, device)
-            for w in {self.config.layer_window(i) for i in range(self.config.n_layer)}
-        }
+            cos, sin = self.rope(positions, x.dtype)  # [T, hd/2] or [B, T, hd/2]
+            if doc_BT is not None:
+                cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, hd/2]: broadcast over heads
+        masks = self._masks(T, past, device, doc_BT)
 
         router_losses = []
         for i, block in enumerate(self.blocks):
@@ -203,6 +220,21 @@ class GPTOSS(nn.Module):
             torch.stack(router_losses).mean() if router_losses else x.new_zeros((), dtype=torch.float32)
         )
         return self.norm(x), aux_loss
+
+    def attention_backend(self, device: torch.device) -> str:
+        """The backend this model runs on `device` now: "flex" or "sdpa" (ConfigError if impossible)."""
+        training = self.training and torch.is_grad_enabled()
+        return resolve_attention_backend(self.config.attention_backend, device, training, self.config.dropout)
+
+    def _masks(self, T: int, past: int, device: torch.device, doc_BT: torch.Tensor | None) -> dict:
+        """One mask per distinct window, shared by all blocks with that window: a BlockMask for flex,
+        a boolean tensor (or None) for SDPA. KV-cache decoding steps (past > 0) always use SDPA: one
+        query row per step gains nothing from a fused kernel, and a BlockMask per length would pile up."""
+        windows = {self.config.layer_window(i) for i in range(self.config.n_layer)}
+        if past == 0 and self.attention_backend(device) == "flex":
+            return {w: block_mask(w, T, device, doc_BT) for w in windows}
+        sinks = self.config.use_attention_sinks
+        return {w: attention_mask(T, past + T, w, sinks, device, doc_BT) for w in windows}
 
     # --- generation ------------------------------------------------------------------------------
     @torch.no_grad()

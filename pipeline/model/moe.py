@@ -8,8 +8,13 @@ Contract with `pipeline/train` (expert parallelism): `MoE.forward` runs
     4 combine    un-permute and sum the weighted slots per token
 
 and step 3 is the only one expert parallelism replaces: the trainer swaps `moe.experts` for a module
-with the same `forward(x_MD, counts_E) -> y_MD` that all-to-alls rows to the ranks owning the experts
-(`GroupedExperts.shard` builds each rank's slice). Everything else stays local and identical.
+with the same `forward(x_MD, counts_E, padded) -> y_MD` that all-to-alls rows to the ranks owning the
+experts (`GroupedExperts.shard` builds each rank's slice). Everything else stays local and identical.
+
+No step reads a device value on the host: shapes are static (with a capacity factor, dropped slots
+stay as trailing padding rows, `padded=True`, instead of being removed by a data-dependent boolean
+index), so a GPU step runs ahead of the CPU. The one exception is expert parallelism's split
+exchange, which must know the row counts on the host.
 """
 
 from __future__ import annotations
@@ -155,24 +160,46 @@ class GroupedExperts(nn.Module):
     def num_experts(self) -> int:
         return self.gate_up_proj.shape[0]
 
-    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """Rows of x_MD grouped by expert 0..E-1, counts_E[e] rows each (zeros allowed, M may be 0)."""
+    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor, padded: bool = False) -> torch.Tensor:
+        """Rows of x_MD grouped by expert 0..E-1, counts_E[e] rows each (zeros allowed, M may be 0).
+
+        padded: rows after the last group (sum(counts_E) < M) are padding; their outputs are zero
+        and they pass no gradient.
+        """
         if not (
             _grouped_mm_supported(x_MD, self.gate_up_proj) and _grouped_mm_supported(x_MD, self.down_proj)
         ):
-            return self.forward_reference(x_MD, counts_E)
+            return self.forward_reference(x_MD, counts_E, padded)
         offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
-        # output_size avoids a device->host sync to learn M.
-        expert_of_row_M = torch.repeat_interleave(
-            torch.arange(self.num_experts, device=x_MD.device), counts_E, output_size=x_MD.shape[0]
-        )
+        M = x_MD.shape[0]
+        if not padded:
+            # output_size avoids a device->host sync to learn M.
+            expert_of_row_M = torch.repeat_interleave(
+                torch.arange(self.num_experts, device=x_MD.device), counts_E, output_size=M
+            )
+            h = grouped_linear(x_MD, self.gate_up_proj, self.gate_up_proj_bias, offsets_E, expert_of_row_M)
+            return grouped_linear(self.act(h), self.down_proj, self.down_proj_bias, offsets_E, expert_of_row_M)
+        # grouped_mm leaves rows after offsets[-1] undefined, in its outputs and in its input gradients:
+        # every grouped product is fenced with a where (zero value, zero gradient) on those rows.
+        row_M = torch.arange(M, device=x_MD.device)
+        valid_M1 = (row_M < offsets_E[-1])[:, None]
+        expert_of_row_M = torch.searchsorted(offsets_E, row_M.to(torch.int32), right=True)
+        expert_of_row_M = expert_of_row_M.clamp_(max=self.num_experts - 1)  # padding: any valid index
+        x_MD = torch.where(valid_M1, x_MD, 0.0)
         h = grouped_linear(x_MD, self.gate_up_proj, self.gate_up_proj_bias, offsets_E, expert_of_row_M)
-        return grouped_linear(self.act(h), self.down_proj, self.down_proj_bias, offsets_E, expert_of_row_M)
+        h = torch.where(valid_M1, h, 0.0)
+        y = grouped_linear(self.act(h), self.down_proj, self.down_proj_bias, offsets_E, expert_of_row_M)
+        return torch.where(valid_M1, y, 0.0)
 
-    def forward_reference(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """Per-expert loop: the numerical reference, and the path for shapes grouped_mm rejects."""
+    def forward_reference(self, x_MD: torch.Tensor, counts_E: torch.Tensor, padded: bool = False) -> torch.Tensor:
+        """Per-expert loop: the numerical reference, and the path for shapes grouped_mm rejects
+        (it reads the counts on the host)."""
+        counts = counts_E.tolist()
+        padding = x_MD.shape[0] - sum(counts)
+        if padding and not padded:
+            raise ValueError(f"{x_MD.shape[0]} rows but counts_E sums to {sum(counts)}")
         outputs = []
-        for e, x_e in enumerate(torch.split(x_MD, counts_E.tolist())):
+        for e, x_e in enumerate(torch.split(x_MD[: sum(counts)], counts)):
             h = x_e @ self.gate_up_proj[e]
             if self.gate_up_proj_bias is not None:
                 h = h + self.gate_up_proj_bias[e]
@@ -181,6 +208,7 @@ class GroupedExperts(nn.Module):
                 y = y + self.down_proj_bias[e]
             outputs.append(y)
         # Empty groups still flow through their expert, so every parameter gets a (zero) gradient.
+        outputs.append(x_MD.new_zeros(padding, outputs[0].shape[1]))
         return torch.cat(outputs)
 
     def shard(self, start: int, end: int) -> GroupedExperts:
@@ -239,17 +267,20 @@ class MoE(nn.Module):
         order_S = torch.argsort(slot_expert_S, stable=True)
         counts_E = route.tokens_per_expert_E
         dropped = torch.zeros((), dtype=torch.long, device=x_ND.device)
-        if self.capacity_factor is not None:
+        padded = self.capacity_factor is not None
+        if padded:
             capacity = math.ceil(self.capacity_factor * N * K / self.num_experts)
             starts_E = torch.cumsum(counts_E, 0) - counts_E
             rank_in_expert_S = torch.arange(N * K, device=x_ND.device) - starts_E[slot_expert_S[order_S]]
-            order_S = order_S[rank_in_expert_S < capacity]  # [M <= S]
+            # Kept slots first (still grouped by expert), dropped ones after them as padding rows:
+            # the shapes stay static, so no host sync (a boolean index would need one).
+            order_S = order_S[torch.argsort((rank_in_expert_S >= capacity).to(torch.uint8), stable=True)]
             kept_E = counts_E.clamp(max=capacity)
             dropped = (counts_E - kept_E).sum()
             counts_E = kept_E
-        x_MD = x_ND.index_select(0, order_S // K)  # [M, D] (index_select: fast index_add_ backward)
-        # 3 compute (the step expert parallelism replaces)
-        y_MD = self.experts(x_MD, counts_E)
+        x_MD = x_ND.index_select(0, order_S // K)  # [M = S, D] (index_select: fast index_add_ backward)
+        # 3 compute (the step expert parallelism replaces); padding rows come back as zeros
+        y_MD = self.experts(x_MD, counts_E, padded=padded) if padded else self.experts(x_MD, counts_E)
         # 4 combine: place each slot's weighted output back at its slot (index_copy: unique indices,
         # deterministic), then sum the K slots of every token; dropped slots stay zero.
         weights_M = route.weights_NK.reshape(-1)[order_S]

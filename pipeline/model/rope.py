@@ -65,10 +65,10 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.inv_freq, self.attention_factor = rope_frequencies(head_dim, theta, scaling)
 
-    def forward(self, positions_T: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [T, head_dim/2] in `dtype` for integer positions [T]."""
-        inv_freq = self.inv_freq.to(positions_T.device)
-        freqs = positions_T.float()[:, None] * inv_freq[None, :]  # [T, hd/2], fp32 like transformers
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [..., head_dim/2] in `dtype` for integer positions [...] ([T] or [B, T])."""
+        inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions.float()[..., None] * inv_freq  # [..., hd/2], fp32 like transformers
         cos = freqs.cos() * self.attention_factor
         sin = freqs.sin() * self.attention_factor
         return cos.to(dtype), sin.to(dtype)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import ConfigError
@@ -127,25 +128,35 @@ class ExpertParallelExperts(nn.Module):
     def num_experts(self) -> int:
         return self.n_global
 
-    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor, padded: bool = False) -> torch.Tensor:
+        """padded: rows after sum(counts_E) are padding (capacity drop); they stay here, output zero."""
         ep, n_local, group = self.groups.ep_size, self.n_local, self.groups.ep_group
         send_counts = counts_E.to(torch.long).reshape(ep, n_local)  # [ep dest, local expert]
         recv_counts = torch.empty_like(send_counts)  # [ep src, local expert]
         # One small exchange tells every rank how many rows each peer sends to each of its
         # experts; the row splits must be known on the host before the token all-to-all.
         dist.all_to_all_single(recv_counts, send_counts, group=group)
+        # The one host sync of an MoE layer: all_to_all needs its splits as Python ints.
         send_splits = send_counts.sum(1).tolist()
         recv_splits = recv_counts.sum(1).tolist()
+        n_send, n_recv = sum(send_splits), sum(recv_splits)
+        padding = x_MD.shape[0] - n_send
+        if padding and not padded:
+            raise ValueError(f"{x_MD.shape[0]} rows but counts_E sums to {n_send}")
 
-        x_recv = all_to_all(x_MD, recv_splits, send_splits, group)  # [R, D], ordered (src, expert)
-        # Regroup rows from (src rank, local expert) to (local expert, src rank) order.
+        x_recv = all_to_all(x_MD[:n_send], recv_splits, send_splits, group)  # [R, D], ordered (src, expert)
+        # Regroup rows from (src rank, local expert) to (local expert, src rank) order; output_size
+        # (known from the splits) keeps repeat_interleave from syncing again to learn it.
         expert_of_row = torch.repeat_interleave(
-            torch.arange(n_local, device=x_MD.device).repeat(ep), recv_counts.flatten().to(x_MD.device)
+            torch.arange(n_local, device=x_MD.device).repeat(ep),
+            recv_counts.flatten().to(x_MD.device),
+            output_size=n_recv,
         )
         order = torch.argsort(expert_of_row, stable=True)
         y_sorted = self.local(x_recv[order], recv_counts.sum(0))
         y_recv = y_sorted[torch.argsort(order)]  # undo the regrouping (a gather, cheap in backward)
-        return all_to_all(y_recv, send_splits, recv_splits, group)  # [M, D], original row order
+        y_MD = all_to_all(y_recv, send_splits, recv_splits, group)  # [n_send, D], original row order
+        return F.pad(y_MD, (0, 0, 0, padding)) if padding else y_MD  # padding rows output zero
 
 
 def apply_expert_parallel(model: nn.Module, groups: ExpertGroups) -> int:

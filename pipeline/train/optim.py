@@ -51,9 +51,12 @@ class LossParts(NamedTuple):
 
 
 def compute_loss(model: nn.Module, batch_BT1: torch.Tensor) -> LossParts:
-    """batch [B, T + 1] token ids -> next-token loss on the first T positions."""
+    """batch [B, T + 1] token ids -> next-token loss on the first T positions.
+
+    return_logits=False: the model computes the loss chunk by chunk and never builds the
+    [B, T, vocab] logits (3.3 GB in fp32 per 4k-token sample at GPT-OSS's vocabulary)."""
     inputs, targets = batch_BT1[:, :-1], batch_BT1[:, 1:]
-    _, lm_loss, router_loss = model(inputs, targets)
+    _, lm_loss, router_loss = model(inputs, targets, return_logits=False)
     return LossParts(lm_loss + router_loss, lm_loss, router_loss)
 
 
