@@ -132,7 +132,10 @@ class WandbConfig:
             raise ConfigError(f"wandb.project ({self.project!r}) must name a W&B project, e.g. wandb.project=my-runs")
         if self.mode not in WANDB_MODES:
             raise ConfigError(f"wandb.mode ({self.mode!r}) must be one of {', '.join(WANDB_MODES)}")
-        # Checked here, on every rank, before any engine is built; find_spec does not import wandb.
+
+    def check_installed(self) -> None:
+        """For runs about to start (not for reading a finished run's config, e.g. to export it);
+        find_spec does not import wandb."""
         if self.mode != "disabled" and importlib.util.find_spec("wandb") is None:
             raise ConfigError(
                 "the run config has a `wandb` section but wandb is not installed: "
@@ -185,7 +188,10 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
     tree = apply_overrides(tree, list(overrides))
     if "data" not in tree:
         raise ConfigError("the run config has no `data` section: set data.train to prepared dirs")
-    return from_dict(RunConfig, tree)
+    cfg = from_dict(RunConfig, tree)
+    if cfg.wandb is not None:  # on every rank, before any engine is built
+        cfg.wandb.check_installed()
+    return cfg
 
 
 def run_config_to_dict(cfg: RunConfig) -> dict:

@@ -130,8 +130,8 @@ def test_wandb_offline_run_equals_metrics_and_tensorboard_and_resumes(prepared_d
 
 
 def test_wandb_config_errors_and_lazy_import(prepared_data, tmp_path):
-    """Without wandb importable, a `wandb` section is a one-line ConfigError at start-up; mode=disabled
-    and runs without the section never import it (it costs seconds of start-up)."""
+    """Without wandb importable, a `wandb` section is a one-line ConfigError at start-up (not when a saved
+    config is read back); mode=disabled and runs without the section never import wandb (seconds)."""
     cfg = write_run_config(tmp_path / "run.yaml", prepared_data, tmp_path / "run", wandb={"project": "p"})
     script = f"""
 import sys
@@ -141,6 +141,10 @@ sys.modules["wandb"] = None  # as if wandb were not installed: `import wandb` fa
 from pipeline.train.__main__ import main
 from pipeline.train.config import load_run_config
 assert load_run_config({str(cfg)!r}, ["wandb.mode=disabled"]).wandb.mode == "disabled"
+# A finished run's saved config still reads (export does this on machines without wandb).
+from pipeline.config_utils import from_dict
+from pipeline.train.config import RunConfig
+assert from_dict(RunConfig, {{"data": {{"train": ["d"]}}, "wandb": {{"project": "p"}}}}).wandb.project == "p"
 sys.exit(main(["--config", {str(cfg)!r}]))
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=rank_env(), capture_output=True,
