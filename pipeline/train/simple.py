@@ -138,7 +138,7 @@ def builtin_text(max_bytes: int) -> bytes:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipeline.train.simple", description=__doc__.split("\n\n")[1])
-    parser.add_argument("--max-bytes", type=int, default=100_000, help="size of the built-in text (bytes = tokens)")
+    parser.add_argument("--max-bytes", type=int, default=200_000, help="size of the built-in text (bytes = tokens)")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="tail of the text held out for validation")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seq-len", type=int, default=128, help="context of the model, trained at every position")
