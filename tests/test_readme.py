@@ -32,7 +32,9 @@ README = REPO_ROOT / "README.md"
 RUN_BY_CI = ("pip install -r requirements.txt -e .", "python -m pytest tests -q")
 RUN_BY_E2E = ("bash launch/quickstart.sh",)
 LAUNCHERS = ("bash launch/single_node.sh", "bash launch/multi_node_hostfile.sh", "sbatch ", "deepspeed ")
-SCALE_DOWN = {"--vocab-size 32000": "--vocab-size 400", "--workers 8": "--workers 2"}
+SCALE_DOWN = {"--vocab-size 32000": "--vocab-size 400", "--workers 8": "--workers 2",
+              "python -m pipeline.model": "python -m pipeline.model --preset debug",
+              "python -m pipeline.train.simple": "python -m pipeline.train.simple --max-bytes 6000 --epochs 1"}
 
 
 def readme_commands() -> list[str]:

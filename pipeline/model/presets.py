@@ -2,12 +2,14 @@
 
 `gpt-oss-20b` / `gpt-oss-120b` are the released architectures (model card, openai/gpt-oss,
 transformers' GptOssConfig); `debug` is a tiny GPT-OSS-style model for tests and the CPU quickstart.
+`create_gpt_oss_20b` is the seed document's entry point of the same name: its scaled-down dense GPT.
 """
 
 from __future__ import annotations
 
 from pipeline.errors import ConfigError
 from pipeline.model.config import GPTOSSConfig
+from pipeline.model.gpt_oss import GPTOSS
 
 _GPT_OSS_COMMON = dict(
     vocab_size=201088,
@@ -127,3 +129,41 @@ def get_gpt_oss_20b_config(**overrides) -> GPTOSSConfig:
 
 def get_gpt_oss_120b_config(**overrides) -> GPTOSSConfig:
     return get_preset("gpt-oss-120b", **overrides)
+
+
+# The seed document's config names (its `config` dict and `create_gpt_oss_20b` keywords) -> ours.
+SEED_DENSE_NAMES = {
+    "d_model": "n_embd",
+    "num_layers": "n_layer",
+    "num_heads": "n_head",
+    "d_ff": "intermediate_size",
+    "max_seq_len": "block_size",
+}
+
+
+def create_gpt_oss_20b(vocab_size: int = 50257, max_seq_len: int = 1024, **config) -> GPTOSS:
+    """The seed document's *scaled-down educational* GPT: a dense GPT-2-style model, not gpt-oss-20b.
+
+    Defaults are the document's: vocab 50257, d_model 768, 12 layers, 12 heads, d_ff 3072,
+    max_seq_len 1024, dropout 0.1; pre-norm LayerNorm, GELU, learned positions, tied embeddings
+    (preset `gpt2-dense`, ~124M parameters). `config` takes the document's names (`d_model`,
+    `num_layers`, `num_heads`, `d_ff`, `dropout`; d_ff defaults to 4 x d_model) or any GPTOSSConfig
+    field, so ``create_gpt_oss_20b(**config)`` works with the document's config dict.
+
+    For the real 20.9B-parameter GPT-OSS architecture use ``GPTOSS(get_gpt_oss_20b_config())`` or the
+    run-config preset ``gpt-oss-20b``.
+    """
+    fields = {"vocab_size": vocab_size, "block_size": max_seq_len, "dropout": 0.1}
+    for key, value in config.items():
+        ours = SEED_DENSE_NAMES.get(key, key)
+        if ours != key and ours in config:
+            raise ConfigError(f"create_gpt_oss_20b: {key}={value!r} and {ours}={config[ours]!r} name the same "
+                              "setting; pass one of them")
+        fields[ours] = value
+    if "intermediate_size" not in fields:
+        fields["intermediate_size"] = 4 * fields.get("n_embd", _PRESETS["gpt2-dense"]["n_embd"])
+    try:
+        return GPTOSS(get_preset("gpt2-dense", **fields))
+    except ConfigError as e:
+        names = ", ".join(f"{k}={v}" for k, v in SEED_DENSE_NAMES.items())
+        raise ConfigError(f"create_gpt_oss_20b: {e} (document names map to ours as {names})") from e

@@ -7,6 +7,7 @@
     parallel:  {expert_parallel_size: 2, activation_checkpointing: true}
     precision: bf16
     deepspeed_config: ds_configs/zero3.json
+    wandb:     {project: my-project, entity: null, name: null, mode: online}   # optional; off when absent
 
 The run config owns batch sizes, precision, optimizer, clipping and the schedule; the DeepSpeed JSON
 owns ZeRO, offload and communication settings. Where a DeepSpeed JSON also sets one of ours to a
@@ -15,6 +16,7 @@ different value, start-up fails naming both places (see `pipeline/train/ds_confi
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +130,38 @@ class ParallelConfig:
     """Recompute each block in backward instead of storing its activations."""
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass(kw_only=True)
+class WandbConfig:
+    """Weights & Biases logging from rank 0, next to TensorBoard (pip install -e .[wandb])."""
+
+    project: str | None = None
+    """W&B project the run is logged to (required)."""
+    entity: str | None = None
+    """Team or user; null = your default entity."""
+    name: str | None = None
+    """Display name; null = the run_dir's folder name."""
+    mode: str = "online"
+    """online | offline (write RUN/wandb/ for `wandb sync` later) | disabled (wandb is not imported)."""
+
+    def __post_init__(self):
+        if not isinstance(self.project, str) or not self.project:
+            raise ConfigError(f"wandb.project ({self.project!r}) must name a W&B project, e.g. wandb.project=my-runs")
+        if self.mode not in WANDB_MODES:
+            raise ConfigError(f"wandb.mode ({self.mode!r}) must be one of {', '.join(WANDB_MODES)}")
+
+    def check_installed(self) -> None:
+        """For runs about to start (not for reading a finished run's config, e.g. to export it);
+        find_spec does not import wandb."""
+        if self.mode != "disabled" and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(
+                "the run config has a `wandb` section but wandb is not installed: "
+                "pip install -e .[wandb] (or remove the section, or set wandb.mode=disabled)"
+            )
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     run_dir: str = "runs/debug"
@@ -143,6 +177,8 @@ class RunConfig:
     deepspeed_config: str = "ds_configs/zero3.json"
     """DeepSpeed JSON (ZeRO stage, offload, comm); relative paths resolve against the repo root."""
     tensorboard: bool = True
+    wandb: WandbConfig | None = None
+    """Weights & Biases logging (see WandbConfig); off when absent. TensorBoard stays on either way."""
 
     def __post_init__(self):
         if self.precision not in ("fp32", "bf16"):
@@ -174,7 +210,10 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
     tree = apply_overrides(tree, list(overrides))
     if "data" not in tree:
         raise ConfigError("the run config has no `data` section: set data.train to prepared dirs")
-    return from_dict(RunConfig, tree)
+    cfg = from_dict(RunConfig, tree)
+    if cfg.wandb is not None:  # on every rank, before any engine is built
+        cfg.wandb.check_installed()
+    return cfg
 
 
 def run_config_to_dict(cfg: RunConfig) -> dict:

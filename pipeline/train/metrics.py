@@ -1,18 +1,26 @@
-"""What a user watches: one console line per log interval and TensorBoard scalars (rank 0).
+"""What a user watches: one console line per log interval, TensorBoard and W&B (rank 0).
 
 DeepSpeed's own "tensorboard" config section logs only the learning rate, never the loss, so the
 trainer computes and writes everything here. Scalars are grouped by tag prefix so TensorBoard
-shows them as sections: loss/, optim/, perf/, moe/, eval/, memory/.
+and W&B show them as sections: loss/, optim/, perf/, moe/, eval/, memory/. W&B (run config
+section `wandb`, see WandbConfig) receives the same scalars and expert-load histograms.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
+import string
+import sys
 import time
 from pathlib import Path
 
 import psutil
 import torch
+
+from pipeline.errors import ConfigError
+from pipeline.io_utils import atomic_write_text
+from pipeline.train.config import WandbConfig
 
 # Dense bf16 peak per GPU, for MFU. Users on other parts set train.peak_tflops.
 PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
@@ -52,22 +60,81 @@ def format_eta(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}"
 
 
-class MetricsLogger:
-    """Rank 0 writes; other ranks hold a disabled logger so call sites need no rank checks."""
+WANDB_ID_FILE = "wandb_run_id"
+"""File in the run dir holding the W&B run id: one run dir is one W&B run, resumed with it."""
+WANDB_STEP = "trainer/step"
+"""W&B x-axis of every metric. W&B's own `_step` only grows, so a run resumed from a checkpoint
+behind the last logged step would have its re-done steps dropped; a step metric keeps them all."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool, total_steps: int):
+
+class WandbWriter:
+    """Rank 0's W&B run: the resolved run config as W&B config, scalars and expert-load histograms."""
+
+    def __init__(self, cfg: WandbConfig, run_dir: Path, run_config: dict | None):
+        import wandb  # here, not at module level: seconds of imports that runs without W&B never pay
+
+        self.wandb = wandb
+        id_file = run_dir / WANDB_ID_FILE
+        if id_file.is_file():
+            run_id = id_file.read_text().strip()
+        else:  # W&B's id alphabet; written before init so a crash during init still resumes this id
+            run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(id_file, run_id + "\n")
+        try:
+            self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.resolve().name,
+                                  mode=cfg.mode, dir=str(run_dir), id=run_id, resume="allow")
+        except wandb.errors.Error as e:
+            raise ConfigError(f"wandb.init failed ({e}); run `wandb login` or set WANDB_API_KEY, "
+                              "or use wandb.mode=offline and `wandb sync` later") from e
+        # A resumed run may change values (e.g. train.steps): update, never refuse.
+        self.run.config.update(run_config or {}, allow_val_change=True)
+        self.run.define_metric(WANDB_STEP)
+        self.run.define_metric("*", step_metric=WANDB_STEP)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self.run.log({WANDB_STEP: step, **values})
+
+    def histograms(self, step: int, tokens_per_expert_LE: torch.Tensor) -> None:
+        """One histogram per layer, bucket i = expert i; joins the row of the step's scalars."""
+        edges = [e - 0.5 for e in range(tokens_per_expert_LE.shape[1] + 1)]
+        rows = {
+            f"moe/tokens_per_expert/layer_{layer}": self.wandb.Histogram(np_histogram=(row.tolist(), edges))
+            for layer, row in enumerate(tokens_per_expert_LE.double())
+        }
+        self.run.log({WANDB_STEP: step, **rows}, commit=False)
+
+    def close(self) -> None:
+        # Called from the caller's `finally`: an exception in flight marks the W&B run failed.
+        self.run.finish(exit_code=0 if sys.exc_info()[0] is None else 1)
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks hold a disabled logger so call sites need no rank checks.
+
+    `wandb` (the run config's section) adds a W&B run next to TensorBoard; `run_config` (the resolved
+    config, as saved in RUN/config.yaml) becomes its W&B config.
+    """
+
+    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool, total_steps: int,
+                 wandb: WandbConfig | None = None, run_config: dict | None = None):
         self.enabled = enabled
         self.total_steps = total_steps
         self.writer = None
+        self.wandb = None
         self.tb_dir = Path(run_dir) / "tensorboard"
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.tb_dir))
+        if enabled and wandb is not None and wandb.mode != "disabled":
+            self.wandb = WandbWriter(wandb, Path(run_dir), run_config)
         self._start = time.perf_counter()
         self._start_step = 0
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.wandb is not None:
+            self.wandb.scalars(step, values)
         if self.writer is None:
             return
         for tag, value in values.items():
@@ -79,6 +146,8 @@ class MetricsLogger:
         One tag per layer, not one series per expert: gpt-oss-120b has 36 x 128 experts, which as
         scalars would be thousands of event files.
         """
+        if self.wandb is not None:
+            self.wandb.histograms(step, tokens_per_expert_LE)
         if self.writer is None:
             return
         for layer, row in enumerate(tokens_per_expert_LE.double()):
@@ -116,3 +185,6 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.close()
+            self.wandb = None

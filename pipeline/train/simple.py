@@ -1,5 +1,9 @@
 """Plain-PyTorch training on one process: the design documents' `train_model` API.
 
+`python -m pipeline.train.simple` is the second document's `python train.py`: a byte-level GPT
+(`create_gpt_oss_20b`, scaled to CPU size) trained on a train/validation split of a built-in text
+(the interpreter's standard-library sources), perplexity printed per epoch, then a sample.
+
 It is built from the same parts as the DeepSpeed trainer (param groups, LR schedule, loss), and
 `plain_train_step` is also the single-process reference the expert-parallel equivalence tests and
 the trainer benchmark compare against: one optimizer step over a list of micro-batches, each
@@ -8,11 +12,16 @@ weighted 1 / len(micro_batches), exactly as data-parallel ranks x gradient accum
 
 from __future__ import annotations
 
+import argparse
 import math
+import sys
+import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from pipeline.model import create_gpt_oss_20b
 from pipeline.train.config import OptimConfig
 from pipeline.train.optim import compute_loss, lr_at, make_torch_adamw
 
@@ -108,3 +117,77 @@ def train_model(
         if verbose:
             print(line, flush=True)
     return model
+
+
+# --- `python -m pipeline.train.simple` ----------------------------------------------------------
+
+
+def builtin_text(max_bytes: int) -> bytes:
+    """The first max_bytes of the standard-library sources (sorted files): real text on every machine."""
+    from pipeline.data.readers import stdlib_sources
+
+    chunks, size = [], 0
+    for path in stdlib_sources():
+        data = Path(path).read_bytes()
+        chunks.append(data[: max_bytes - size])
+        size += len(chunks[-1])
+        if size >= max_bytes:
+            break
+    return b"".join(chunks)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.train.simple", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--max-bytes", type=int, default=200_000, help="size of the built-in text (bytes = tokens)")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="tail of the text held out for validation")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--seq-len", type=int, default=128, help="context of the model, trained at every position")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--num-layers", type=int, default=4)
+    parser.add_argument("--num-heads", type=int, default=4)
+    parser.add_argument("--dropout", type=float, default=0.0, help="0: a few epochs of a tiny model do not overfit")
+    parser.add_argument("--prompt", default="def ")
+    parser.add_argument("--max-new-tokens", type=int, default=120)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not 0 < args.val_fraction < 1:
+        print(f"error: --val-fraction ({args.val_fraction}) must be in (0, 1)", file=sys.stderr)
+        return 2
+    torch.manual_seed(args.seed)
+    # Bytes are the tokens (vocabulary 256): no tokenizer to train or download.
+    tokens = list(builtin_text(args.max_bytes))
+    split = int(len(tokens) * (1 - args.val_fraction))
+    train_tokens, val_tokens = tokens[:split], tokens[split:]
+    if min(len(train_tokens), len(val_tokens)) <= args.seq_len + 1:
+        print(f"error: --max-bytes ({args.max_bytes}) leaves fewer than --seq-len + 2 ({args.seq_len + 2}) tokens "
+              "for training or validation; raise --max-bytes or lower --seq-len", file=sys.stderr)
+        return 2
+    prompt = list(args.prompt.encode())
+    if not prompt or len(prompt) + args.max_new_tokens > args.seq_len:
+        print(f"error: the prompt ({len(prompt)} bytes) + --max-new-tokens ({args.max_new_tokens}) must fit "
+              f"--seq-len ({args.seq_len}), the positions the model is trained on; give a non-empty --prompt",
+              file=sys.stderr)
+        return 2
+    model = create_gpt_oss_20b(vocab_size=256, max_seq_len=args.seq_len, d_model=args.d_model,
+                               num_layers=args.num_layers, num_heads=args.num_heads, dropout=args.dropout)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"text: {len(tokens):,} bytes of standard-library source -> {len(train_tokens):,} train / "
+          f"{len(val_tokens):,} validation tokens; model: {n_params:,} parameters", flush=True)
+    t0 = time.perf_counter()
+    train_model(model, train_tokens, val_tokens, seq_len=args.seq_len, batch_size=args.batch_size,
+                num_epochs=args.epochs, learning_rate=args.learning_rate, warmup_steps=10, seed=args.seed)
+    print(f"trained in {time.perf_counter() - t0:.0f}s", flush=True)
+    model.eval()
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=args.max_new_tokens, temperature=0.8, top_k=40)
+    print("sample:\n" + bytes(out[0].tolist()).decode("utf-8", errors="replace"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -115,7 +115,8 @@ class Trainer:
         self.tokens_per_step = t.micro_batch_size * t.grad_accum_steps * self.world * seq_len
         self.flops_per_token = flops_per_token(self.model_cfg, seq_len)["total"]
         self.peak_tflops = t.peak_tflops or detect_peak_tflops()
-        self.log = MetricsLogger(self.run_dir, self.rank == 0, cfg.tensorboard, t.steps)
+        self.log = MetricsLogger(self.run_dir, self.rank == 0, cfg.tensorboard, t.steps, wandb=cfg.wandb,
+                                 run_config=yaml.safe_load(self.run_files()["config.yaml"]))
         self.stop = StopSignal(self.engine.device)
         self.fault = health.FaultInjection.from_env(self.rank)
         self.spikes = health.SpikeDetector(t.spike_sigma, t.spike_window)

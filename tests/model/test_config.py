@@ -1,4 +1,3 @@
-import dataclasses
 
 import pytest
 import torch
@@ -114,15 +113,27 @@ def test_config_dict_round_trip_with_overrides():
         from_dict(GPTOSSConfig, {"n_layers": 4})
 
 
-def test_create_gpt_oss_20b_entry_point():
+def test_create_gpt_oss_20b_is_the_seed_documents_small_dense_gpt():
+    # The document's defaults: GPT-2 small with dropout 0.1, ~124M parameters (not the 20.9B model).
     with torch.device("meta"):
-        model = create_gpt_oss_20b(vocab_size=50257, max_seq_len=2048)
+        model = create_gpt_oss_20b(vocab_size=50257, max_seq_len=1024)
     assert isinstance(model, GPTOSS)
+    assert model.config == get_preset("gpt2-dense", dropout=0.1)
+    assert sum(p.numel() for p in model.parameters()) == 124_439_808
     cfg = model.config
-    assert (cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_experts) == (50257, 2048, 24, 32)
-    assert (
-        dataclasses.replace(
-            cfg, vocab_size=201088, block_size=131072, pad_token_id=199999, eos_token_id=200002
-        )
-        == get_gpt_oss_20b_config()
-    )
+    assert (cfg.use_rms_norm, cfg.use_swiglu, cfg.position_embedding) == (False, False, "learned")
+    assert cfg.num_moe_layers == 0 and cfg.tie_word_embeddings
+    # The document's config names; d_ff follows d_model (4x) unless given.
+    small = create_gpt_oss_20b(vocab_size=300, max_seq_len=64, d_model=32, num_layers=2, num_heads=4, dropout=0.0)
+    c = small.config
+    assert (c.vocab_size, c.block_size, c.n_embd, c.n_layer, c.n_head, c.intermediate_size, c.dropout) == (
+        300, 64, 32, 2, 4, 128, 0.0)
+    assert create_gpt_oss_20b(d_model=32, num_heads=4, num_layers=1, d_ff=48, vocab_size=300).config.dense_hidden == 48
+    with pytest.raises(ConfigError, match="d_model=32 and n_embd=64 name the same setting"):
+        create_gpt_oss_20b(d_model=32, n_embd=64)
+    with pytest.raises(ConfigError, match=r"n_embd \(100\) must be divisible by n_head \(12\).*d_model=n_embd"):
+        create_gpt_oss_20b(d_model=100)
+    # The real architecture is GPTOSS(get_gpt_oss_20b_config()).
+    with torch.device("meta"):
+        real = GPTOSS(get_gpt_oss_20b_config())
+    assert (real.config.n_layer, real.config.n_experts) == (24, 32)
