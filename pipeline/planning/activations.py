@@ -2,7 +2,7 @@
 
 The terms are what autograd saves for backward in `pipeline/model` (tests/plan/test_plan.py
 measures the saved tensors of a real forward with `torch.autograd.graph.saved_tensors_hooks`: within
-3% for GPT-OSS, MoE and dense presets, fp32 and bf16, for each attention kernel CPU can run), with
+1% for GPT-OSS, MoE and dense presets, fp32 and bf16, for each attention kernel CPU can run), with
 N = micro_batch x seq_len tokens and a = bytes of the compute dtype (bf16 2, fp32 4):
 
   attention block   RMSNorm keeps its fp32 input and normalised output (8 N D; LayerNorm: its input,
@@ -19,7 +19,8 @@ N = micro_batch x seq_len tokens and a = bytes of the compute dtype (bf16 2, fp3
                     sdpa-fused  flash / memory-efficient (CUDA without sinks) and CPU's fused kernel:
                                 q and its output (H heads), k and v (Hkv heads), all one column wider
                                 for the sink logit and k/v one sink key longer, a fp32 log-sum-exp per
-                                head and query, and the [T, T+1] mask as an additive bias of dtype a.
+                                head and query, and the [T, T+1] mask as an additive bias of dtype a
+                                (per sample with document masking).
                     o_proj keeps its input (a N H d; with neither RoPE nor sinks SDPA's output is
                     already laid out for it).
   MoE block         norm as above; router logits (a) and fp32 probabilities / logsumexp input (N E);
@@ -131,8 +132,9 @@ def _attention_kernel_bytes(config: GPTOSSConfig, layer: int, batch: int, seq_le
     out = a * N * H * (d + sink) * 2  # q and the kernel output
     out += a * batch * S * Hkv * (d + sink) * 2  # k and v
     out += 4 * N * H  # log-sum-exp
-    if sink or config.layer_window(layer) is not None:
-        out += a * T * S  # the boolean mask as an additive bias, kept for backward
+    if sink or config.layer_window(layer) is not None or config.document_masking:
+        masks = batch if config.document_masking else 1  # document masks are per sample [B, 1, T, S]
+        out += a * masks * T * S  # the boolean mask as an additive bias, kept for backward
     return out
 
 

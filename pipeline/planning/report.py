@@ -205,6 +205,8 @@ def plan_to_dict(planner: Planner, plan: Plan, smallest: Plan | None, table: lis
             "checkpointing_on": plan.activations.total(True),
             "checkpointing_off": plan.activations.total(False),
             "loss_peak": plan.activations.loss_peak,
+            "other_backend": dict(zip(("attention_backend", "attention_kernel", "activation_bytes"),
+                                      plan.alternative, strict=True)) if plan.alternative else None,
         },
         "plan": one(plan),
         "smallest_fitting_nodes": smallest.nodes if smallest else None,

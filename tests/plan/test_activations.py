@@ -19,11 +19,12 @@ from pipeline.plan import main
 from pipeline.planning import activation_memory
 from pipeline.planning.activations import attention_kernel, chunked_loss_bytes
 
-TINY = {
-    "debug": {},
-    "debug-gqa6": {"intermediate_size": 96, "n_head": 6, "head_dim": 8},
-    "moe-124m": {"n_layer": 2, "n_embd": 64, "n_head": 4, "intermediate_size": 96, "vocab_size": 512},
-    "gpt2-dense": {"n_layer": 2, "n_embd": 64, "n_head": 4, "intermediate_size": 96, "vocab_size": 512},
+TINY = {  # name: (preset, overrides)
+    "debug": ("debug", {}),
+    "debug-gqa6": ("debug", {"intermediate_size": 96, "n_head": 6, "head_dim": 8}),
+    "debug-documents": ("debug", {"document_masking": True, "eos_token_id": 0}),
+    "moe-124m": ("moe-124m", {"n_layer": 2, "n_embd": 64, "n_head": 4, "intermediate_size": 96, "vocab_size": 512}),
+    "gpt2-dense": ("gpt2-dense", {"n_layer": 2, "n_embd": 64, "n_head": 4, "intermediate_size": 96, "vocab_size": 512}),
 }
 
 
@@ -49,7 +50,8 @@ def saved_bytes(model: torch.nn.Module, run) -> int:
 def test_activation_model_matches_saved_tensors(name, kernel, dtype):
     """The trainer's forward (chunked loss) under SDPA's fused CPU kernel and under the math kernel
     CUDA runs for SDPA with sinks (fp32 [B, H, T, T+1] scores); FlexAttention: the gpu test below."""
-    cfg = get_preset(name.split("-gqa")[0], **TINY[name])
+    preset, overrides = TINY[name]
+    cfg = get_preset(preset, **overrides)
     torch.manual_seed(0)
     model = GPTOSS(cfg).to(dtype)
     B, T = 2, 128
