@@ -1,7 +1,7 @@
 """Planning tools behind `python -m pipeline.plan`: ZeRO state, activations, communication, fit, step time.
 
     zero.py         per-rank parameter / gradient / optimizer elements and bytes (DeepSpeed's rules)
-    activations.py  bytes autograd keeps per micro-batch, with and without checkpointing
+    activations.py  bytes autograd keeps per micro-batch (per attention kernel, chunked loss), checkpointing on/off
     comm.py         bytes per collective per step and the link each crosses; start-up host memory
     planner.py      run config + node count -> Plan; GPU specs; step time; smallest fitting node count
     search.py       --search: the fastest fitting EP size / micro-batch / checkpointing on N nodes

@@ -2,26 +2,40 @@
 
 The terms are what autograd saves for backward in `pipeline/model` (tests/plan/test_plan.py
 measures the saved tensors of a real forward with `torch.autograd.graph.saved_tensors_hooks`: within
-1% for GPT-OSS, MoE and dense presets, fp32 and bf16), with N = micro_batch x seq_len tokens and
-a = bytes of the compute dtype (bf16 2, fp32 4):
+1% for GPT-OSS, MoE and dense presets, fp32 and bf16, for each attention kernel CPU can run), with
+N = micro_batch x seq_len tokens and a = bytes of the compute dtype (bf16 2, fp32 4):
 
   attention block   RMSNorm keeps its fp32 input and normalised output (8 N D; LayerNorm: its input,
-                    a N D) and its output feeds q/k/v (a N D). The SDPA kernel keeps q and its output
-                    (H heads), k and v (Hkv heads), all one column wider for the sink logit (head_dim
-                    + 1) and k/v one sink key longer, a fp32 log-sum-exp per head and query, and the
-                    [T, T+1] boolean mask converted to an additive bias of dtype a. o_proj keeps its
-                    input (a N H d; with neither RoPE nor sinks it is a view of the kernel output).
-                    No T x T scores: a flash / memory-efficient kernel is assumed; see
-                    `math_fallback_scores_bytes` for what the math kernel would add.
+                    a N D) and its output feeds q/k/v (a N D). Then it depends on the kernel that runs
+                    (`attention_kernel`: the trainer's own backend choice, on CUDA):
+                    flex        FlexAttention keeps q (H heads), k and v (Hkv heads) at head_dim, its
+                                output, and a fp32 log-sum-exp and row max per head and query; sinks add
+                                the fp32 sigmoid(lse - sink) and its cast. No mask tensor, no T x T scores
+                                (the BlockMask's block indices are a few KB).
+                    sdpa-math   what SDPA runs on CUDA with sinks (head_dim + 1 columns: flash and
+                                memory-efficient kernels refuse it): q, k, v upcast to fp32 with k/v
+                                repeated to H heads, and the fp32 softmax [B, H, T, T+1] with the sink
+                                column. The T x T term dominates at long sequences.
+                    sdpa-fused  flash / memory-efficient (CUDA without sinks) and CPU's fused kernel:
+                                q and its output (H heads), k and v (Hkv heads), all one column wider
+                                for the sink logit and k/v one sink key longer, a fp32 log-sum-exp per
+                                head and query, and the [T, T+1] mask as an additive bias of dtype a
+                                (per sample with document masking).
+                    o_proj keeps its input (a N H d; with neither RoPE nor sinks SDPA's output is
+                    already laid out for it).
   MoE block         norm as above; router logits (a) and fp32 probabilities / logsumexp input (N E);
                     per routed slot (N k of them; balanced routing assumed, so the same under expert
                     parallelism) the gathered input, the expert output and its weighted copy (3 D),
                     gate/up output (2F) plus the clamped-SwiGLU intermediates and output (5F), the
                     combine weight and int64 routing indices.
   dense MLP block   norm, and the FFN intermediates per token.
-  head              final norm and LM-head input; cross-entropy keeps the fp32 log-softmax (4 N V).
-                    At the loss the bf16 logits, the fp32 copy / log-softmax, its gradient and the
-                    input gradient are alive together: (a + 12) N V bytes at the peak.
+  head + loss       the final RMSNorm (8 N D). The chunked LM loss (pipeline/model/loss.py, what the
+                    trainer runs) computes the gradients in its forward and keeps them for backward:
+                    the hidden-state gradient (a N D) and a weight-sized fp32 gradient (4 V D), never
+                    the [N, V] logits. Its peak is in the forward: one chunk of logits (fp32 and its
+                    cast, and the previous chunk's while the next matmul runs) or, when a chunk's
+                    weight gradient is folded in, that chunk plus the [V, D] matmul output and its
+                    fp32 copy; or in the backward, the stored gradients plus their scaled copies.
 
 With activation checkpointing each block keeps only its input (a N D); in backward one block is
 recomputed at a time, so one block's full activations come back on top.
@@ -31,7 +45,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from pipeline.model import GPTOSSConfig
+from pipeline.model.flex_attention import resolve_attention_backend
+from pipeline.model.loss import default_chunk_rows
+
+ATTENTION_KERNELS = ("flex", "sdpa-math", "sdpa-fused")
 
 
 @dataclass(frozen=True)
@@ -39,13 +59,15 @@ class ActivationMemory:
     per_block: list[int]
     """Bytes saved for backward by each block (no checkpointing)."""
     head: int
-    """Final norm and LM-head input saved for backward."""
+    """Final norm saved for backward."""
     loss_saved: int
-    """The fp32 log-softmax output cross-entropy keeps for backward."""
+    """What the chunked loss keeps for backward: the hidden-state and fp32 weight gradients."""
     loss_peak: int
-    """Peak at the loss: bf16 logits, fp32 log-softmax, its gradient and the input gradient."""
+    """Peak at the loss (forward chunks or backward scaling), `loss_saved` included."""
     checkpointed_inputs: int
     """Bytes kept per micro-batch with checkpointing: every block's input."""
+    attention_kernel: str
+    """The attention kernel the figures assume (one of ATTENTION_KERNELS)."""
 
     @property
     def saved_without_checkpointing(self) -> int:
@@ -56,6 +78,17 @@ class ActivationMemory:
         """Peak activation bytes of one micro-batch (the loss, or the first recomputed block)."""
         blocks = self.checkpointed_inputs + max(self.per_block) if checkpointing else sum(self.per_block)
         return blocks + self.head + self.loss_peak
+
+
+def attention_kernel(config: GPTOSSConfig) -> str:
+    """The kernel a training run on CUDA uses for `config.attention_backend` (the trainer's own
+    resolution: auto = flex unless dropout). SDPA with sinks widens q/k to head_dim + 1, which flash
+    and memory-efficient attention refuse (as any head_dim not a multiple of 8), so CUDA runs the math
+    kernel; without sinks a fused kernel runs."""
+    backend = resolve_attention_backend(config.attention_backend, torch.device("cuda"), True, config.dropout)
+    if backend == "flex":
+        return "flex"
+    return "sdpa-math" if config.use_attention_sinks or config.head_size % 8 else "sdpa-fused"
 
 
 def _ffn_intermediates(config: GPTOSSConfig, hidden: int) -> int:
@@ -74,20 +107,45 @@ def _norm_bytes(config: GPTOSSConfig, tokens: int, a: int) -> int:
     return per_elem * tokens * config.n_embd
 
 
-def _block_bytes(config: GPTOSSConfig, layer: int, batch: int, seq_len: int, a: int) -> int:
-    N, D, T = batch * seq_len, config.n_embd, seq_len
+def _cast(a: int) -> int:
+    """Bytes per element of a fp32 tensor and its cast to dtype a (no copy when a is fp32)."""
+    return 4 + (a if a != 4 else 0)
+
+
+def _attention_kernel_bytes(config: GPTOSSConfig, layer: int, batch: int, seq_len: int, a: int, kernel: str) -> int:
+    N, T = batch * seq_len, seq_len
     H, Hkv, d = config.n_head, config.kv_heads, config.head_size
     sink = 1 if config.use_attention_sinks else 0
+    if kernel == "flex":
+        out = a * N * H * d * 2  # q and the output  [B, H, T, d]
+        out += a * N * Hkv * d * 2  # k and v  [B, Hkv, T, d]
+        out += 8 * N * H  # fp32 log-sum-exp and row max  [B, H, T]
+        if sink:
+            out += _cast(a) * N * H  # sigmoid(lse - sink) [B, H, T] and its cast, kept by the multiply
+        return out
+    S = T + sink  # keys, the sink key included
+    if kernel == "sdpa-math":
+        # q [B, H, T, d+1], k/v repeated to H heads [B, H, S, d+1] and softmax [B, H, T, S], all fp32
+        return 4 * batch * H * (T * (d + sink) + 2 * S * (d + sink) + T * S)
+    if kernel != "sdpa-fused":
+        raise ValueError(f"attention kernel {kernel!r} must be one of {ATTENTION_KERNELS}")
+    out = a * N * H * (d + sink) * 2  # q and the kernel output
+    out += a * batch * S * Hkv * (d + sink) * 2  # k and v
+    out += 4 * N * H  # log-sum-exp
+    if sink or config.layer_window(layer) is not None or config.document_masking:
+        masks = batch if config.document_masking else 1  # document masks are per sample [B, 1, T, S]
+        out += a * masks * T * S  # the boolean mask as an additive bias, kept for backward
+    return out
+
+
+def _block_bytes(config: GPTOSSConfig, layer: int, batch: int, seq_len: int, a: int, kernel: str) -> int:
+    N, D = batch * seq_len, config.n_embd
+    H, d = config.n_head, config.head_size
     norm = _norm_bytes(config, N, a)
-    attn = norm
-    attn += a * N * H * (d + sink) * 2  # q and the kernel output
-    attn += a * batch * (T + sink) * Hkv * (d + sink) * 2  # k and v
-    attn += 4 * N * H  # log-sum-exp
-    if sink or config.layer_window(layer) is not None:
-        attn += a * T * (T + sink)  # the boolean mask as an additive bias, kept for backward
-    if sink or config.position_embedding == "rope":
-        # o_proj input is a copy unless q came straight from q_proj: then the kernel's output is laid
-        # out [B, T, H, d] (like q) and the reshape for o_proj is a view of it.
+    attn = norm + _attention_kernel_bytes(config, layer, batch, seq_len, a, kernel)
+    if kernel != "sdpa-fused" or config.use_attention_sinks or config.position_embedding == "rope":
+        # o_proj input is a copy unless q came straight from q_proj into a fused SDPA kernel: then the
+        # output is laid out [B, T, H, d] (like q) and the reshape for o_proj is a view of it.
         attn += a * N * H * d
     ffn = norm
     if config.is_moe_layer(layer):
@@ -101,19 +159,41 @@ def _block_bytes(config: GPTOSSConfig, layer: int, batch: int, seq_len: int, a: 
     return attn + ffn
 
 
-def activation_memory(config: GPTOSSConfig, micro_batch: int, seq_len: int, act_bytes: int) -> ActivationMemory:
-    N, D, V, a = micro_batch * seq_len, config.n_embd, config.vocab_size, act_bytes
-    return ActivationMemory(
-        per_block=[_block_bytes(config, i, micro_batch, seq_len, a) for i in range(config.n_layer)],
-        head=_norm_bytes(config, N, a),
-        loss_saved=4 * N * V,
-        loss_peak=(a + 12) * N * V,
-        checkpointed_inputs=config.n_layer * a * N * D,
+def chunked_loss_bytes(config: GPTOSSConfig, tokens: int, a: int, chunk_rows: int | None = None) -> tuple[int, int]:
+    """(saved, peak) bytes of pipeline/model/loss.py's linear_cross_entropy over `tokens` rows, with
+    its default chunk size unless `chunk_rows` is given. Per-row vectors (lse, targets) are left out."""
+    N, D, V = tokens, config.n_embd, config.vocab_size
+    n = min(default_chunk_rows(V) if chunk_rows is None else chunk_rows, N)  # rows per chunk
+    c = _cast(a)
+    saved = a * N * D + 4 * V * D + 8  # grad_h [N, D], fp32 grad_w [V, D], the int64 valid-row count
+    # In the chunk loop the fp32 logits [n, V] and their cast are alive, and on top of them one of:
+    # the previous chunk's (still referenced while the next chunk's matmul runs); logsumexp's fp32
+    # temporary exp(logits - max) next to the fp32 logits and the previous chunk's cast gradient; the
+    # [n, D] product on its way into grad_h; the [V, D] product and its fp32 copy on their way into grad_w.
+    multi = N > n
+    chunk = c * n * V
+    forward = saved + max(
+        2 * chunk if multi else chunk,
+        (8 + (a if multi else 0)) * n * V,
+        chunk + a * n * D,
+        chunk + c * V * D,
     )
+    backward = saved + a * N * D + c * V * D  # the scaled copies of both gradients (and grad_w's cast)
+    return saved, max(forward, backward)
 
 
-def math_fallback_scores_bytes(config: GPTOSSConfig, micro_batch: int, seq_len: int, act_bytes: int) -> int:
-    """Extra bytes per block if SDPA falls back to its math kernel, which materialises the
-    [B, H, T, T+1] scores and keeps the softmax for backward."""
-    sink = 1 if config.use_attention_sinks else 0
-    return 2 * act_bytes * micro_batch * config.n_head * seq_len * (seq_len + sink)
+def activation_memory(
+    config: GPTOSSConfig, micro_batch: int, seq_len: int, act_bytes: int, kernel: str | None = None
+) -> ActivationMemory:
+    """Activation memory of one micro-batch; `kernel` defaults to what `attention_kernel` picks on CUDA."""
+    kernel = attention_kernel(config) if kernel is None else kernel
+    N, D, a = micro_batch * seq_len, config.n_embd, act_bytes
+    loss_saved, loss_peak = chunked_loss_bytes(config, N, a)
+    return ActivationMemory(
+        per_block=[_block_bytes(config, i, micro_batch, seq_len, a, kernel) for i in range(config.n_layer)],
+        head=(8 if config.use_rms_norm else a) * N * D,  # the final norm; the loss keeps gradients instead
+        loss_saved=loss_saved,
+        loss_peak=loss_peak,
+        checkpointed_inputs=config.n_layer * a * N * D,
+        attention_kernel=kernel,
+    )

@@ -7,12 +7,13 @@ produces, and the expert-parallel checks are the trainer's own `check_expert_par
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from pipeline.errors import ConfigError
 from pipeline.flops import flops_per_token
 from pipeline.model import GPTOSSConfig, count_parameters, get_preset
-from pipeline.planning.activations import ActivationMemory, activation_memory, math_fallback_scores_bytes
+from pipeline.planning.activations import ActivationMemory, activation_memory, attention_kernel
 from pipeline.planning.comm import Communication, Links, StartupMemory, communication, startup_memory
 from pipeline.planning.zero import (
     ParamTensor,
@@ -99,8 +100,9 @@ class Plan:
     activations: ActivationMemory
     activation_bytes: int
     """Peak activation bytes per GPU for one micro-batch under the run's checkpointing setting."""
-    math_fallback_bytes: int
-    """Extra activation bytes if attention fell back to SDPA's math kernel (per micro-batch)."""
+    alternative: tuple[str, str, int] | None
+    """(attention_backend, kernel, activation bytes) with the other backend (flex <-> sdpa), or None
+    where it cannot run (flex has no dropout)."""
     tokens_per_step: int
     flops_per_token: dict
     step_time_s: float
@@ -114,6 +116,8 @@ class Plan:
     compute_s: float
     """Compute time of one optimizer step at the stated MFU."""
     attention_backend: str
+    """model.attention_backend as configured (auto / sdpa / flex); `activations.attention_kernel` is
+    what it runs on CUDA."""
 
     @property
     def gpu_bytes(self) -> int:
@@ -163,9 +167,13 @@ class Planner:
         t = self.run.train
         act_bytes = 2 if self.run.precision == "bf16" else 4
         self.activations = activation_memory(self.config, t.micro_batch_size, self.run.data.seq_len, act_bytes)
-        self.math_fallback = self.config.n_layer * math_fallback_scores_bytes(
-            self.config, t.micro_batch_size, self.run.data.seq_len, act_bytes
-        )
+        # The same micro-batch under the other backend, for the report's comparison line.
+        other = "sdpa" if self.activations.attention_kernel == "flex" else "flex"
+        self.alternative = None
+        if other == "sdpa" or self.config.dropout == 0:
+            alt_config = dataclasses.replace(self.config, attention_backend=other)
+            self.alternative = (other, attention_kernel(alt_config), activation_memory(
+                alt_config, t.micro_batch_size, self.run.data.seq_len, act_bytes))
         self.flops = flops_per_token(self.config, self.run.data.seq_len)
         build_ds_config(self.run, world_size=self.ep, use_cuda=True)  # refuse bad DeepSpeed JSON up front
 
@@ -180,11 +188,11 @@ class Planner:
         elements = rank_elements(self.params, zero, world, self.ep)
         state = state_memory(elements, zero)
         ckpt = self.run.parallel.activation_checkpointing
-        math_fallback = self.math_fallback // (self.config.n_layer if ckpt else 1)
-        # attention_backend arrives with the GPU attention work (issue 9): auto = flex on CUDA, which
-        # never materialises the scores; an explicit sdpa on CUDA runs the math kernel, which does.
-        backend = getattr(self.config, "attention_backend", "auto")
-        activation_bytes = self.activations.total(ckpt) + (math_fallback if backend == "sdpa" else 0)
+        activation_bytes = self.activations.total(ckpt)
+        alternative = None
+        if self.alternative:
+            backend, kernel, memory = self.alternative
+            alternative = (backend, kernel, memory.total(ckpt))
         t = self.run.train
         tokens = t.micro_batch_size * t.grad_accum_steps * world * self.run.data.seq_len
         peak = self.gpu.peak(self.run.precision)
@@ -207,7 +215,7 @@ class Planner:
             state=state,
             activations=self.activations,
             activation_bytes=activation_bytes,
-            math_fallback_bytes=math_fallback,
+            alternative=alternative,
             tokens_per_step=tokens,
             flops_per_token=self.flops,
             step_time_s=step_time,
@@ -219,7 +227,7 @@ class Planner:
             comm=comm,
             startup=startup_memory(self.params, zero, elements.partition, self.ep, self.config.n_experts),
             compute_s=compute,
-            attention_backend=backend,
+            attention_backend=self.config.attention_backend,
         )
 
     def try_plan(self, nodes: int) -> Plan | str:

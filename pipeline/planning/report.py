@@ -25,9 +25,10 @@ assumptions:
     fp32 grads; fp32 runs 20: DeepSpeed keeps a separate master copy); persistent small params kept
     whole; gather/reduce buffers and the optimizer sub-group from the DeepSpeed JSON.
   - activations: what autograd saves in pipeline/model (measured in tests), balanced expert routing,
-    a flash / memory-efficient attention kernel (no T x T scores), the [T, T+1] mask bias kept per
-    block, and the fp32 log-softmax over the full vocabulary at the loss. Peak = checkpointed block
-    inputs + one recomputed block (checkpointing on) or all blocks (off), plus the loss peak.
+    the attention kernel model.attention_backend runs on CUDA (pipeline/planning/activations.py),
+    and the chunked LM loss (pipeline/model/loss.py: fp32 weight-sized gradient, one chunk of logits).
+    Peak = checkpointed block inputs + one recomputed block (checkpointing on) or all blocks (off),
+    plus the loss peak.
   - fits: GPU total <= (1 - headroom) x device memory; the headroom covers the CUDA context, NCCL
     buffers and allocator fragmentation.
   - compute: model FLOPs (pipeline/flops.py: 6 x active matmul params incl. the LM head, plus causal,
@@ -40,6 +41,13 @@ assumptions:
     modules gathered between forward and backward (stage3_max_reuse_distance).
   - start-up: build_model materialises and ZeRO-3-partitions one module at a time; not counted: the
     process itself (CUDA context, libraries, NCCL: a few GB of host memory per rank)."""
+
+
+KERNEL_NOTES = {
+    "flex": "block-sparse, no T x T scores",
+    "sdpa-math": "fp32 [B, H, T, T+1] scores per block, included above",
+    "sdpa-fused": "no T x T scores",
+}
 
 
 def render_text(planner: Planner, plan: Plan, source: str, table: list[Plan | str],
@@ -78,12 +86,12 @@ def render_text(planner: Planner, plan: Plan, source: str, table: list[Plan | st
                  f"({planner.headroom:.0%} headroom) -> {verdict}")
     if plan.host_bytes_per_node:
         lines.append(f"  host memory per node for offloaded state: {_gib(plan.host_bytes_per_node)} GiB")
-    if plan.attention_backend == "sdpa":
-        lines.append(f"  attention_backend sdpa: on CUDA the math kernel keeps the T x T scores, included above "
-                     f"(+{_gib(plan.math_fallback_bytes)} GiB); auto / flex would not")
-    else:
-        lines.append(f"  attention_backend {plan.attention_backend}: no T x T scores (flex / fused kernels); "
-                     f"sdpa on CUDA would add +{_gib(plan.math_fallback_bytes)} GiB")
+    kernel = plan.activations.attention_kernel
+    line = f"  attention_backend {plan.attention_backend} -> {kernel} on CUDA ({KERNEL_NOTES[kernel]})"
+    if plan.alternative:
+        backend, alt_kernel, alt_bytes = plan.alternative
+        line += f"; {backend} ({alt_kernel}) would need {_gib(alt_bytes)} GiB of activations"
+    lines.append(line)
     lines += ["", *render_startup(plan), "", *render_comm(planner, plan)]
     f = plan.flops_per_token
     peak = plan.gpu.peak(run.precision)
@@ -192,8 +200,13 @@ def plan_to_dict(planner: Planner, plan: Plan, smallest: Plan | None, table: lis
         "parameters": planner.counts,
         "flops_per_token": plan.flops_per_token,
         "activations": {
+            "attention_backend": plan.attention_backend,
+            "attention_kernel": plan.activations.attention_kernel,
             "checkpointing_on": plan.activations.total(True),
             "checkpointing_off": plan.activations.total(False),
+            "loss_peak": plan.activations.loss_peak,
+            "other_backend": dict(zip(("attention_backend", "attention_kernel", "activation_bytes"),
+                                      plan.alternative, strict=True)) if plan.alternative else None,
         },
         "plan": one(plan),
         "smallest_fitting_nodes": smallest.nodes if smallest else None,
