@@ -30,12 +30,12 @@ def _by_label(plan, prefix: str):
 def test_links_follow_deepspeed_rank_layout():
     # 120b, EP 8 on 8 nodes: the EP group is one node (NVLink), each expert-data-parallel group
     # has one GPU per node (network), the non-expert params span all 64 ranks (network).
-    plan = _planner(RECIPE_120B, "parallel.expert_parallel_size=8").plan(8)
+    plan = _planner(RECIPE_120B).plan(8)
     assert _by_label(plan, "EP all-to-all tokens").link == "nvlink"
     assert _by_label(plan, "ZeRO-3 all-gather experts").link == "network"
     assert _by_label(plan, "ZeRO-3 all-gather non-expert").link == "network"
     # EP 32 spans 4 nodes: 3/4 of the ranks a token can go to sit on other nodes.
-    wide = _planner(RECIPE_120B).plan(8)
+    wide = _planner(RECIPE_120B, "parallel.expert_parallel_size=32").plan(8)
     a2a = _by_label(wide, "EP all-to-all tokens")
     assert a2a.link == "network" and a2a.link_bytes == int(a2a.bytes * (32 - 8) / 32)
     # One node: everything on NVLink, at the NVLink bandwidth.
@@ -70,9 +70,9 @@ def test_search_lists_fitting_layouts_fastest_first_and_the_recipe_among_them(re
     assert tokens == {planner.plan(nodes).tokens_per_step}  # grad accumulation keeps tokens/step
     recipe_plan = planner.plan(nodes)
     assert recipe_plan.fits and recipe_plan.bound == "compute"
-    # The recipe is one of the layouts search ranks, with the same figures as its own plan. (It was
-    # the fastest, or within 5%, before activations followed flex attention and the chunked loss;
-    # now larger micro-batches fit and rank first: the recipes await re-choosing.)
+    # The recipe is one of the layouts search ranks, with the same figures as its own plan, and as
+    # fast as the best (the recipes are search's picks; ties broken by less traffic, see the YAML).
+    assert recipe_plan.tokens_per_s >= 0.99 * found[0].plan.tokens_per_s
     t, p = planner.run.train, planner.run.parallel
     mine = [c for c in found if (c.ep, c.micro_batch, c.grad_accum, c.checkpointing)
             == (p.expert_parallel_size, t.micro_batch_size, t.grad_accum_steps, p.activation_checkpointing)]
