@@ -98,6 +98,9 @@ def ensure_optimizer_state(engine) -> None:
         finally:
             flat.grad = None
             group.update(saved)
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:  # ZeRO-1/2 map each parameter onto the moments once they exist
+        link()
 
 
 def optimizer_step_count(engine) -> int:
