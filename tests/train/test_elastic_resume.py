@@ -1,5 +1,5 @@
 """A checkpoint written by 4 ranks with expert parallelism 2 resumes on other shapes (2 ranks ep=2,
-2 ranks ep=1, 4 ranks ep=4) with losses equal to the uninterrupted run; bad checkpoints and a
+2 ranks ep=1 under ZeRO-2, 4 ranks ep=4) with losses equal to the uninterrupted run; bad checkpoints and a
 changed global batch are refused with one line naming the file or the fix, and nothing is lost."""
 
 from __future__ import annotations
@@ -40,11 +40,13 @@ def resume_dir(base_dir: Path, tmp: Path, name: str, data: Path, **sections) -> 
     return cfg, run_dir
 
 
-@pytest.mark.parametrize("nproc,ep,accum", [(2, 2, 2), (2, 1, 2), (4, 4, 1)])
-def test_resume_on_another_shape_continues_exactly(base, nproc, ep, accum):
+@pytest.mark.parametrize("nproc,ep,accum,zero", [(2, 2, 2, 3), (2, 1, 2, 2), (4, 4, 1, 3)])
+def test_resume_on_another_shape_continues_exactly(base, nproc, ep, accum, zero):
+    """Written by ZeRO-3; the ep=1 resume also switches to ZeRO-2."""
     tmp, data, uninterrupted = base
-    cfg, run_dir = resume_dir(tmp / "base", tmp, f"n{nproc}_ep{ep}", data)
-    proc = train(nproc, cfg, f"parallel.expert_parallel_size={ep}", f"train.grad_accum_steps={accum}")
+    cfg, run_dir = resume_dir(tmp / "base", tmp, f"n{nproc}_ep{ep}_zero{zero}", data)
+    proc = train(nproc, cfg, f"parallel.expert_parallel_size={ep}", f"train.grad_accum_steps={accum}",
+                 f"deepspeed_config=ds_configs/zero{zero}.json")
     assert "resharded, RNG reseeded" in proc.stdout
     got = losses(run_dir)
     assert sorted(got) == list(range(SAVED + 1, STEPS + 1))
@@ -85,7 +87,7 @@ def test_missing_or_truncated_file_is_one_clear_line_and_nothing_is_lost(base, t
     shard = ckpt / "state-r00001-000.safetensors"
     shard.write_bytes(shard.read_bytes()[:-100])  # truncated, as by a full disk or an interrupted copy
     before = snapshot(run_dir / "checkpoints")
-    proc = train(2, cfg, "train.grad_accum_steps=2", "parallel.expert_parallel_size=1", check=False)
+    proc = train(1, cfg, "train.grad_accum_steps=4", "parallel.expert_parallel_size=1", check=False)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors and all(line == errors[0] for line in errors), proc.stderr[-3000:]
