@@ -39,6 +39,8 @@ from pipeline.train.zero_state import OPTIM_KEYS, ensure_optimizer_state, get_fu
 FORMAT = "gpt-oss-pipeline/universal-v1"
 INDEX = "index.json"
 FILE_LIMIT_BYTES = 2 << 30
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,7 @@ class _ShardWriter:
         name = f"state-r{self.rank:05d}-{len(self.files):03d}.safetensors"
         tmp = self.tag_dir / f".{name}.tmp"
         save_file(self.pending, str(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)  # safetensors creates 0600: others in the project could not read it
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, self.tag_dir / name)
