@@ -39,7 +39,7 @@ def rank_main(args) -> None:
     from pipeline.train.config import RunConfig
     from pipeline.train.ds_config import build_ds_config
     from pipeline.train.engine import build_engine, init_distributed
-    from pipeline.train.universal_ckpt import load_state, save_state
+    from pipeline.train.universal_ckpt import entries, load_state, save_state
 
     rank, world = init_distributed()
     model = dict(preset="debug", n_layer=4, n_embd=args.n_embd, n_head=8, n_kv_head=2, head_dim=args.n_embd // 8,
@@ -52,7 +52,8 @@ def rank_main(args) -> None:
     _, loss, router = engine(ids[:, :-1], ids[:, 1:])
     engine.backward(loss + router)
     engine.step()
-    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    n_params = sum(getattr(e.param, "ds_numel", e.param.numel()) * (args.ep if e.expert_offset is not None else 1)
+                   for e in entries(engine.module))  # the whole model: expert slices times ep
 
     out = Path(args.out)
     times = {"ours save": [], "deepspeed save": [], "ours load": [], "deepspeed load": []}
