@@ -19,7 +19,7 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from pipeline.data import build_dataset
 from pipeline.errors import ConfigError
-from pipeline.model import get_preset
+from pipeline.model import GPTOSS, get_preset
 from pipeline.model.hf_convert import config_to_hf
 from pipeline.model.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 from pipeline.train.config import load_run_config
@@ -84,6 +84,10 @@ def test_folder_reads_expert_slices_and_checks_the_config(tmp_path, mxfp4):
     full = hf.get_parameter("model.layers.1.mlp.experts.gate_up_proj").detach()
     torch.testing.assert_close(folder.read("blocks.1.ffn.experts.gate_up_proj", (2, 4)), full[2:4], rtol=0, atol=0)
     torch.testing.assert_close(folder.read("blocks.1.attn.sinks"), hf.get_parameter("model.layers.1.self_attn.sinks"))
+    # The whole-model loader reads the same folders (MXFP4 included) in one process.
+    ids = torch.randint(0, model_cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(GPTOSS.from_hf(tmp_path / "hf").eval()(ids)[0], hf(ids).logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(ConfigError, match=r"has n_layer=4 but the run's model has 2; set model.n_layer to match"):
         folder.check_matches(model_cfg.replace(n_layer=2))
     with pytest.raises(ConfigError, match=r"has n_experts=4 but the run's model has 8"):
