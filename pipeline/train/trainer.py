@@ -86,8 +86,12 @@ def check_global_batch(saved_train: dict, saved_world: int, train: TrainConfig, 
     if old == new or train.allow_batch_change:
         return
     per_accum = train.micro_batch_size * world
-    fix = (f"train.grad_accum_steps={old // per_accum}" if old % per_accum == 0 else
-           f"micro_batch_size x grad_accum_steps x {world} ranks = {old}")
+    if old % per_accum == 0:
+        fix = f"train.grad_accum_steps={old // per_accum}"
+    elif old % world == 0:
+        fix = f"train.micro_batch_size x train.grad_accum_steps = {old // world}"
+    else:
+        fix = f"a number of ranks that divides {old}"
     raise ConfigError(
         f"{where} was trained with a global batch of {old} samples (micro_batch_size x grad_accum_steps x ranks = "
         f"{saved_train['micro_batch_size']} x {saved_train['grad_accum_steps']} x {saved_world}) but this run has "

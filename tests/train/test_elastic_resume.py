@@ -109,3 +109,18 @@ def test_missing_or_truncated_file_is_one_clear_line_and_nothing_is_lost(base, t
         f"its tag into {run_dir / 'checkpoints' / 'latest'}"
     ]
     assert snapshot(out) == exported
+
+
+def test_global_batch_rule():
+    from pipeline.errors import ConfigError
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.trainer import check_global_batch
+
+    saved = {"micro_batch_size": 4, "grad_accum_steps": 2}  # x 4 ranks = 32
+    check_global_batch(saved, 4, TrainConfig(micro_batch_size=2, grad_accum_steps=2), 8, Path("ck"))
+    check_global_batch(saved, 4, TrainConfig(micro_batch_size=4, allow_batch_change=True), 2, Path("ck"))
+    with pytest.raises(ConfigError, match=r"this run has 12 \(4 x 1 x 3\); keep it with a number of ranks that "
+                                          r"divides 32, or set train.allow_batch_change=true"):
+        check_global_batch(saved, 4, TrainConfig(micro_batch_size=4), 3, Path("ck"))
+    with pytest.raises(ConfigError, match=r"keep it with train.micro_batch_size x train.grad_accum_steps = 16"):
+        check_global_batch(saved, 4, TrainConfig(micro_batch_size=3), 2, Path("ck"))
