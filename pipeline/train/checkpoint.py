@@ -38,7 +38,12 @@ import torch.distributed as dist
 from pipeline.errors import CheckpointError
 from pipeline.io_utils import atomic_write_text
 from pipeline.train.universal_ckpt import INDEX, load_state, save_state
-from pipeline.train.zero_state import optimizer_step_count, set_engine_counters, set_optimizer_step_count
+from pipeline.train.zero_state import (
+    link_optimizer_state,
+    optimizer_step_count,
+    set_engine_counters,
+    set_optimizer_step_count,
+)
 
 LATEST = "latest"
 _TAG_RE = re.compile(r"^step_(\d+)$")
@@ -93,6 +98,7 @@ class CheckpointManager:
             tag_dir.mkdir(parents=True, exist_ok=True)
         self._barrier()
         trainer_state = {**trainer_state, "optimizer_step": optimizer_step_count(engine)}
+        link_optimizer_state(engine)
         save_state(engine.module, tag_dir)
         torch.save(rng_state(), tag_dir / f".rng_rank{self.rank}.pt.tmp")
         os.replace(tag_dir / f".rng_rank{self.rank}.pt.tmp", tag_dir / f"rng_rank{self.rank}.pt")

@@ -98,9 +98,16 @@ def ensure_optimizer_state(engine) -> None:
         finally:
             flat.grad = None
             group.update(saved)
-    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
-    if link is not None:  # ZeRO-1/2 map each parameter onto the moments once they exist
-        link()
+    link_optimizer_state(engine)
+
+
+def link_optimizer_state(engine) -> None:
+    """ZeRO-1/2 map each parameter onto its slice of Adam's moments once, right after the first
+    optimizer.step() of param group 0, before the other groups' moments exist; so the params of
+    later groups (our no-decay group) would have none to read or write. Re-link now that all exist."""
+    if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
 
 
 def optimizer_step_count(engine) -> int:
