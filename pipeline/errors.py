@@ -7,3 +7,8 @@ class ConfigError(ValueError):
 
 class DataError(ValueError):
     """Input data or prepared shards are unusable; the message names the file and the fix."""
+
+
+class CheckpointError(DataError):
+    """A checkpoint or weights folder is missing, truncated or of another model; the message names
+    the file and what to do."""

@@ -2,18 +2,16 @@
 
     python -m pipeline.export --run-dir runs/debug --output exported/ [--step N]
 
-DeepSpeed's `zero_to_fp32` cannot consolidate expert-parallel ZeRO-3 checkpoints (experts are
-partitioned over the expert-data-parallel group, not over all ranks). So this exports *online*:
-it rebuilds the exact engine the run trained with (saved config.yaml + ds_config.json), loads the
-checkpoint, gathers every ZeRO-3 partition and all-gathers expert slices over the expert-parallel
-group. A checkpoint written by W ranks is loaded by W ranks: launched alone on a machine without a
-launcher, this command starts W local CPU processes itself (gloo); under torchrun/deepspeed with W
-ranks it uses those.
+Checkpoints store per-parameter fp32 weights with experts split per global expert id
+(`pipeline/train/universal_ckpt.py`), so export is a single process that reads them back, whatever
+world size, expert-parallel size or ZeRO stage wrote them: no ranks, no DeepSpeed engine (DeepSpeed's
+`zero_to_fp32` cannot consolidate expert-parallel ZeRO-3 shards). Weights are written in the run's
+precision (bf16 runs export the bf16 weights they computed with).
 
 Output: for configs transformers' GptOss can represent, `config.json` + `model.safetensors` that
 `GptOssForCausalLM.from_pretrained` loads; for the others (moe-124m, gpt2-dense) our own
-`config.json` + `model.safetensors` that `load_exported()` reads back. The data's tokenizer is
-copied to `OUTPUT/tokenizer/` either way.
+`config.json` + `model.safetensors` that `load_exported()` reads back. Either one can start a new
+run (`model.init_from: OUTPUT`). The data's tokenizer is copied to `OUTPUT/tokenizer/`.
 """
 
 from __future__ import annotations
@@ -22,16 +20,14 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import yaml
 
 from pipeline.config_utils import from_dict, to_dict
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DataError
 from pipeline.model import GPTOSS, GPTOSSConfig
 from pipeline.model.hf_convert import hf_incompatibilities
 
@@ -50,30 +46,7 @@ def checkpoint_dir(run_dir: Path, step: int | None) -> Path:
 
 
 def model_config_from_saved(saved_model: dict) -> GPTOSSConfig:
-    return from_dict(GPTOSSConfig, {k: v for k, v in saved_model.items() if k != "preset"})
-
-
-def gather_state_dict(engine, ep_size: int) -> dict[str, torch.Tensor]:
-    """Full fp32/bf16 state dict on rank 0 (empty on other ranks); every rank must call it."""
-    import deepspeed
-
-    from pipeline.train.expert_parallel import create_expert_groups, is_expert_parameter
-
-    ep_group = create_expert_groups(ep_size).ep_group if ep_size > 1 else None
-    rank = dist.get_rank()
-    state = {}
-    for name, p in engine.module.named_parameters():
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-            full = p.detach().clone()  # on the parameter's device: NCCL gathers GPU tensors only
-        if ep_group is not None and is_expert_parameter(p):
-            # This rank's [n_local, ...] slice; EP rank r holds experts [r*n_local, (r+1)*n_local).
-            parts = [torch.empty_like(full) for _ in range(ep_size)]
-            dist.all_gather(parts, full, group=ep_group)
-            full = torch.cat(parts, dim=0)
-            name = name.replace(".experts.local.", ".experts.")
-        if rank == 0:
-            state[name] = full.cpu()
-    return state
+    return from_dict(GPTOSSConfig, {k: v for k, v in saved_model.items() if k not in ("preset", "init_from")})
 
 
 def write_export(state: dict, model_cfg: GPTOSSConfig, output: Path, tokenizer_dir: Path | None) -> str:
@@ -129,59 +102,20 @@ def load_exported(directory: str | Path) -> GPTOSS:
     return model
 
 
-def export_rank(run_dir: Path, output: Path, step: int | None) -> None:
-    """Body run on every rank."""
-    from pipeline.train.config import RunConfig
-    from pipeline.train.engine import build_engine, init_distributed
-    from pipeline.train.trainer import data_sources
-
-    ckpt = checkpoint_dir(run_dir, step)
-    saved = yaml.safe_load((ckpt / "config.yaml").read_text())
-    ds_config = json.loads((ckpt / "ds_config.json").read_text())
-    model_cfg = model_config_from_saved(saved["model"])
-    cfg = from_dict(RunConfig, saved)
-    rank, world = init_distributed()
-    written_by = json.loads((ckpt / "trainer_state.json").read_text())["world_size"]
-    if world != written_by:
-        raise ConfigError(f"{ckpt} was written by {written_by} ranks; export it with {written_by} ranks")
-    engine = build_engine(cfg, model_cfg, ds_config, world)
-    # With load_optimizer_states=False DeepSpeed consolidates through zero_to_fp32, which fails on EP
-    # checkpoints; the full load restores the fp32 partitions the parameters are copied from.
-    load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=False)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load {ckpt}")
-    state = gather_state_dict(engine, cfg.parallel.expert_parallel_size)
-    if rank == 0:
-        data_dir = Path(data_sources(saved["data"]["train"])[0])
-        fmt = write_export(state, model_cfg, output, data_dir / "tokenizer")
-        print(f"exported {ckpt} -> {output} ({fmt})", flush=True)
-    dist.barrier()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawned_rank(rank: int, world: int, port: int, run_dir: Path, output: Path, step: int | None) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
-    export_rank(run_dir, output, step)
-
-
 def export(run_dir: str | Path, output: str | Path, step: int | None = None) -> Path:
-    """Export from a plain process: spawns as many local CPU ranks as wrote the checkpoint."""
+    """Write `output` from the checkpoint (latest, or `step`) of `run_dir`; returns `output`."""
+    from pipeline.train.trainer import data_sources
+    from pipeline.train.universal_ckpt import read_full_weights
+
     run_dir, output = Path(run_dir), Path(output)
     ckpt = checkpoint_dir(run_dir, step)
-    world = json.loads((ckpt / "trainer_state.json").read_text())["world_size"]
-    if "WORLD_SIZE" in os.environ:  # already under a launcher
-        export_rank(run_dir, output, step)
-    else:
-        torch.multiprocessing.start_processes(
-            _spawned_rank, args=(world, _free_port(), run_dir, output, step), nprocs=world, start_method="spawn"
-        )
+    saved = yaml.safe_load((ckpt / "config.yaml").read_text())
+    model_cfg = model_config_from_saved(saved["model"])
+    dtype = torch.bfloat16 if saved.get("precision") == "bf16" else torch.float32
+    state = read_full_weights(ckpt, dtype)
+    data_dir = Path(data_sources(saved["data"]["train"])[0])
+    fmt = write_export(state, model_cfg, output, data_dir / "tokenizer")
+    print(f"exported {ckpt} -> {output} ({fmt})", flush=True)
     return output
 
 
@@ -194,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         export(args.run_dir, args.output, args.step)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.errors import ConfigError
 from pipeline.model.config import GPTOSSConfig, YaRNScaling
 from pipeline.model.gpt_oss import GPTOSS
+from pipeline.model.mxfp4 import dequantize_mxfp4
 
 # (pattern, template) pairs in each direction; {i} is the block index, {rest} the leaf name.
 _KEY_TABLE = [
@@ -146,13 +147,13 @@ def config_from_hf(hf_config) -> GPTOSSConfig:
                 f"config model_type is {model_type!r}; only 'gpt_oss' checkpoints can be loaded"
             )
         quant = hf_config.get("quantization_config")
-        if quant:
+        if quant and quant.get("quant_method") != "mxfp4":  # MXFP4 experts are dequantised on load
             raise ConfigError(
-                f"checkpoint is quantized ({quant.get('quant_method', quant)}); dequantize it first, e.g. "
-                "GptOssForCausalLM.from_pretrained(path, quantization_config=Mxfp4Config(dequantize=True))"
-                ".save_pretrained(out), then load `out`"
+                f"checkpoint is quantized ({quant.get('quant_method', quant)}); only unquantized and MXFP4 "
+                "GPT-OSS checkpoints can be loaded"
             )
-        hf_config = GptOssConfig.from_dict(hf_config)  # also upgrades legacy rope_scaling/rope_theta keys
+        # from_dict also upgrades legacy rope_scaling/rope_theta keys
+        hf_config = GptOssConfig.from_dict({k: v for k, v in hf_config.items() if k != "quantization_config"})
     if getattr(hf_config, "model_type", None) != "gpt_oss":
         raise ConfigError(f"expected a GptOssConfig, got {type(hf_config).__name__}")
     rope = dict(hf_config.rope_parameters)
@@ -220,8 +221,13 @@ def state_dict_to_hf(state_dict: dict[str, torch.Tensor], config: GPTOSSConfig) 
 
 
 def state_dict_from_hf(state_dict: dict[str, torch.Tensor], config: GPTOSSConfig) -> dict[str, torch.Tensor]:
-    """GptOssForCausalLM's state dict -> ours. Unknown keys (e.g. MXFP4 blocks) raise ConfigError."""
+    """GptOssForCausalLM's state dict -> ours. MXFP4 experts are dequantised; unknown keys raise ConfigError."""
     _check_convertible(config)
+    state_dict = dict(state_dict)
+    for blocks_key in [k for k in state_dict if k.endswith("_blocks")]:  # MXFP4 experts, as released
+        key = blocks_key[: -len("_blocks")]
+        if f"{key}_scales" in state_dict:  # a lone half stays unknown and is reported below
+            state_dict[key] = dequantize_mxfp4(state_dict.pop(blocks_key), state_dict.pop(f"{key}_scales"))
     out, unknown = {}, []
     for name, tensor in state_dict.items():
         try:

@@ -1,16 +1,23 @@
-"""Checkpoints: `RUN/checkpoints/step_N/` written by the DeepSpeed engine, plus our own state.
+"""Checkpoints: `RUN/checkpoints/step_N/`, resumable on any number of ranks, expert-parallel size
+or ZeRO stage.
 
 Layout of one checkpoint::
 
     step_N/
-      <DeepSpeed's ZeRO shards>     model + optimizer partitions, one file set per rank
-      rng_rank{R}.pt                torch / numpy / python RNG states of rank R
-      trainer_state.json            step, consumed samples, world size, eval history
-      config.yaml, ds_config.json   the resolved run config and the DeepSpeed JSON actually used
-    latest                          the tag of the newest *complete* checkpoint
+      state-r*.safetensors, index.json   fp32 weights + Adam moments per parameter and per global
+                                         expert, and model buffers (see universal_ckpt.py)
+      rng_rank{R}.pt                     torch / numpy / python RNG states of rank R
+      trainer_state.json                 step, consumed samples, Adam step, the shape that wrote it
+      config.yaml, ds_config.json        the resolved run config and the DeepSpeed JSON actually used
+    latest                               the tag of the newest *complete* checkpoint
+
+One format serves the same shape and a new one: DeepSpeed's own per-rank shards are not written
+(they can only be read back by the same world size and would double the time and disk of a save).
+Per-rank RNG states cannot map onto another world size: they are restored when the world size and
+expert-parallel size are unchanged, and otherwise every rank is reseeded from (seed, step, rank).
 
 Crash safety: `latest` is replaced atomically (write + rename) only after a barrier proves every
-rank finished writing its shards, so a kill during a save leaves `latest` pointing at the previous
+rank finished writing its files, so a kill during a save leaves `latest` pointing at the previous
 complete checkpoint. The half-written `step_N/` is never read and is removed by the next save of
 that step. Older checkpoints are pruned only after `latest` moved past them.
 """
@@ -28,7 +35,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import CheckpointError
 from pipeline.io_utils import atomic_write_text
+from pipeline.train.universal_ckpt import INDEX, load_state, save_state
+from pipeline.train.zero_state import (
+    link_optimizer_state,
+    optimizer_step_count,
+    set_engine_counters,
+    set_optimizer_step_count,
+)
 
 LATEST = "latest"
 _TAG_RE = re.compile(r"^step_(\d+)$")
@@ -80,16 +95,18 @@ class CheckpointManager:
             self.dir.mkdir(parents=True, exist_ok=True)
             if tag_dir.exists() and read_latest(self.dir) != tag:
                 shutil.rmtree(tag_dir)  # leftovers of a save that was killed half-way
+            tag_dir.mkdir(parents=True, exist_ok=True)
         self._barrier()
-        # save_latest=False: DeepSpeed would otherwise write its own `latest` before every rank is done.
-        engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)
+        trainer_state = {**trainer_state, "optimizer_step": optimizer_step_count(engine)}
+        link_optimizer_state(engine)
+        save_state(engine.module, tag_dir)
         torch.save(rng_state(), tag_dir / f".rng_rank{self.rank}.pt.tmp")
         os.replace(tag_dir / f".rng_rank{self.rank}.pt.tmp", tag_dir / f"rng_rank{self.rank}.pt")
         if self.rank == 0:
             for name, text in run_files.items():
                 atomic_write_text(tag_dir / name, text)
             atomic_write_text(tag_dir / "trainer_state.json", json.dumps(trainer_state, indent=2))
-        self._barrier()  # every rank's shards are on disk
+        self._barrier()  # every rank's files are on disk
         if self.rank == 0:
             atomic_write_text(self.dir / LATEST, tag)
             self._prune(keep=step)
@@ -101,25 +118,40 @@ class CheckpointManager:
         for s in steps[: max(0, len(steps) - self.keep_last)]:
             shutil.rmtree(self.dir / f"step_{s}", ignore_errors=True)
 
-    def load_latest(self, engine) -> dict | None:
-        """Load the newest complete checkpoint into `engine`; returns its trainer state, or None."""
+    def load_latest(self, engine, expert_parallel_size: int, grad_accum_steps: int, seed: int) -> dict | None:
+        """Load the newest complete checkpoint into `engine`, whatever shape wrote it; returns its
+        trainer state (with `same_shape`: whether per-rank RNG states were restored), or None."""
         tag = read_latest(self.dir)
         if tag is None:
             return None
         tag_dir = self.dir / tag
         state = json.loads((tag_dir / "trainer_state.json").read_text())
         world = dist.get_world_size() if dist.is_initialized() else 1
-        if state.get("world_size", world) != world:
-            raise RuntimeError(
-                f"checkpoint {tag_dir} was written by {state['world_size']} ranks but this run has {world}; "
-                f"ZeRO-3 shards are per rank: resume with {state['world_size']} ranks, or export the "
-                "checkpoint (python -m pipeline.export) and start a new run from it"
+        if not (tag_dir / INDEX).is_file() and state.get("world_size") != world:
+            raise CheckpointError(
+                f"{tag_dir} is in the per-rank format of an older version and was written by "
+                f"{state.get('world_size')} ranks; resume it once with {state.get('world_size')} ranks "
+                "(its next checkpoint can be resumed on any number of ranks)"
             )
-        load_path, _ = engine.load_checkpoint(
-            str(self.dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+        if (tag_dir / INDEX).is_file():
+            load_state(engine, tag_dir)
+        else:  # legacy DeepSpeed shards, same world size
+            load_path, _ = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+            if load_path is None:
+                raise CheckpointError(f"DeepSpeed could not load {tag_dir}; resume from an earlier checkpoint")
+        if "optimizer_step" in state:
+            set_optimizer_step_count(engine, state["optimizer_step"])
+        set_engine_counters(engine, state["step"], state["consumed_samples"], grad_accum_steps)
+        written_ep = state.get("expert_parallel_size", expert_parallel_size)
+        state["same_shape"] = state.get("world_size") == world and written_ep == expert_parallel_size
         rng_file = tag_dir / f"rng_rank{self.rank}.pt"
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        if state["same_shape"] and rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        else:  # per-rank streams cannot be re-dealt to other ranks: a fresh, reproducible one each
+            reseed = (seed * 1_000_003 + state["step"]) * 4099 + self.rank
+            torch.manual_seed(reseed)
+            np.random.seed(reseed % 2**32)
+            random.seed(reseed)
+            state["same_shape"] = False
         return state

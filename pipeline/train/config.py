@@ -91,6 +91,9 @@ class TrainConfig:
     """Checkpoints kept; older ones are deleted once a newer one is complete."""
     seed: int = 1234
     """Model init and RNG seed."""
+    allow_batch_change: bool = False
+    """Allow resuming with another global batch (micro_batch_size x grad_accum_steps x ranks) than
+    the checkpoint was trained with; off, such a resume is refused with the batch that keeps it."""
     peak_tflops: float | None = None
     """Per-GPU dense bf16 peak for the MFU metric; default: looked up from the GPU name
     (H100/H200 989, A100 312). Without it (e.g. on CPU) achieved TFLOP/s is logged, MFU is not."""
@@ -167,7 +170,8 @@ class RunConfig:
     run_dir: str = "runs/debug"
     """Output dir: checkpoints/, tensorboard/, config.yaml, ds_config.json."""
     model: dict = field(default_factory=lambda: {"preset": "debug"})
-    """`preset` plus any GPTOSSConfig field to override. vocab_size defaults to the data's tokenizer."""
+    """`preset` plus any GPTOSSConfig field to override, and optionally `init_from: PATH` (weights to
+    start from, see pipeline/train/weights.py). vocab_size defaults to the data's tokenizer."""
     data: DataConfig
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -191,7 +195,12 @@ class RunConfig:
 
     @property
     def model_overrides(self) -> dict[str, Any]:
-        return {k: v for k, v in self.model.items() if k != "preset"}
+        return {k: v for k, v in self.model.items() if k not in ("preset", "init_from")}
+
+    @property
+    def init_from(self) -> str | None:
+        """`model.init_from`: a weights folder to start from (ignored when the run dir has a checkpoint)."""
+        return self.model.get("init_from")
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -28,12 +28,13 @@ from pipeline.flops import flops_per_token
 from pipeline.model import GPTOSSConfig, MoE, get_preset
 from pipeline.train import health
 from pipeline.train.checkpoint import CheckpointManager, read_latest
-from pipeline.train.config import RunConfig, run_config_to_dict
+from pipeline.train.config import RunConfig, TrainConfig, run_config_to_dict
 from pipeline.train.ds_config import build_ds_config
 from pipeline.train.engine import build_engine, init_distributed
 from pipeline.train.expert_parallel import check_expert_parallel_size
 from pipeline.train.metrics import MetricsLogger, detect_peak_tflops, expert_load_stats, memory_stats
 from pipeline.train.optim import compute_loss, lr_at
+from pipeline.train.weights import WeightsFolder, load_initial_weights
 
 
 class StopSignal:
@@ -79,6 +80,28 @@ def resolve_model_config(cfg: RunConfig) -> GPTOSSConfig:
     return model_cfg
 
 
+def check_global_batch(saved_train: dict, saved_world: int, train: TrainConfig, world: int, where: Path) -> None:
+    """A resume must keep samples per optimizer step (the LR schedule and the data position are in
+    steps and samples) unless train.allow_batch_change says otherwise."""
+    old = int(saved_train["micro_batch_size"]) * int(saved_train["grad_accum_steps"]) * saved_world
+    new = train.micro_batch_size * train.grad_accum_steps * world
+    if old == new or train.allow_batch_change:
+        return
+    per_accum = train.micro_batch_size * world
+    if old % per_accum == 0:
+        fix = f"train.grad_accum_steps={old // per_accum}"
+    elif old % world == 0:
+        fix = f"train.micro_batch_size x train.grad_accum_steps = {old // world}"
+    else:
+        fix = f"a number of ranks that divides {old}"
+    raise ConfigError(
+        f"{where} was trained with a global batch of {old} samples (micro_batch_size x grad_accum_steps x ranks = "
+        f"{saved_train['micro_batch_size']} x {saved_train['grad_accum_steps']} x {saved_world}) but this run has "
+        f"{new} ({train.micro_batch_size} x {train.grad_accum_steps} x {world}); "
+        f"keep it with {fix}, or set train.allow_batch_change=true"
+    )
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -92,6 +115,10 @@ class Trainer:
         self.ds_config = build_ds_config(cfg, self.world)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last)
         self._check_resume_compatible()
+        init_folder = None
+        if cfg.init_from and read_latest(self.ckpt.dir) is None:
+            init_folder = WeightsFolder(cfg.init_from)
+            init_folder.check_matches(self.model_cfg)  # before the (slow) engine build
 
         self.engine = build_engine(cfg, self.model_cfg, self.ds_config, self.world)
         self.moe_layers = [m for m in self.engine.module.modules() if isinstance(m, MoE)]
@@ -101,7 +128,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed + 1000 + self.rank)  # dropout differs per rank
 
         self.step, consumed, self.eval_history = 0, 0, []
-        state = self.ckpt.load_latest(self.engine)
+        state = self.ckpt.load_latest(self.engine, cfg.parallel.expert_parallel_size,
+                                      cfg.train.grad_accum_steps, cfg.train.seed)
+        if init_folder is not None:
+            n = load_initial_weights(self.engine, init_folder)
         if state is not None:
             self.step, consumed = state["step"], state["consumed_samples"]
             self.eval_history = state.get("eval_history", [])
@@ -125,13 +155,23 @@ class Trainer:
         self.collapse = health.CollapseMonitor(t.collapse_warn_ratio, t.collapse_warn_intervals, len(self.moe_layers))
         self.bias_rate = self.model_cfg.load_balance_bias_rate
         self._write_run_files()
+        if init_folder is not None:
+            self.log.message(f"initialised {n} tensors from {init_folder.path} (model.init_from)")
         if state is not None:
-            self.log.message(f"resumed from {self.ckpt.dir / read_latest(self.ckpt.dir)} at step {self.step}")
+            where = self.ckpt.dir / read_latest(self.ckpt.dir)
+            self.log.message(f"resumed from {where} at step {self.step}"
+                             + ("" if state["same_shape"] else
+                                f" (written by {state.get('world_size')} ranks, ep "
+                                f"{state.get('expert_parallel_size', '?')}; resharded, RNG reseeded)"))
+            if cfg.init_from:
+                self.log.message(f"model.init_from={cfg.init_from} ignored: the run dir has a checkpoint")
 
     # --- set-up helpers -----------------------------------------------------------------------
     def run_files(self) -> dict[str, str]:
         resolved = run_config_to_dict(self.cfg)
         resolved["model"] = {"preset": self.cfg.model["preset"], **to_dict(self.model_cfg)}
+        if self.cfg.init_from:
+            resolved["model"]["init_from"] = self.cfg.init_from
         return {
             "config.yaml": yaml.safe_dump(resolved, sort_keys=False),
             "ds_config.json": json.dumps(self.ds_config, indent=2),
@@ -149,7 +189,8 @@ class Trainer:
         tag = read_latest(self.ckpt.dir)
         if tag is None:
             return
-        saved = yaml.safe_load((self.ckpt.dir / tag / "config.yaml").read_text())["model"]
+        saved_cfg = yaml.safe_load((self.ckpt.dir / tag / "config.yaml").read_text())
+        saved = {k: v for k, v in saved_cfg["model"].items() if k != "init_from"}
         current = {"preset": self.cfg.model["preset"], **to_dict(self.model_cfg)}
         # A field added to GPTOSSConfig after the checkpoint was written reads as its default there.
         defaults = to_dict(GPTOSSConfig())
@@ -159,6 +200,8 @@ class Trainer:
                 f"{self.run_dir} holds checkpoints of a different model (fields differ: {', '.join(diff)}); "
                 "use a new run_dir, or the same model settings to resume"
             )
+        written_by = json.loads((self.ckpt.dir / tag / "trainer_state.json").read_text())["world_size"]
+        check_global_batch(saved_cfg["train"], written_by, self.cfg.train, self.world, self.ckpt.dir / tag)
 
     # --- training -----------------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -245,6 +288,8 @@ class Trainer:
             "step": self.step,
             "consumed_samples": self.train_iter.consumed_samples,
             "world_size": self.world,
+            "expert_parallel_size": self.cfg.parallel.expert_parallel_size,
+            "global_batch_size": self.cfg.train.micro_batch_size * self.cfg.train.grad_accum_steps * self.world,
             "eval_history": self.eval_history,
             "skipped_steps": self.skipped_total,
         }

@@ -148,6 +148,8 @@ def test_incompatible_configs_are_refused_with_reasons(tmp_path):
     with pytest.raises(ConfigError, match="model_type is 'llama'"):
         GPTOSS.from_hf(tmp_path / "llama")
     quantized = config_to_hf(tiny_gpt_oss()).to_dict()
-    quantized["quantization_config"] = {"quant_method": "mxfp4"}
-    with pytest.raises(ConfigError, match="quantized .mxfp4.; dequantize"):
+    quantized["quantization_config"] = {"quant_method": "mxfp4"}  # dequantised on load
+    assert config_from_hf(quantized) == config_from_hf(config_to_hf(tiny_gpt_oss()).to_dict())
+    quantized["quantization_config"] = {"quant_method": "bitsandbytes"}
+    with pytest.raises(ConfigError, match="quantized .bitsandbytes.; only unquantized and MXFP4"):
         config_from_hf(quantized)
