@@ -18,6 +18,7 @@ from pipeline.train.checkpoint import checkpoint_steps, read_latest
 from pipeline.train.config import load_run_config
 from pipeline.train.ds_config import build_ds_config
 from pipeline.train.health import CollapseMonitor, FaultInjection, SpikeDetector
+from pipeline.train.universal_ckpt import StateReader
 from tests.train.conftest import SCRIPTS, losses, torchrun, train, write_run_config
 
 
@@ -36,9 +37,13 @@ def all_finite(obj) -> bool:
 
 
 def assert_checkpoint_finite(tag_dir: Path) -> None:
-    files = list(tag_dir.glob("*.pt"))
-    assert any("optim_states" in f.name for f in files), sorted(f.name for f in files)
-    for f in files:
+    """Every tensor of the checkpoint (fp32 weights, Adam moments, buffers) and every rank's RNG
+    file is finite."""
+    reader = StateReader(tag_dir)
+    assert any(k.startswith("exp_avg_sq/") for k in reader.tensors), sorted(reader.tensors)[:10]
+    for key in reader.tensors:
+        assert all_finite(reader.get(key)), f"{tag_dir}: {key} holds non-finite values"
+    for f in tag_dir.glob("*.pt"):
         assert all_finite(torch.load(f, map_location="cpu", weights_only=False)), f"{f} holds non-finite values"
 
 
