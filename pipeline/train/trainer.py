@@ -26,6 +26,7 @@ from pipeline.data import MicroBatchIterator, build_dataset, check_vocab_compati
 from pipeline.errors import ConfigError
 from pipeline.flops import flops_per_token
 from pipeline.model import GPTOSSConfig, MoE, get_preset
+from pipeline.model.flex_attention import resolve_attention_backend
 from pipeline.train import health
 from pipeline.train.checkpoint import CheckpointManager, read_latest
 from pipeline.train.config import RunConfig, TrainConfig, run_config_to_dict
@@ -112,6 +113,9 @@ class Trainer:
             data_sources(cfg.data.train + (cfg.data.valid or [])), self.model_cfg.vocab_size
         )
         check_expert_parallel_size(cfg.parallel.expert_parallel_size, self.world, self.model_cfg.n_experts)
+        # At start, not at the first forward: e.g. `flex` cannot train on CPU (no backward there).
+        resolve_attention_backend(self.model_cfg.attention_backend, torch.device("cuda" if torch.cuda.is_available()
+                                  else "cpu"), training=True, dropout=self.model_cfg.dropout)
         self.ds_config = build_ds_config(cfg, self.world)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last)
         self._check_resume_compatible()

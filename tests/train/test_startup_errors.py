@@ -51,3 +51,15 @@ def test_deepspeed_launcher_error_after_distributed_init(prepared_data, tmp_path
         "error: data.seq_len (500) exceeds model.block_size (128); lower data.seq_len or set model.block_size=500"
     ]
     assert_no_rank_traceback(proc.stderr)
+
+
+def test_flex_attention_training_on_cpu_is_refused_at_start(prepared_data, tmp_path):
+    cfg = write_run_config(tmp_path / "run.yaml", prepared_data, tmp_path / "run")
+    cmd = [sys.executable, "-m", "pipeline.train", "--config", str(cfg), "model.attention_backend=flex",
+           "parallel.expert_parallel_size=1"]
+    proc = subprocess.run(cmd, env=rank_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    [line] = error_lines(proc.stderr)
+    assert "model.attention_backend='flex' cannot train on CPU" in line and "model.attention_backend=auto" in line
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before anything was built or written
+    assert "Traceback" not in proc.stderr
