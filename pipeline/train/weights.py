@@ -49,14 +49,13 @@ class WeightsFolder:
                               "transformers GPT-OSS folder or a `python -m pipeline.export` output")
         raw = json.loads(config_path.read_text())
         self.native = raw.get("format") == NATIVE_FORMAT
-        quant = raw.pop("quantization_config", None)
-        if quant and quant.get("quant_method") != "mxfp4":
-            raise ConfigError(f"model.init_from: {config_path} is quantized with {quant.get('quant_method')!r}; "
-                              "only unquantized and MXFP4 checkpoints can be loaded")
-        if self.native:
-            self.config = from_dict(GPTOSSConfig, {k: v for k, v in raw.items() if k != "format"})
-        else:
-            self.config = config_from_hf(raw)
+        try:  # config_from_hf also refuses quantizations other than MXFP4
+            if self.native:
+                self.config = from_dict(GPTOSSConfig, {k: v for k, v in raw.items() if k != "format"})
+            else:
+                self.config = config_from_hf(raw)
+        except ConfigError as e:
+            raise ConfigError(f"model.init_from: {config_path}: {e}") from None
         self.key_file = self._index()
 
     def _index(self) -> dict[str, Path]:
