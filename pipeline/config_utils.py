@@ -162,7 +162,6 @@ def convert_fields(cls: type, data: dict, where: str) -> dict:
 def from_dict(cls: type[T], data: dict | None, where: str = "") -> T:
     """Build dataclass `cls` from a (nested) dict; unknown keys raise ConfigError naming them."""
     data = dict(data or {})
-    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -171,9 +170,7 @@ def from_dict(cls: type[T], data: dict | None, where: str = "") -> T:
             f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
             f"valid keys{' under ' + where if where else ''}: {', '.join(sorted(names))}"
         )
-    kwargs = {name: convert(value, hints[name], f"{where}.{name}" if where else name)
-              for name, value in data.items()}
-    return cls(**kwargs)
+    return cls(**convert_fields(cls, data, where))
 
 
 def to_dict(obj: Any) -> Any:
