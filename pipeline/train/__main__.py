@@ -3,10 +3,12 @@
     deepspeed --num_gpus 8 --module pipeline.train --config launch/configs/gpt-oss-20b-1node.yaml
     torchrun --nproc_per_node 2 -m pipeline.train --config run.yaml train.steps=100
 
-Exit codes: 0 done (or stopped on a signal with a checkpoint), 2 bad config or data at start-up,
-3 stopped after train.max_bad_steps consecutive skipped steps. Errors are one line, no traceback,
-printed once per node (by local rank 0): every rank raises the same error from the same config, so
-every rank exits on its own and none waits in a collective for a rank that has gone.
+Exit codes: 0 done (or stopped on a signal / a dead launcher with a checkpoint), 2 bad config or
+data at start-up, or a data / disk error during training, 3 stopped after train.max_bad_steps
+consecutive skipped steps, 130 stopped at once by a second Ctrl-C (or Ctrl-C during start-up).
+Errors are one line, no traceback, printed once per node (by local rank 0): every rank raises the
+same error from the same config, so every rank exits on its own and none waits in a collective for
+a rank that has gone.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 
 from pipeline.errors import ConfigError, DataError
 
-EXIT_CONFIG, EXIT_DIVERGED = 2, 3
+EXIT_CONFIG, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,7 +38,7 @@ def fail(message: str, code: int) -> int:
         print(f"error: {message}", file=sys.stderr, flush=True)
     import torch.distributed as dist
 
-    if dist.is_initialized():
+    if dist.is_initialized() and code != EXIT_INTERRUPTED:  # peers may be gone: do not wait for them
         dist.destroy_process_group()
     return code
 
@@ -52,12 +54,19 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg)
     except (ConfigError, DataError) as e:
         return fail(str(e), EXIT_CONFIG)
+    except KeyboardInterrupt:
+        return fail("interrupted (Ctrl-C) during start-up; nothing was trained, nothing to save", EXIT_INTERRUPTED)
     from pipeline.train.health import TrainingDiverged
 
     try:
         trainer.fit()
     except TrainingDiverged as e:
         return fail(str(e), EXIT_DIVERGED)
+    except (ConfigError, DataError) as e:  # e.g. a corrupt shard, a full disk during a save
+        return fail(str(e), EXIT_CONFIG)
+    except KeyboardInterrupt:
+        return fail(f"stopped at once at step {trainer.step} by a second Ctrl-C, without a checkpoint; "
+                    f"{trainer.ckpt.last_good_message()}", EXIT_INTERRUPTED)
     finally:
         trainer.close()
     return 0

@@ -16,10 +16,16 @@ One format serves the same shape and a new one: DeepSpeed's own per-rank shards 
 Per-rank RNG states cannot map onto another world size: they are restored when the world size and
 expert-parallel size are unchanged, and otherwise every rank is reseeded from (seed, step, rank).
 
-Crash safety: `latest` is replaced atomically (write + rename) only after a barrier proves every
-rank finished writing its files, so a kill during a save leaves `latest` pointing at the previous
-complete checkpoint. The half-written `step_N/` is never read and is removed by the next save of
-that step. Older checkpoints are pruned only after `latest` moved past them.
+Crash safety: `trainer_state.json` is written last, by rank 0, once every rank reported its files
+written (and index.json holds their checksums): a `step_N/` with it is *complete*. `latest` is then
+replaced atomically, so a kill during a save leaves `latest` pointing at the previous complete
+checkpoint. A `latest` that is missing, empty or names an incomplete tag never means "start fresh"
+while complete checkpoints exist: the newest complete one is resumed, and the run says so. A save
+that fails (disk full, I/O error) on any rank removes its own half-written `step_N/` on every rank's
+word and stops with one line; the previous checkpoint is untouched. Clean-up deletes only an
+incomplete `step_N/` (no trainer_state.json: provably a leftover) and, after `latest` moved past
+them, checkpoints older than the last `keep_last`; a complete `step_N/` that a save would
+overwrite (the user pointed `latest` back) is renamed aside, never deleted.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +44,7 @@ import torch.distributed as dist
 
 from pipeline.errors import CheckpointError
 from pipeline.io_utils import atomic_write_text
-from pipeline.train.universal_ckpt import INDEX, load_state, save_state
+from pipeline.train.universal_ckpt import INDEX, StateReader, file_checksum, load_state, save_state
 from pipeline.train.zero_state import (
     link_optimizer_state,
     optimizer_step_count,
@@ -46,6 +53,7 @@ from pipeline.train.zero_state import (
 )
 
 LATEST = "latest"
+TRAINER_STATE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 _TAG_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -70,12 +78,51 @@ def checkpoint_steps(ckpt_dir: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in ckpt_dir.iterdir() if (m := _TAG_RE.match(p.name)))
 
 
-def read_latest(ckpt_dir: Path) -> str | None:
+def is_complete(tag_dir: Path) -> bool:
+    """trainer_state.json (written last) parses, and every file index.json lists is there, whole."""
+    try:
+        json.loads((tag_dir / TRAINER_STATE).read_text())["step"]
+        if (tag_dir / INDEX).is_file():
+            StateReader(tag_dir)  # checks presence and size of every file
+    except (OSError, ValueError, KeyError, TypeError, CheckpointError):
+        return False
+    return True
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Tags of the complete checkpoints, newest first."""
+    ckpt_dir = Path(ckpt_dir)
+    return [f"step_{s}" for s in reversed(checkpoint_steps(ckpt_dir)) if is_complete(ckpt_dir / f"step_{s}")]
+
+
+def latest_problem(ckpt_dir: Path) -> str | None:
+    """Why `latest` cannot be used as it is (None: it names a complete checkpoint, or there is none)."""
     path = Path(ckpt_dir) / LATEST
-    if not path.is_file():
+    tags = complete_tags(ckpt_dir)
+    if not tags:
         return None
-    tag = path.read_text().strip()
-    return tag if (Path(ckpt_dir) / tag / "trainer_state.json").is_file() else None
+    if not path.is_file():
+        why = f"{path} is missing"
+    else:
+        tag = path.read_text().strip()
+        if tag and is_complete(Path(ckpt_dir) / tag):
+            return None
+        why = f"{path} is empty" if not tag else f"{path} names {tag}, which is not a complete checkpoint"
+    return f"{why}: resuming from the newest complete checkpoint, {tags[0]}"
+
+
+def read_latest(ckpt_dir: Path) -> str | None:
+    """The checkpoint to resume from: the tag `latest` names if that checkpoint is complete, else the
+    newest complete one (see `latest_problem`), else None (nothing to resume)."""
+    path = Path(ckpt_dir) / LATEST
+    try:
+        tag = path.read_text().strip()
+    except OSError:
+        tag = ""
+    if tag and is_complete(Path(ckpt_dir) / tag):
+        return tag
+    tags = complete_tags(ckpt_dir)
+    return tags[0] if tags else None
 
 
 class CheckpointManager:
@@ -88,35 +135,108 @@ class CheckpointManager:
         if dist.is_initialized():
             dist.barrier()
 
+    def _agree(self, error: str | None) -> str | None:
+        """Rank 0's verdict (which includes every rank's errors) reaches every rank."""
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            return box[0]
+        return error
+
     def save(self, engine, step: int, trainer_state: dict, run_files: dict[str, str]) -> Path:
         tag = f"step_{step}"
         tag_dir = self.dir / tag
+        error = None
         if self.rank == 0:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            if tag_dir.exists() and read_latest(self.dir) != tag:
-                shutil.rmtree(tag_dir)  # leftovers of a save that was killed half-way
-            tag_dir.mkdir(parents=True, exist_ok=True)
-        self._barrier()
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                if tag_dir.exists():
+                    if is_complete(tag_dir):  # `latest` was pointed back past it: keep it, aside
+                        tag_dir.rename(tag_dir.with_name(f"{tag}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
+                    else:
+                        shutil.rmtree(tag_dir)  # leftovers of a save that was killed half-way
+                tag_dir.mkdir(parents=True)
+            except OSError as e:
+                error = f"rank 0: creating {tag_dir} failed ({e.strerror})"
+        error = self._agree(error)
+        if error:
+            raise CheckpointError(self._failed(tag_dir, error))
         trainer_state = {**trainer_state, "optimizer_step": optimizer_step_count(engine)}
         link_optimizer_state(engine)
-        save_state(engine.module, tag_dir)
-        torch.save(rng_state(), tag_dir / f".rng_rank{self.rank}.pt.tmp")
-        os.replace(tag_dir / f".rng_rank{self.rank}.pt.tmp", tag_dir / f"rng_rank{self.rank}.pt")
+        written, error = [], None
+        try:  # before save_state, so that index.json holds their checksums
+            torch.save(rng_state(), tag_dir / f".rng_rank{self.rank}.pt.tmp")
+            os.replace(tag_dir / f".rng_rank{self.rank}.pt.tmp", tag_dir / f"rng_rank{self.rank}.pt")
+            written.append(f"rng_rank{self.rank}.pt")
+            if self.rank == 0:
+                for name, text in run_files.items():
+                    atomic_write_text(tag_dir / name, text)
+                    written.append(name)
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+            error = f"writing into {tag_dir} failed ({getattr(e, 'strerror', None) or e})"
+        errors = save_state(engine.module, tag_dir, written, error)  # collective; every rank's errors
+        error = "; ".join(errors) if errors else None
+        if self.rank == 0 and not error:
+            try:
+                atomic_write_text(tag_dir / TRAINER_STATE, json.dumps(trainer_state, indent=2))  # complete now
+                atomic_write_text(self.dir / LATEST, tag)
+            except OSError as e:
+                error = f"rank 0: writing {tag_dir / TRAINER_STATE} or {self.dir / LATEST} failed ({e.strerror})"
+                (tag_dir / TRAINER_STATE).unlink(missing_ok=True)
+        error = self._agree(error)
+        if error:
+            raise CheckpointError(self._failed(tag_dir, error))
         if self.rank == 0:
-            for name, text in run_files.items():
-                atomic_write_text(tag_dir / name, text)
-            atomic_write_text(tag_dir / "trainer_state.json", json.dumps(trainer_state, indent=2))
-        self._barrier()  # every rank's files are on disk
-        if self.rank == 0:
-            atomic_write_text(self.dir / LATEST, tag)
             self._prune(keep=step)
         self._barrier()
         return tag_dir
+
+    def _failed(self, tag_dir: Path, error: str) -> str:
+        """Remove this save's own half-written dir (rank 0) and say what to do, in one line."""
+        if self.rank == 0:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        good = read_latest(self.dir)
+        kept = f"the last complete checkpoint {self.dir / good} is kept" if good else "no earlier checkpoint exists"
+        return (f"could not save checkpoint {tag_dir}: {error}; the partial {tag_dir.name} was removed and {kept}. "
+                "Free space on that filesystem (or fix the error) and run the same command again to resume")
 
     def _prune(self, keep: int) -> None:
         steps = [s for s in checkpoint_steps(self.dir) if s <= keep]
         for s in steps[: max(0, len(steps) - self.keep_last)]:
             shutil.rmtree(self.dir / f"step_{s}", ignore_errors=True)
+
+    def resume_fix(self, tag: str) -> str:
+        """What to do when checkpoint `tag` cannot be loaded: the other complete checkpoints."""
+        others = [t for t in complete_tags(self.dir) if t != tag]
+        if not others:
+            return f"restore it from a copy; no other complete checkpoint exists in {self.dir}"
+        return (f"restore it from a copy, or resume from another complete checkpoint ({', '.join(others)}) by "
+                f"writing its tag into {self.dir / LATEST}")
+
+    def last_good(self) -> str | None:
+        """The newest complete checkpoint whose every tensor verifies (checksum, finite); collective:
+        the files are dealt over the ranks."""
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        for tag in complete_tags(self.dir):
+            problem = None
+            try:
+                if (self.dir / tag / INDEX).is_file():
+                    StateReader(self.dir / tag).verify(self.rank, world)
+            except CheckpointError as e:
+                problem = str(e)
+            if dist.is_initialized() and world > 1:
+                problems: list = [None] * world
+                dist.all_gather_object(problems, problem)
+                problem = next((p for p in problems if p), None)
+            if problem is None:
+                return tag
+        return None
+
+    def last_good_message(self, verified: bool = False) -> str:
+        tag = self.last_good() if verified else read_latest(self.dir)
+        if tag is None:
+            return "no checkpoint was written yet" if not complete_tags(self.dir) else "no checkpoint verifies"
+        return f"{'last good' if verified else 'newest complete'} checkpoint: {self.dir / tag}"
 
     def load_latest(self, engine, expert_parallel_size: int, grad_accum_steps: int, seed: int) -> dict | None:
         """Load the newest complete checkpoint into `engine`, whatever shape wrote it; returns its
@@ -134,7 +254,7 @@ class CheckpointManager:
                 "(its next checkpoint can be resumed on any number of ranks)"
             )
         if (tag_dir / INDEX).is_file():
-            load_state(engine, tag_dir)
+            load_state(engine, tag_dir, fix=self.resume_fix(tag))
         else:  # legacy DeepSpeed shards, same world size
             load_path, _ = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
                                                   load_lr_scheduler_states=False)
@@ -146,6 +266,9 @@ class CheckpointManager:
         written_ep = state.get("expert_parallel_size", expert_parallel_size)
         state["same_shape"] = state.get("world_size") == world and written_ep == expert_parallel_size
         rng_file = tag_dir / f"rng_rank{self.rank}.pt"
+        want = StateReader(tag_dir).file_checksums.get(rng_file.name) if (tag_dir / INDEX).is_file() else None
+        if want is not None and state["same_shape"] and file_checksum(rng_file) != want:
+            raise CheckpointError(f"checkpoint file {rng_file} fails its checksum; {self.resume_fix(tag)}")
         if state["same_shape"] and rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=False))
         else:  # per-rank streams cannot be re-dealt to other ranks: a fresh, reproducible one each

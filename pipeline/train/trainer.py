@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import time
 from pathlib import Path
 
@@ -28,34 +27,15 @@ from pipeline.flops import flops_per_token
 from pipeline.model import GPTOSSConfig, MoE, get_preset
 from pipeline.model.flex_attention import resolve_attention_backend
 from pipeline.train import health
-from pipeline.train.checkpoint import CheckpointManager, read_latest
+from pipeline.train.checkpoint import CheckpointManager, latest_problem, read_latest
 from pipeline.train.config import RunConfig, TrainConfig, run_config_to_dict
 from pipeline.train.ds_config import build_ds_config
 from pipeline.train.engine import build_engine, init_distributed
 from pipeline.train.expert_parallel import check_expert_parallel_size
+from pipeline.train.guards import StopSignal, check_data, check_data_unchanged, hold_run_dir
 from pipeline.train.metrics import MetricsLogger, detect_peak_tflops, expert_load_stats, memory_stats
 from pipeline.train.optim import compute_loss, lr_at
 from pipeline.train.weights import WeightsFolder, load_initial_weights
-
-
-class StopSignal:
-    """SIGTERM / SIGUSR1 (SLURM preemption, `scancel`, `--signal=USR1@120`) -> stop after the current
-    step with a checkpoint. Ranks receive the signal at different moments, so `agreed()` all-reduces
-    the flag (MAX) once per step: every rank stops after the same step and the save cannot deadlock."""
-
-    def __init__(self, device: torch.device):
-        self.received: str | None = None
-        self.device = device
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, _frame) -> None:
-        self.received = signal.Signals(signum).name
-
-    def agreed(self) -> bool:
-        flag = torch.tensor([1 if self.received else 0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def data_sources(sources: list) -> list[str]:
@@ -112,13 +92,16 @@ class Trainer:
         check_vocab_compatible(
             data_sources(cfg.data.train + (cfg.data.valid or [])), self.model_cfg.vocab_size
         )
+        self.data_identity, notes = check_data(cfg.data.train, cfg.data.valid, self.model_cfg.vocab_size,
+                                               cfg.data.verify_checksums, self.rank, self.world)
         check_expert_parallel_size(cfg.parallel.expert_parallel_size, self.world, self.model_cfg.n_experts)
         # At start, not at the first forward: e.g. `flex` cannot train on CPU (no backward there).
         resolve_attention_backend(self.model_cfg.attention_backend, torch.device("cuda" if torch.cuda.is_available()
                                   else "cpu"), training=True, dropout=self.model_cfg.dropout)
         self.ds_config = build_ds_config(cfg, self.world)
+        self.lock = hold_run_dir(self.run_dir, self.rank)  # released at exit, also on errors
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last)
-        self._check_resume_compatible()
+        notes += self._check_resume_compatible()
         init_folder = None
         if cfg.init_from and read_latest(self.ckpt.dir) is None:
             init_folder = WeightsFolder(cfg.init_from)
@@ -159,6 +142,8 @@ class Trainer:
         self.collapse = health.CollapseMonitor(t.collapse_warn_ratio, t.collapse_warn_intervals, len(self.moe_layers))
         self.bias_rate = self.model_cfg.load_balance_bias_rate
         self._write_run_files()
+        for note in ([self.lock.note] if self.lock and self.lock.note else []) + notes:
+            self.log.message(note)
         if init_folder is not None:
             self.log.message(f"initialised {n} tensors from {init_folder.path} (model.init_from)")
         if state is not None:
@@ -188,11 +173,13 @@ class Trainer:
         for name, text in self.run_files().items():
             (self.run_dir / name).write_text(text)
 
-    def _check_resume_compatible(self) -> None:
-        """A run dir with checkpoints of a different model must not be resumed into."""
+    def _check_resume_compatible(self) -> list[str]:
+        """A run dir with checkpoints of a different model, or trained on other data, must not be
+        resumed into; returns notes to log."""
         tag = read_latest(self.ckpt.dir)
         if tag is None:
-            return
+            return []
+        notes = [p] if (p := latest_problem(self.ckpt.dir)) else []
         saved_cfg = yaml.safe_load((self.ckpt.dir / tag / "config.yaml").read_text())
         saved = {k: v for k, v in saved_cfg["model"].items() if k != "init_from"}
         current = {"preset": self.cfg.model["preset"], **to_dict(self.model_cfg)}
@@ -204,8 +191,11 @@ class Trainer:
                 f"{self.run_dir} holds checkpoints of a different model (fields differ: {', '.join(diff)}); "
                 "use a new run_dir, or the same model settings to resume"
             )
-        written_by = json.loads((self.ckpt.dir / tag / "trainer_state.json").read_text())["world_size"]
-        check_global_batch(saved_cfg["train"], written_by, self.cfg.train, self.world, self.ckpt.dir / tag)
+        saved_state = json.loads((self.ckpt.dir / tag / "trainer_state.json").read_text())
+        check_global_batch(saved_cfg["train"], saved_state["world_size"], self.cfg.train, self.world,
+                           self.ckpt.dir / tag)
+        return notes + check_data_unchanged(saved_state.get("data"), self.data_identity, self.ckpt.dir / tag,
+                                            self.cfg.train.allow_data_change)
 
     # --- training -----------------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -296,6 +286,7 @@ class Trainer:
             "global_batch_size": self.cfg.train.micro_batch_size * self.cfg.train.grad_accum_steps * self.world,
             "eval_history": self.eval_history,
             "skipped_steps": self.skipped_total,
+            "data": self.data_identity,
         }
         path = self.ckpt.save(self.engine, self.step, state, self.run_files())
         self.log.message(f"saved checkpoint {path}")
@@ -401,7 +392,7 @@ class Trainer:
             self.save_if_finite()
         elif not saved:
             self.log.message(f"no checkpoint at the last step {self.step}: it was skipped; "
-                             f"the newest good one is {read_latest(self.ckpt.dir)}")
+                             f"{self.ckpt.last_good_message(verified=True)}")
         self.log.flush()
 
     # --- step health ----------------------------------------------------------------------------
@@ -420,8 +411,7 @@ class Trainer:
                               "consecutive_skips": self.bad_steps,
                               "train/skipped_steps": self.skipped_total})
         if self.bad_steps >= self.cfg.train.max_bad_steps:
-            last = read_latest(self.ckpt.dir)
-            good = f"last good checkpoint: {self.ckpt.dir / last}" if last else "no checkpoint was written yet"
+            good = self.ckpt.last_good_message(verified=True)  # collective: every rank is here
             self.log.flush()
             raise health.TrainingDiverged(
                 f"training stopped at step {self.step}: {self.bad_steps} consecutive steps skipped "
@@ -450,3 +440,5 @@ class Trainer:
 
     def close(self) -> None:
         self.log.close()
+        if self.lock is not None:
+            self.lock.release()

@@ -5,7 +5,15 @@ either ZeRO stage is read back by any other.
 Layout inside `step_N/`::
 
     state-r00003-000.safetensors    tensors owned by rank 3 (more files if one would pass 2 GiB)
-    index.json                      tensor key -> file, file -> byte size, and the writing shape
+    index.json                      tensor key -> file, file -> byte size, the writing shape, and an
+                                    xxh3-64 checksum of every tensor's bytes and of every other file
+
+Integrity: checksums are per tensor, not per file, so a rank verifies exactly the bytes it reads
+(every rank reads only its keys); xxh3-64 runs at memory speed (its cost on save and load is
+measured by benchmarks/bench_checkpoint.py). A tensor that fails its checksum or is not finite is
+refused naming the file, the tensor and what to do. Checkpoints written before checksums load
+without them. A write that fails (disk full, I/O error) is recorded, not raised, so that the rank
+keeps taking part in the collectives; `save_state` returns every rank's errors.
 
 Keys: `weight/<name>`, `exp_avg/<name>`, `exp_avg_sq/<name>` for every parameter and
 `buffer/<name>` for every persistent buffer, where `<name>` is the parameter's name in the plain
@@ -27,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import xxhash
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -38,6 +47,7 @@ from pipeline.train.zero_state import OPTIM_KEYS, ensure_optimizer_state, get_fu
 
 FORMAT = "gpt-oss-pipeline/universal-v1"
 INDEX = "index.json"
+CHECKSUM = "xxh3_64"
 FILE_LIMIT_BYTES = 2 << 30
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -94,39 +104,68 @@ def persistent_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-class _ShardWriter:
-    """Collects owned tensors and writes them as safetensors files (tmp name, then rename)."""
+def tensor_checksum(t: torch.Tensor) -> str:
+    """xxh3-64 of a tensor's bytes as stored (dtype and layout of the file)."""
+    return xxhash.xxh3_64_hexdigest(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
-    def __init__(self, tag_dir: Path, rank: int):
+
+def file_checksum(path: Path) -> str:
+    with open(path, "rb") as f:
+        return xxhash.xxh3_64_hexdigest(f.read())
+
+
+class _ShardWriter:
+    """Collects owned tensors and writes them as safetensors files (tmp name, then rename). The
+    first failed write is kept in `error` and later tensors are dropped: the rank goes on with the
+    collectives and the save is abandoned by every rank together."""
+
+    def __init__(self, tag_dir: Path, rank: int, checksums: bool = True):
         self.tag_dir, self.rank = tag_dir, rank
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
         self.files: dict[str, list[str]] = {}
+        self.checksums: dict[str, str] = {}  # tensor key -> xxh3-64 hex
+        self.with_checksums = checksums
+        self.error: str | None = None
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
+        if self.error:
+            return
         self.pending[key] = tensor.contiguous()
         self.pending_bytes += tensor.numel() * tensor.element_size()
         if self.pending_bytes >= FILE_LIMIT_BYTES:
             self.flush()
 
     def flush(self) -> None:
-        if not self.pending:
+        if not self.pending or self.error:
             return
         name = f"state-r{self.rank:05d}-{len(self.files):03d}.safetensors"
         tmp = self.tag_dir / f".{name}.tmp"
-        save_file(self.pending, str(tmp))
-        os.chmod(tmp, 0o666 & ~_UMASK)  # safetensors creates 0600: others in the project could not read it
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.tag_dir / name)
+        try:
+            save_file(self.pending, str(tmp))
+            os.chmod(tmp, 0o666 & ~_UMASK)  # safetensors creates 0600: others in the project could not read it
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self.tag_dir / name)
+        except (OSError, RuntimeError) as e:  # safetensors reports a failed write as its own error
+            self.error = f"writing {tmp} failed ({getattr(e, 'strerror', None) or e})"
+            tmp.unlink(missing_ok=True)
+            self.pending, self.pending_bytes = {}, 0
+            return
+        if self.with_checksums:
+            self.checksums.update({k: tensor_checksum(t) for k, t in self.pending.items()})
         self.files[name] = list(self.pending)
         self.pending, self.pending_bytes = {}, 0
 
 
-def save_state(module: nn.Module, tag_dir: Path) -> None:
-    """Every rank calls this (collective); rank 0 writes index.json last."""
+def save_state(module: nn.Module, tag_dir: Path, extra_files: list[str] = (), error: str | None = None,
+               checksums: bool = True) -> list[str]:
+    """Every rank calls this (collective); rank 0 writes index.json last, unless a rank failed to
+    write (then nothing). `extra_files`: other files this rank wrote into `tag_dir` (checksummed in
+    the index); `error`: a write this rank already failed. Returns every rank's write errors."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    writer = _ShardWriter(tag_dir, rank)
+    writer = _ShardWriter(tag_dir, rank, checksums)
+    writer.error = error
     for i, e in enumerate(entries(module)):
         group_rank = dist.get_rank(group=e.group) if e.group is not None else rank
         group_size = dist.get_world_size(group=e.group) if e.group is not None else world
@@ -143,27 +182,43 @@ def save_state(module: nn.Module, tag_dir: Path) -> None:
         for name, buf in persistent_buffers(module).items():
             writer.add(f"buffer/{canonical_name(name)}", buf.detach().cpu())
     writer.flush()
-    all_files: list[dict] = [None] * world  # type: ignore[list-item]
-    dist.all_gather_object(all_files, writer.files)
-    if rank == 0:
-        tensors, sizes = {}, {}
-        for files in all_files:
-            for fname, keys in files.items():
+    extra = {}
+    if not writer.error and checksums:
+        try:
+            extra = {name: file_checksum(tag_dir / name) for name in extra_files}
+        except OSError as e:
+            writer.error = f"reading back {tag_dir} failed ({e.strerror})"
+    mine = {"files": writer.files, "checksums": writer.checksums, "extra": extra, "error": writer.error}
+    everyone: list[dict] = [None] * world  # type: ignore[list-item]
+    dist.all_gather_object(everyone, mine)
+    errors = [f"rank {r}: {part['error']}" for r, part in enumerate(everyone) if part["error"]]
+    if rank == 0 and not errors:
+        tensors, sizes, sums, file_sums = {}, {}, {}, {}
+        for part in everyone:
+            for fname, keys in part["files"].items():
                 sizes[fname] = (tag_dir / fname).stat().st_size
                 tensors.update(dict.fromkeys(keys, fname))
+            sums.update(part["checksums"])
+            file_sums.update(part["extra"])
         index = {"format": FORMAT, "files": sizes, "tensors": tensors}
-        atomic_write_text(tag_dir / INDEX, json.dumps(index, indent=1, sort_keys=True))
+        if checksums:
+            index.update(checksum=CHECKSUM, tensor_checksums=sums, file_checksums=file_sums)
+        try:
+            atomic_write_text(tag_dir / INDEX, json.dumps(index, indent=1, sort_keys=True))
+        except OSError as e:
+            errors.append(f"rank 0: writing {tag_dir / INDEX} failed ({e.strerror})")
+    return errors
 
 
 class StateReader:
     """Lazy reader of a moveable checkpoint: checks every file is there and whole, then opens only
     the files that hold the requested keys."""
 
-    def __init__(self, tag_dir: Path):
+    def __init__(self, tag_dir: Path, fix: str | None = None):
         self.tag_dir = Path(tag_dir)
         index_path = self.tag_dir / INDEX
-        fix = (f"restore it, or resume from an earlier checkpoint by writing its tag into "
-               f"{self.tag_dir.parent / 'latest'}")
+        fix = fix or (f"restore it, or resume from an earlier checkpoint by writing its tag into "
+                      f"{self.tag_dir.parent / 'latest'}")
         if not index_path.is_file():
             raise CheckpointError(f"{index_path} is missing (checkpoint incomplete or of an older format); {fix}")
         try:
@@ -181,6 +236,8 @@ class StateReader:
                                       f"(truncated or corrupt); {fix}")
         self.fix = fix
         self.tensors: dict[str, str] = index["tensors"]
+        self.checksums: dict[str, str] = index.get("tensor_checksums", {})  # empty: written before checksums
+        self.file_checksums: dict[str, str] = index.get("file_checksums", {})
         self._open: dict[str, object] = {}
 
     def has(self, key: str) -> bool:
@@ -194,9 +251,32 @@ class StateReader:
         try:
             if path.name not in self._open:
                 self._open[path.name] = safe_open(str(path), framework="pt")
-            return self._open[path.name].get_tensor(key)
+            tensor = self._open[path.name].get_tensor(key)
         except Exception as e:  # safetensors raises its own error types for corrupt headers / data
             raise CheckpointError(f"checkpoint file {path} is unreadable ({e}); {self.fix}") from None
+        want = self.checksums.get(key)
+        if want is not None and tensor_checksum(tensor) != want:
+            raise CheckpointError(f"checkpoint file {path}: tensor {key} fails its {CHECKSUM} checksum (damaged on "
+                                  f"disk since it was written); {self.fix}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"checkpoint file {path}: tensor {key} holds NaN or Inf values; {self.fix}")
+        return tensor
+
+    def verify(self, rank: int = 0, world: int = 1) -> None:
+        """Read and check every tensor (checksum, finite) and every checksummed file; with `world`
+        > 1 this rank checks only every world-th file. Raises CheckpointError on the first problem."""
+        by_file: dict[str, list[str]] = {}
+        for key, fname in sorted(self.tensors.items()):
+            by_file.setdefault(fname, []).append(key)
+        for i, (fname, keys) in enumerate(sorted(by_file.items())):
+            if i % world == rank:
+                for key in keys:
+                    self.get(key)
+                self._open.pop(fname, None)
+        for i, (fname, want) in enumerate(sorted(self.file_checksums.items())):
+            path = self.tag_dir / fname
+            if i % world == rank and (not path.is_file() or file_checksum(path) != want):
+                raise CheckpointError(f"checkpoint file {path} is missing or fails its {CHECKSUM} checksum; {self.fix}")
 
     def full(self, entry: Entry, prefix: str) -> torch.Tensor:
         """The tensor this rank's parameter holds (its expert slice stacked), checked against its shape."""
@@ -212,10 +292,10 @@ class StateReader:
         return {k[len(prefix) + 1:] for k in self.tensors if k.startswith(prefix + "/")}
 
 
-def load_state(engine, tag_dir: Path, with_optimizer: bool = True) -> None:
+def load_state(engine, tag_dir: Path, with_optimizer: bool = True, fix: str | None = None) -> None:
     """Set this rank's share of the weights (fp32 master and working copy), Adam moments and
-    buffers from `tag_dir`. No communication: every rank reads only its own keys."""
-    reader = StateReader(tag_dir)
+    buffers from `tag_dir`. No communication: every rank reads (and verifies) only its own keys."""
+    reader = StateReader(tag_dir, fix)
     if with_optimizer:
         ensure_optimizer_state(engine)
     for e in entries(engine.module):
