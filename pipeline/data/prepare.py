@@ -384,7 +384,9 @@ def prepare(opts: PrepareOptions) -> dict:
     report = SkipReport()
     sources = expand_inputs(opts.inputs, opts.reader.input_format, report)
     # Two prepares into one dir would interleave their shards: one at a time (see run_lock.py).
-    with DirLock(opts.output, "prepare"):
+    with DirLock(opts.output, "prepare") as lock:
+        if lock.note:
+            print(lock.note, flush=True)
         return _prepare_locked(opts, sources, report)
 
 
