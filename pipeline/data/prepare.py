@@ -172,11 +172,12 @@ def _prepare_output_dir(out: Path, fingerprint: dict, overwrite: bool, legacy_in
             if differs == ["inputs"] and legacy_inputs is not None and old["fingerprint"]["inputs"] == legacy_inputs():
                 old["fingerprint"] = fingerprint  # from an older version, inputs unchanged: upgrade
                 return old if name == STATE else {"complete": True}
-            if "inputs" in differs:
-                changed = _changed_inputs(old.get("fingerprint", {}).get("inputs", []), fingerprint["inputs"])
+            changed = _changed_content(old.get("fingerprint", {}).get("inputs", []), fingerprint["inputs"])
+            if differs == ["inputs"] and changed:
                 raise DataError(
-                    f"output dir {out} holds a dataset prepared from other input content ({changed}); the shards "
-                    f"would mix old and new text: pass --overwrite to rebuild it, or choose another --output"
+                    f"output dir {out} already holds a dataset prepared from different inputs (content changed: "
+                    f"{changed}); resuming would mix old and new text: pass --overwrite to rebuild it, "
+                    "or choose another --output"
                 )
             raise DataError(
                 f"output dir {out} already holds a dataset prepared from different "
@@ -191,15 +192,17 @@ def _prepare_output_dir(out: Path, fingerprint: dict, overwrite: bool, legacy_in
     return None
 
 
-def _changed_inputs(old: list, new: list) -> str:
-    """Which input files differ between two fingerprints' `inputs`, in words."""
+def _changed_content(old: list, new: list) -> str | None:
+    """The input files whose content changed between two fingerprints' `inputs` (same files, same
+    order), in words; None when the inputs themselves differ."""
     def files(inputs: list) -> dict:
-        return {f[0]: f[1:] for entry in inputs if len(entry) > 2 for f in entry[2]} | {
-            entry[1]: () for entry in inputs if len(entry) == 2}
+        return {f[0]: f[2] for entry in inputs if len(entry) > 2 for f in entry[2]}
 
     a, b = files(old), files(new)
-    names = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    return ("changed: " + ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")) if names else "input list changed"
+    if [e[:2] for e in old] != [e[:2] for e in new] or set(a) != set(b):
+        return None
+    names = sorted(k for k in a if a[k] != b[k])
+    return (", ".join(names[:3]) + (" ..." if len(names) > 3 else "")) if names else None
 
 
 def _tokenizer_for(opts: PrepareOptions, sources: list[Source], state: dict | None) -> Tokenizer:

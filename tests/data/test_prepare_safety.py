@@ -49,9 +49,9 @@ def test_input_edited_in_place_is_refused_on_resume_and_caught_by_verify(spm_bpe
 
     code, _, err = run_prepare(capsys, *args)
     assert code == 2 and "Traceback" not in err
-    assert err.strip() == (f"error: output dir {out} holds a dataset prepared from other input content (changed: "
-                           f"{inp}); the shards would mix old and new text: pass --overwrite to rebuild it, or "
-                           "choose another --output")
+    assert err.strip() == (f"error: output dir {out} already holds a dataset prepared from different inputs (content "
+                           f"changed: {inp}); resuming would mix old and new text: pass --overwrite to rebuild it, "
+                           "or choose another --output")
 
     assert run_prepare(capsys, *args, "--overwrite")[0] == 0
     assert run_prepare(capsys, "--verify", out)[0] == 0
