@@ -44,7 +44,14 @@ import torch.distributed as dist
 
 from pipeline.errors import CheckpointError
 from pipeline.io_utils import atomic_write_text
-from pipeline.train.universal_ckpt import INDEX, StateReader, file_checksum, load_state, save_state
+from pipeline.train.universal_ckpt import (
+    INDEX,
+    StateReader,
+    file_checksum,
+    load_state,
+    save_state,
+    write_error_reason,
+)
 from pipeline.train.zero_state import (
     link_optimizer_state,
     optimizer_step_count,
@@ -172,7 +179,7 @@ class CheckpointManager:
                     atomic_write_text(tag_dir / name, text)
                     written.append(name)
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
-            error = f"writing into {tag_dir} failed ({getattr(e, 'strerror', None) or e})"
+            error = f"writing into {tag_dir} failed ({write_error_reason(e)})"
         errors = save_state(engine.module, tag_dir, written, error)  # collective; every rank's errors
         error = "; ".join(errors) if errors else None
         if self.rank == 0 and not error:

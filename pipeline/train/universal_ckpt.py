@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import xxhash
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -104,6 +105,14 @@ def persistent_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def write_error_reason(e: Exception) -> str:
+    """`No space left on device` from an OSError, or from the text of safetensors' / torch's errors."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    m = re.search(r"(?:I/O error: )?([^:]*?) \(os error \d+\)", str(e))
+    return m[1] if m else str(e)
+
+
 def tensor_checksum(t: torch.Tensor) -> str:
     """xxh3-64 of a tensor's bytes as stored (dtype and layout of the file)."""
     return xxhash.xxh3_64_hexdigest(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
@@ -147,8 +156,8 @@ class _ShardWriter:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, self.tag_dir / name)
-        except (OSError, RuntimeError) as e:  # safetensors reports a failed write as its own error
-            self.error = f"writing {tmp} failed ({getattr(e, 'strerror', None) or e})"
+        except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
+            self.error = f"writing {tmp} failed ({write_error_reason(e)})"
             tmp.unlink(missing_ok=True)
             self.pending, self.pending_bytes = {}, 0
             return
