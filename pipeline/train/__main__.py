@@ -64,9 +64,6 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(e), EXIT_DIVERGED)
     except (ConfigError, DataError) as e:  # e.g. a corrupt shard, a full disk during a save
         return fail(str(e), EXIT_CONFIG)
-    except KeyboardInterrupt:
-        return fail(f"stopped at once at step {trainer.step} by a second Ctrl-C, without a checkpoint; "
-                    f"{trainer.ckpt.last_good_message()}", EXIT_INTERRUPTED)
     finally:
         trainer.close()
     return 0

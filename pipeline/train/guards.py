@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -88,12 +89,15 @@ class StopSignal:
     """SIGTERM / SIGUSR1 (SLURM preemption, `scancel`, `--signal=USR1@120`), SIGINT (Ctrl-C) or a dead
     launcher -> stop after the current step with a checkpoint. Ranks notice at different moments, so
     `agreed()` all-reduces the flag (MAX) once per step: every rank stops after the same step and the
-    save cannot deadlock. A second Ctrl-C stops at once (KeyboardInterrupt, no checkpoint)."""
+    save cannot deadlock. A second Ctrl-C stops at once, without a checkpoint: `abort()` returns the
+    line to print (and releases what must be released), then the process exits with 130 right from
+    the handler -- raising KeyboardInterrupt instead would leave the other ranks in a collective
+    with a traceback each."""
 
-    def __init__(self, device: torch.device, message: Callable[[str], None] = print):
+    def __init__(self, device: torch.device, abort: Callable[[], str] = lambda: "stopped at once"):
         self.received: str | None = None
         self.device = device
-        self.message = message
+        self.abort = abort
         self._first_int: float | None = None
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
@@ -104,8 +108,11 @@ class StopSignal:
     def _handle(self, signum, _frame) -> None:
         if signum == signal.SIGINT:
             now = time.monotonic()
-            if self._first_int is not None and now - self._first_int > SAME_CTRL_C_S:
-                raise KeyboardInterrupt  # the second Ctrl-C: stop at once
+            if self._first_int is not None and now - self._first_int > SAME_CTRL_C_S:  # the second Ctrl-C
+                line = self.abort()
+                if os.environ.get("LOCAL_RANK", "0") == "0":
+                    print(f"error: {line}", file=sys.stderr, flush=True)
+                os._exit(130)
             if self._first_int is None:
                 self._first_int = now
                 if os.environ.get("LOCAL_RANK", "0") == "0":

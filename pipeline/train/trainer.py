@@ -134,7 +134,7 @@ class Trainer:
         self.peak_tflops = t.peak_tflops or detect_peak_tflops()
         self.log = MetricsLogger(self.run_dir, self.rank == 0, cfg.tensorboard, t.steps, wandb=cfg.wandb,
                                  run_config=yaml.safe_load(self.run_files()["config.yaml"]))
-        self.stop = StopSignal(self.engine.device)
+        self.stop = StopSignal(self.engine.device, self._abort)
         self.fault = health.FaultInjection.from_env(self.rank)
         self.spikes = health.SpikeDetector(t.spike_sigma, t.spike_window)
         self.bad_steps = 0  # consecutive skipped steps
@@ -437,6 +437,13 @@ class Trainer:
         dist.all_reduce(tokens_LE)
         for m, tokens_E in zip(self.moe_layers, tokens_LE, strict=True):
             m.router.update_expert_bias(tokens_E, self.bias_rate)
+
+    def _abort(self) -> str:
+        """A second Ctrl-C: the process exits right after this (see StopSignal)."""
+        if self.lock is not None:
+            self.lock.release()
+        return (f"stopped at once at step {self.step} by a second Ctrl-C, without a checkpoint; "
+                f"{self.ckpt.last_good_message()}")
 
     def close(self) -> None:
         self.log.close()

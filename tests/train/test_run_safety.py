@@ -5,10 +5,8 @@ shards are named, and a lost `latest` or a damaged checkpoint never means "start
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -21,7 +19,7 @@ import pytest
 from pipeline.train.checkpoint import checkpoint_steps, read_latest
 from tests.conftest import REPO_ROOT
 from tests.train.conftest import rank_env, train, write_run_config
-from tests.train.test_checkpoint import start_training
+from tests.train.test_checkpoint import kill_job, start_training
 from tests.train.test_launch import free_port
 
 
@@ -62,8 +60,7 @@ def test_second_run_on_a_run_dir_is_refused_and_a_killed_runs_lock_is_taken_over
         "its last heartbeat)"], second.stderr[-3000:]
     assert "training 4-layer model" not in second.stdout  # refused before the engine build
 
-    os.killpg(first.pid, signal.SIGKILL)  # a crash: the lock stays, naming a dead process
-    first.wait()
+    kill_job(first)  # a crash of the whole job: the lock stays, naming a dead process
     third = run_single(cfg, "train.grad_accum_steps=2", "train.steps=1")
     assert third.returncode == 0, third.stderr[-3000:]
     assert f"took over the stale lock {run_dir / '.lock'} of training run pid {holder['pid']}" in third.stdout
