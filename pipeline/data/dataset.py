@@ -17,7 +17,7 @@ import numpy as np
 
 from pipeline.data.indexed import MMapIndexedDataset
 from pipeline.data.manifest import MANIFEST, check_vocab_compatible, load_manifest
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import ConfigError, DataError, rank_local
 
 _DOC_ORDER_SALT = 0xD0C5
 _SAMPLE_ORDER_SALT = 0x5A3F
@@ -124,11 +124,11 @@ class GPTDataset:
     def _bad_id(self, d: int, chunk: np.ndarray) -> None:
         k = int(self.doc_shard[d])
         bad = int(chunk.max()) if int(chunk.max()) >= self.vocab_size else int(chunk.min())
-        raise DataError(
+        raise rank_local(DataError(
             f"{self.shards[k].prefix}.bin: sequence {d - int(self.shard_first_doc[k])} holds token id {bad}, outside "
             f"the tokenizer's [0, {self.vocab_size}): the shard is corrupt; check it with "
             f"`python -m pipeline.prepare --verify {self.shards[k].prefix.parent}` and re-prepare it"
-        )
+        ))
 
 
 def is_weighted(sources) -> bool:

@@ -32,10 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def fail(message: str, code: int) -> int:
-    """One line per node, then leave the process group without waiting for peers (they fail alike)."""
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        print(f"error: {message}", file=sys.stderr, flush=True)
+def fail(error: Exception | str, code: int) -> int:
+    """One line per node (or from the rank that alone saw it, see errors.rank_local), then leave the
+    process group without waiting for peers (they fail alike, or are ended by the launcher)."""
+    if os.environ.get("LOCAL_RANK", "0") == "0" or getattr(error, "rank_local", False):
+        print(f"error: {error}", file=sys.stderr, flush=True)
     import torch.distributed as dist
 
     if dist.is_initialized() and code != EXIT_INTERRUPTED:  # peers may be gone: do not wait for them
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
         trainer = Trainer(cfg)
     except (ConfigError, DataError) as e:
-        return fail(str(e), EXIT_CONFIG)
+        return fail(e, EXIT_CONFIG)
     except KeyboardInterrupt:
         return fail("interrupted (Ctrl-C) during start-up; nothing was trained, nothing to save", EXIT_INTERRUPTED)
     from pipeline.train.health import TrainingDiverged
@@ -61,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer.fit()
     except TrainingDiverged as e:
-        return fail(str(e), EXIT_DIVERGED)
+        return fail(e, EXIT_DIVERGED)
     except (ConfigError, DataError) as e:  # e.g. a corrupt shard, a full disk during a save
-        return fail(str(e), EXIT_CONFIG)
+        return fail(e, EXIT_CONFIG)
     finally:
         trainer.close()
     return 0

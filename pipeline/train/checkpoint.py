@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, rank_local
 from pipeline.io_utils import atomic_write_text
 from pipeline.train.universal_ckpt import (
     INDEX,
@@ -274,7 +274,7 @@ class CheckpointManager:
         rng_file = tag_dir / f"rng_rank{self.rank}.pt"
         want = StateReader(tag_dir).file_checksums.get(rng_file.name) if (tag_dir / INDEX).is_file() else None
         if want is not None and state["same_shape"] and file_checksum(rng_file) != want:
-            raise CheckpointError(f"checkpoint file {rng_file} fails its checksum; {self.resume_fix(tag)}")
+            raise rank_local(CheckpointError(f"checkpoint file {rng_file} fails its checksum; {self.resume_fix(tag)}"))
         if state["same_shape"] and rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=False))
         else:  # per-rank streams cannot be re-dealt to other ranks: a fresh, reproducible one each
