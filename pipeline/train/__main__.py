@@ -19,7 +19,11 @@ import sys
 
 from pipeline.errors import ConfigError, DataError
 
-EXIT_CONFIG, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+EXIT_CONFIG, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PEER_GONE = 2, 3, 130, 1
+# What a collective raises on the ranks left behind when a peer exited (gloo, NCCL): that peer
+# printed the cause (e.g. a corrupt shard only it read), so these ranks exit without a traceback.
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited",
+             "NCCL communicator was aborted")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         return fail(e, EXIT_DIVERGED)
     except (ConfigError, DataError) as e:  # e.g. a corrupt shard, a full disk during a save
         return fail(e, EXIT_CONFIG)
+    except RuntimeError as e:
+        if any(p in str(e) for p in PEER_GONE):
+            return EXIT_PEER_GONE
+        raise
     finally:
         trainer.close()
     return 0

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import CheckpointError, rank_local
+from pipeline.errors import CheckpointError
 from pipeline.io_utils import atomic_write_text
 from pipeline.train.universal_ckpt import (
     INDEX,
@@ -214,10 +214,9 @@ class CheckpointManager:
     def resume_fix(self, tag: str) -> str:
         """What to do when checkpoint `tag` cannot be loaded: the other complete checkpoints."""
         others = [t for t in complete_tags(self.dir) if t != tag]
-        if not others:
-            return f"restore it from a copy; no other complete checkpoint exists in {self.dir}"
-        return (f"restore it from a copy, or resume from another complete checkpoint ({', '.join(others)}) by "
-                f"writing its tag into {self.dir / LATEST}")
+        listed = f"complete ones: {', '.join(others)}" if others else f"none other is complete in {self.dir}"
+        return (f"restore it, or resume from an earlier checkpoint by writing its tag into {self.dir / LATEST} "
+                f"({listed})")
 
     def last_good(self) -> str | None:
         """The newest complete checkpoint whose every tensor verifies (checksum, finite); collective:
@@ -244,6 +243,13 @@ class CheckpointManager:
             return "no checkpoint was written yet" if not complete_tags(self.dir) else "no checkpoint verifies"
         return f"{'last good' if verified else 'newest complete'} checkpoint: {self.dir / tag}"
 
+    def _check_rng_file(self, tag_dir: Path, tag: str, state: dict, world: int, ep: int) -> None:
+        rng_file = tag_dir / f"rng_rank{self.rank}.pt"
+        same_shape = state.get("world_size") == world and state.get("expert_parallel_size", ep) == ep
+        want = StateReader(tag_dir).file_checksums.get(rng_file.name)
+        if same_shape and want is not None and file_checksum(rng_file) != want:
+            raise CheckpointError(f"checkpoint file {rng_file} fails its checksum; {self.resume_fix(tag)}")
+
     def load_latest(self, engine, expert_parallel_size: int, grad_accum_steps: int, seed: int) -> dict | None:
         """Load the newest complete checkpoint into `engine`, whatever shape wrote it; returns its
         trainer state (with `same_shape`: whether per-rank RNG states were restored), or None."""
@@ -260,7 +266,18 @@ class CheckpointManager:
                 "(its next checkpoint can be resumed on any number of ranks)"
             )
         if (tag_dir / INDEX).is_file():
-            load_state(engine, tag_dir, fix=self.resume_fix(tag))
+            error = None
+            try:  # each tensor is verified by one of its readers: the others must learn of a failure
+                load_state(engine, tag_dir, fix=self.resume_fix(tag))
+                self._check_rng_file(tag_dir, tag, state, world, expert_parallel_size)
+            except CheckpointError as e:
+                error = str(e)
+            if dist.is_initialized() and world > 1:
+                found: list = [None] * world
+                dist.all_gather_object(found, error)
+                error = next((e for e in found if e), None)
+            if error:
+                raise CheckpointError(error)
         else:  # legacy DeepSpeed shards, same world size
             load_path, _ = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
                                                   load_lr_scheduler_states=False)
@@ -272,9 +289,6 @@ class CheckpointManager:
         written_ep = state.get("expert_parallel_size", expert_parallel_size)
         state["same_shape"] = state.get("world_size") == world and written_ep == expert_parallel_size
         rng_file = tag_dir / f"rng_rank{self.rank}.pt"
-        want = StateReader(tag_dir).file_checksums.get(rng_file.name) if (tag_dir / INDEX).is_file() else None
-        if want is not None and state["same_shape"] and file_checksum(rng_file) != want:
-            raise rank_local(CheckpointError(f"checkpoint file {rng_file} fails its checksum; {self.resume_fix(tag)}"))
         if state["same_shape"] and rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=False))
         else:  # per-rank streams cannot be re-dealt to other ranks: a fresh, reproducible one each

@@ -41,7 +41,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from pipeline.errors import CheckpointError, rank_local
+from pipeline.errors import CheckpointError
 from pipeline.io_utils import atomic_write_text
 from pipeline.model.moe import GroupedExperts
 from pipeline.train.zero_state import OPTIM_KEYS, ensure_optimizer_state, get_full_state, set_full_state
@@ -276,11 +276,10 @@ class StateReader:
             return tensor
         want = self.checksums.get(key)
         if want is not None and tensor_checksum(tensor) != want:
-            raise rank_local(CheckpointError(f"checkpoint file {path}: tensor {key} fails its {CHECKSUM} checksum "
-                                             f"(damaged on disk since it was written); {self.fix}"))
+            raise CheckpointError(f"checkpoint file {path}: tensor {key} fails its {CHECKSUM} checksum (damaged on "
+                                  f"disk since it was written); {self.fix}")
         if tensor.is_floating_point() and not all_finite(tensor):
-            raise rank_local(CheckpointError(f"checkpoint file {path}: tensor {key} holds NaN or Inf values; "
-                                             f"{self.fix}"))
+            raise CheckpointError(f"checkpoint file {path}: tensor {key} holds NaN or Inf values; {self.fix}")
         return tensor
 
     def verify(self, rank: int = 0, world: int = 1) -> None:

@@ -194,8 +194,8 @@ def test_lost_latest_resumes_from_newest_complete_and_damaged_tensors_are_refuse
     assert proc.returncode != 0
     assert errors(proc)[0] == (
         f"error: checkpoint file {damaged}: tensor {key} fails its xxh3_64 checksum (damaged on disk since it was "
-        f"written); restore it from a copy, or resume from another complete checkpoint (step_4, step_2) by writing "
-        f"its tag into {ckpt / 'latest'}")
+        f"written); restore it, or resume from an earlier checkpoint by writing its tag into {ckpt / 'latest'} "
+        "(complete ones: step_4, step_2)")
     assert checkpoint_steps(ckpt) == [2, 4, 6] and read_latest(ckpt) == "step_6"  # nothing deleted
 
     # A checkpoint written before checksums (none in its index) still loads; NaN is still refused.
@@ -212,8 +212,8 @@ def test_lost_latest_resumes_from_newest_complete_and_damaged_tensors_are_refuse
     save_file(tensors, nan_file)
     proc = train(2, cfg, "train.steps=8", check=False)
     assert errors(proc)[0] == (f"error: checkpoint file {nan_file}: tensor {key} holds NaN or Inf values; restore "
-                               "it from a copy, or resume from another complete checkpoint (step_6, step_2) by "
-                               f"writing its tag into {ckpt / 'latest'}")
+                               f"it, or resume from an earlier checkpoint by writing its tag into {ckpt / 'latest'} "
+                               "(complete ones: step_6, step_2)")
     (ckpt / "latest").write_text("step_2")
     index = json.loads((ckpt / "step_2" / "index.json").read_text())
     for k in ("checksum", "tensor_checksums", "file_checksums"):
