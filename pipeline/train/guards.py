@@ -75,7 +75,9 @@ def launcher_ancestors() -> list[tuple[int, str | None]]:
             break
         out.append((pid, process_start_time(pid)))
         pid = int(stat.rsplit(")", 1)[1].split()[1])
-    if not out:  # a rank that leads its own group (e.g. torchrun started it with a new session)
+    if not out and os.environ.get("TORCHELASTIC_RUN_ID"):
+        # torchrun starts each rank in a session of its own: its launcher is its parent. (Not for a
+        # plain `python -m pipeline.train`, whose parent is a shell that may go, e.g. under nohup.)
         out.append((os.getppid(), process_start_time(os.getppid())))
     # launch/*.sh run the job in a group of their own and name themselves here (launch/run_job.sh).
     for pid in os.environ.get("PIPELINE_LAUNCHER_PIDS", "").split():
@@ -102,7 +104,6 @@ class StopSignal:
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
         self._ancestors = launcher_ancestors()
-        self._parent = os.getppid()
         threading.Thread(target=self._watch, name="launcher-watch", daemon=True).start()
 
     def _handle(self, signum, _frame) -> None:
@@ -126,8 +127,8 @@ class StopSignal:
             time.sleep(WATCH_S)
             gone = [pid for pid, start in self._ancestors
                     if (process_start_time(pid) != start if start is not None else not _alive(pid))]
-            if os.getppid() != self._parent or gone:
-                self.received = f"the death of its launcher (pid {gone[0] if gone else self._parent})"
+            if gone:
+                self.received = f"the death of its launcher (pid {gone[0]})"
 
     def agreed(self) -> bool:
         flag = torch.tensor([1 if self.received else 0], device=self.device)
