@@ -33,7 +33,7 @@ import torch
 import yaml
 
 from pipeline.data import MicroBatchIterator, build_dataset
-from pipeline.flops import flops_per_token
+from pipeline.model.flops import flops_per_token
 from pipeline.train.config import load_run_config
 from pipeline.train.engine import build_model
 from pipeline.train.metrics import detect_peak_tflops

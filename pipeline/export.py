@@ -3,7 +3,7 @@
     python -m pipeline.export --run-dir runs/debug --output exported/ [--step N]
 
 Checkpoints store per-parameter fp32 weights with experts split per global expert id
-(`pipeline/train/universal_ckpt.py`), so export is a single process that reads them back, whatever
+(`pipeline/train/checkpoint/format.py`), so export is a single process that reads them back, whatever
 world size, expert-parallel size or ZeRO stage wrote them: no ranks, no DeepSpeed engine (DeepSpeed's
 `zero_to_fp32` cannot consolidate expert-parallel ZeRO-3 shards). Weights are written in the run's
 precision (bf16 runs export the bf16 weights they computed with).
@@ -29,13 +29,13 @@ import yaml
 from pipeline.config_utils import from_dict, to_dict
 from pipeline.errors import ConfigError, DataError
 from pipeline.model import GPTOSS, GPTOSSConfig
-from pipeline.model.hf_convert import hf_incompatibilities
+from pipeline.model.hf import hf_incompatibilities
 
 NATIVE_FORMAT = "gpt-oss-pipeline/native-state-dict"
 
 
 def checkpoint_dir(run_dir: Path, step: int | None) -> Path:
-    from pipeline.train.checkpoint import read_latest
+    from pipeline.train.checkpoint.manager import read_latest
 
     ckpt_root = run_dir / "checkpoints"
     tag = f"step_{step}" if step is not None else read_latest(ckpt_root)
@@ -105,7 +105,7 @@ def load_exported(directory: str | Path) -> GPTOSS:
 def export(run_dir: str | Path, output: str | Path, step: int | None = None) -> Path:
     """Write `output` from the checkpoint (latest, or `step`) of `run_dir`; returns `output`."""
     from pipeline.train.trainer import data_sources
-    from pipeline.train.universal_ckpt import read_full_weights
+    from pipeline.train.checkpoint.format import read_full_weights
 
     run_dir, output = Path(run_dir), Path(output)
     ckpt = checkpoint_dir(run_dir, step)

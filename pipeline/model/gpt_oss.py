@@ -292,13 +292,13 @@ class GPTOSS(nn.Module):
     @classmethod
     def from_hf(cls, directory: str | Path, **config_overrides) -> GPTOSS:
         """Load a local transformers GPT-OSS folder (config.json + safetensors)."""
-        from pipeline.model.hf_convert import load_hf
+        from pipeline.model.hf import load_hf
 
         return load_hf(directory, **config_overrides)
 
     def save_hf(self, directory: str | Path) -> None:
         """Write a folder that `GptOssForCausalLM.from_pretrained` loads."""
-        from pipeline.model.hf_convert import save_hf
+        from pipeline.model.hf import save_hf
 
         save_hf(self, directory)
 

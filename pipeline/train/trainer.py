@@ -24,18 +24,18 @@ import yaml
 from pipeline.config_utils import to_dict
 from pipeline.data import MicroBatchIterator, build_dataset, check_vocab_compatible, load_manifest
 from pipeline.errors import ConfigError
-from pipeline.flops import flops_per_token
+from pipeline.model.flops import flops_per_token
 from pipeline.model import GPTOSSConfig, MoE, get_preset
 from pipeline.model.flex_attention import resolve_attention_backend
 from pipeline.train import health
-from pipeline.train.checkpoint import CheckpointManager, read_latest
+from pipeline.train.checkpoint.manager import CheckpointManager, read_latest
 from pipeline.train.config import RunConfig, TrainConfig, run_config_to_dict
 from pipeline.train.ds_config import build_ds_config
 from pipeline.train.engine import build_engine, init_distributed
 from pipeline.train.expert_parallel import check_expert_parallel_size
 from pipeline.train.metrics import MetricsLogger, detect_peak_tflops, expert_load_stats, memory_stats
 from pipeline.train.optim import compute_loss, lr_at
-from pipeline.train.weights import WeightsFolder, load_initial_weights
+from pipeline.train.checkpoint.init_from import WeightsFolder, load_initial_weights
 
 
 class StopSignal:

@@ -14,7 +14,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.flops import active_matmul_params, flops_per_token, mean_keys_per_query, model_flops_utilization
+from pipeline.model.flops import active_matmul_params, flops_per_token, mean_keys_per_query, model_flops_utilization
 from pipeline.model import GPTOSS, GroupedExperts, count_parameters, get_preset, list_presets
 from pipeline.model.attention import attention_mask
 from pipeline.plan import main

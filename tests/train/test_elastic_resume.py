@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.train.checkpoint import read_latest
+from pipeline.train.checkpoint.manager import read_latest
 from tests.conftest import REPO_ROOT
 from tests.train.conftest import losses, rank_env, train, write_run_config
 
@@ -56,7 +56,7 @@ def test_resume_on_another_shape_continues_exactly(base, nproc, ep, accum, zero)
 
 def test_checkpoint_layout_is_per_global_expert(base):
     """Every expert of every layer is its own tensor, whatever EP size wrote it; no DeepSpeed shards."""
-    from pipeline.train.universal_ckpt import StateReader
+    from pipeline.train.checkpoint.format import StateReader
 
     tmp, _, _ = base
     reader = StateReader(tmp / "base" / "checkpoints" / f"step_{STEPS}")

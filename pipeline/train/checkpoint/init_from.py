@@ -22,10 +22,10 @@ from pipeline.config_utils import from_dict
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.export import NATIVE_FORMAT
 from pipeline.model import GPTOSSConfig
-from pipeline.model.hf_convert import _KEY_TABLE, _rename, config_from_hf
+from pipeline.model.hf import _KEY_TABLE, _rename, config_from_hf
 from pipeline.model.mxfp4 import dequantize_mxfp4
-from pipeline.train.universal_ckpt import entries
-from pipeline.train.zero_state import set_full_state
+from pipeline.train.checkpoint.format import entries
+from pipeline.train.checkpoint.zero_state import set_full_state
 
 # Fields that decide the weights' shapes or meaning; training-only settings (dropout, loss weights,
 # context length, init) may differ from the folder's.

@@ -37,8 +37,8 @@ import torch.distributed as dist
 
 from pipeline.errors import CheckpointError
 from pipeline.io_utils import atomic_write_text
-from pipeline.train.universal_ckpt import INDEX, load_state, save_state
-from pipeline.train.zero_state import (
+from pipeline.train.checkpoint.format import INDEX, load_state, save_state
+from pipeline.train.checkpoint.zero_state import (
     link_optimizer_state,
     optimizer_step_count,
     set_engine_counters,

@@ -34,7 +34,7 @@ from torch import nn
 from pipeline.errors import CheckpointError
 from pipeline.io_utils import atomic_write_text
 from pipeline.model.moe import GroupedExperts
-from pipeline.train.zero_state import OPTIM_KEYS, ensure_optimizer_state, get_full_state, set_full_state
+from pipeline.train.checkpoint.zero_state import OPTIM_KEYS, ensure_optimizer_state, get_full_state, set_full_state
 
 FORMAT = "gpt-oss-pipeline/universal-v1"
 INDEX = "index.json"
