@@ -11,9 +11,9 @@ import shlex
 import sys
 from pathlib import Path
 
+from pipeline.cli import user_errors_exit_2
 from pipeline.data.prepare import PrepareOptions, prepare
 from pipeline.data.readers import ReaderOptions
-from pipeline.errors import ConfigError, DataError
 
 EPILOG = """examples:
   python -m pipeline.prepare --input corpus/ --output data/c1 \
@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@user_errors_exit_2
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -181,9 +182,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         prepare(opts)
         return 0
-    except (DataError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("\ninterrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -291,10 +291,10 @@ class GPTOSS(nn.Module):
     # --- transformers interop --------------------------------------------------------------------
     @classmethod
     def from_hf(cls, directory: str | Path, **config_overrides) -> GPTOSS:
-        """Load a local transformers GPT-OSS folder (config.json + safetensors)."""
-        from pipeline.model.hf import load_hf
+        """Load a local transformers GPT-OSS folder (config.json + safetensors), or a native export."""
+        from pipeline.model.hf import load_folder  # conversion lives beside the model, not in it
 
-        return load_hf(directory, **config_overrides)
+        return load_folder(cls, directory, **config_overrides)
 
     def save_hf(self, directory: str | Path) -> None:
         """Write a folder that `GptOssForCausalLM.from_pretrained` loads."""

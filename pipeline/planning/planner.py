@@ -11,8 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from pipeline.errors import ConfigError
-from pipeline.model.flops import flops_per_token
 from pipeline.model import GPTOSSConfig, count_parameters, get_preset
+from pipeline.model.flops import flops_per_token
 from pipeline.planning.activations import ActivationMemory, activation_memory, attention_kernel
 from pipeline.planning.comm import Communication, Links, StartupMemory, communication, startup_memory
 from pipeline.planning.zero import (

@@ -22,20 +22,20 @@ import torch.distributed as dist
 import yaml
 
 from pipeline.config_utils import to_dict
-from pipeline.data import MicroBatchIterator, build_dataset, check_vocab_compatible, load_manifest
+from pipeline.data import MicroBatchIterator, build_dataset, check_vocab_compatible, load_manifest, source_paths
 from pipeline.errors import ConfigError
-from pipeline.model.flops import flops_per_token
 from pipeline.model import GPTOSSConfig, MoE, get_preset
 from pipeline.model.flex_attention import resolve_attention_backend
+from pipeline.model.flops import flops_per_token
 from pipeline.train import health
+from pipeline.train.checkpoint.init_from import WeightsFolder, load_initial_weights
 from pipeline.train.checkpoint.manager import CheckpointManager, read_latest
-from pipeline.train.config import RunConfig, TrainConfig, run_config_to_dict
+from pipeline.train.config import RunConfig, run_config_to_dict
 from pipeline.train.ds_config import build_ds_config
 from pipeline.train.engine import build_engine, init_distributed
 from pipeline.train.expert_parallel import check_expert_parallel_size
 from pipeline.train.metrics import MetricsLogger, detect_peak_tflops, expert_load_stats, memory_stats
 from pipeline.train.optim import compute_loss, lr_at
-from pipeline.train.checkpoint.init_from import WeightsFolder, load_initial_weights
 
 
 class StopSignal:
@@ -58,15 +58,10 @@ class StopSignal:
         return bool(flag.item())
 
 
-def data_sources(sources: list) -> list[str]:
-    """Directories named by `data.train` / `data.valid` in either form ([dir] or [[w, dir]])."""
-    return [str(s[1]) if isinstance(s, (list, tuple)) else str(s) for s in sources]
-
-
 def resolve_model_config(cfg: RunConfig) -> GPTOSSConfig:
     """The preset plus overrides; vocabulary and EOS come from the data's tokenizer unless set."""
     overrides = dict(cfg.model_overrides)
-    manifest = load_manifest(data_sources(cfg.data.train)[0])
+    manifest = load_manifest(source_paths(cfg.data.train)[0])
     overrides.setdefault("vocab_size", manifest.vocab_size)
     overrides.setdefault("eos_token_id", manifest.eos_id)
     try:
@@ -81,28 +76,6 @@ def resolve_model_config(cfg: RunConfig) -> GPTOSSConfig:
     return model_cfg
 
 
-def check_global_batch(saved_train: dict, saved_world: int, train: TrainConfig, world: int, where: Path) -> None:
-    """A resume must keep samples per optimizer step (the LR schedule and the data position are in
-    steps and samples) unless train.allow_batch_change says otherwise."""
-    old = int(saved_train["micro_batch_size"]) * int(saved_train["grad_accum_steps"]) * saved_world
-    new = train.micro_batch_size * train.grad_accum_steps * world
-    if old == new or train.allow_batch_change:
-        return
-    per_accum = train.micro_batch_size * world
-    if old % per_accum == 0:
-        fix = f"train.grad_accum_steps={old // per_accum}"
-    elif old % world == 0:
-        fix = f"train.micro_batch_size x train.grad_accum_steps = {old // world}"
-    else:
-        fix = f"a number of ranks that divides {old}"
-    raise ConfigError(
-        f"{where} was trained with a global batch of {old} samples (micro_batch_size x grad_accum_steps x ranks = "
-        f"{saved_train['micro_batch_size']} x {saved_train['grad_accum_steps']} x {saved_world}) but this run has "
-        f"{new} ({train.micro_batch_size} x {train.grad_accum_steps} x {world}); "
-        f"keep it with {fix}, or set train.allow_batch_change=true"
-    )
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -110,7 +83,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.model_cfg = resolve_model_config(cfg)
         check_vocab_compatible(
-            data_sources(cfg.data.train + (cfg.data.valid or [])), self.model_cfg.vocab_size
+            source_paths(cfg.data.train) + source_paths(cfg.data.valid or []), self.model_cfg.vocab_size
         )
         check_expert_parallel_size(cfg.parallel.expert_parallel_size, self.world, self.model_cfg.n_experts)
         # At start, not at the first forward: e.g. `flex` cannot train on CPU (no backward there).
@@ -118,7 +91,7 @@ class Trainer:
                                   else "cpu"), training=True, dropout=self.model_cfg.dropout)
         self.ds_config = build_ds_config(cfg, self.world)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last)
-        self._check_resume_compatible()
+        self.ckpt.check_resume(self.resolved_model(), cfg.train, self.run_dir)
         init_folder = None
         if cfg.init_from and read_latest(self.ckpt.dir) is None:
             init_folder = WeightsFolder(cfg.init_from)
@@ -171,11 +144,15 @@ class Trainer:
                 self.log.message(f"model.init_from={cfg.init_from} ignored: the run dir has a checkpoint")
 
     # --- set-up helpers -----------------------------------------------------------------------
-    def run_files(self) -> dict[str, str]:
-        resolved = run_config_to_dict(self.cfg)
-        resolved["model"] = {"preset": self.cfg.model["preset"], **to_dict(self.model_cfg)}
+    def resolved_model(self) -> dict:
+        """The model section as saved with every checkpoint: preset, every field, init_from."""
+        model = {"preset": self.cfg.model["preset"], **to_dict(self.model_cfg)}
         if self.cfg.init_from:
-            resolved["model"]["init_from"] = self.cfg.init_from
+            model["init_from"] = self.cfg.init_from
+        return model
+
+    def run_files(self) -> dict[str, str]:
+        resolved = {**run_config_to_dict(self.cfg), "model": self.resolved_model()}
         return {
             "config.yaml": yaml.safe_dump(resolved, sort_keys=False),
             "ds_config.json": json.dumps(self.ds_config, indent=2),
@@ -187,25 +164,6 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for name, text in self.run_files().items():
             (self.run_dir / name).write_text(text)
-
-    def _check_resume_compatible(self) -> None:
-        """A run dir with checkpoints of a different model must not be resumed into."""
-        tag = read_latest(self.ckpt.dir)
-        if tag is None:
-            return
-        saved_cfg = yaml.safe_load((self.ckpt.dir / tag / "config.yaml").read_text())
-        saved = {k: v for k, v in saved_cfg["model"].items() if k != "init_from"}
-        current = {"preset": self.cfg.model["preset"], **to_dict(self.model_cfg)}
-        # A field added to GPTOSSConfig after the checkpoint was written reads as its default there.
-        defaults = to_dict(GPTOSSConfig())
-        diff = sorted(k for k in set(saved) | set(current) if saved.get(k, defaults.get(k)) != current.get(k))
-        if diff:
-            raise ConfigError(
-                f"{self.run_dir} holds checkpoints of a different model (fields differ: {', '.join(diff)}); "
-                "use a new run_dir, or the same model settings to resume"
-            )
-        written_by = json.loads((self.ckpt.dir / tag / "trainer_state.json").read_text())["world_size"]
-        check_global_batch(saved_cfg["train"], written_by, self.cfg.train, self.world, self.ckpt.dir / tag)
 
     # --- training -----------------------------------------------------------------------------
     def train_step(self) -> dict:
