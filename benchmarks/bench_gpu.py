@@ -33,16 +33,16 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline.config_utils import from_dict
-from pipeline.model.flops import flops_per_token
+from pipeline.hardware import detect_peak_tflops
 from pipeline.model import get_gpt_oss_20b_config, get_preset
 from pipeline.model.attention import sdpa_attention_with_sinks
 from pipeline.model.flex_attention import flex_attention_with_sinks
+from pipeline.model.flops import flops_per_token
 from pipeline.model.masks import attention_mask, block_mask
 from pipeline.train.config import RunConfig
 from pipeline.train.ds_config import build_ds_config
 from pipeline.train.engine import build_engine, init_distributed
-from pipeline.train.metrics import detect_peak_tflops
-from pipeline.train.optim import compute_loss
+from pipeline.train.loss import compute_loss
 
 CUDA = torch.cuda.is_available()
 

@@ -21,8 +21,9 @@ from pathlib import Path
 
 from pipeline.cli import user_errors_exit_2
 from pipeline.errors import ConfigError
+from pipeline.hardware import GPUS, get_gpu
 from pipeline.planning.comm import Links
-from pipeline.planning.planner import DEFAULT_MFU, GPUS, Planner, get_gpu
+from pipeline.planning.planner import DEFAULT_MFU, Planner
 from pipeline.planning.report import plan_to_dict, render_text
 from pipeline.planning.search import render_search, search
 from pipeline.train.config import RunConfig, load_run_config

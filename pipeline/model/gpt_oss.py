@@ -25,7 +25,7 @@ from pipeline.model.init import new_init_seed, seeded_normal_
 from pipeline.model.loss import LMHead
 from pipeline.model.masks import attention_mask, block_mask, document_ids, document_positions
 from pipeline.model.mlp import MLP
-from pipeline.model.moe import GroupedExperts, MoE, TopKRouter
+from pipeline.model.moe import GroupedExperts, MoE, RouterStats, TopKRouter
 from pipeline.model.rope import RotaryEmbedding
 
 
@@ -225,6 +225,13 @@ class GPTOSS(nn.Module):
             torch.stack(router_losses).mean() if router_losses else x.new_zeros((), dtype=torch.float32)
         )
         return self.norm(x), aux_loss
+
+    def router_stats(self) -> RouterStats | None:
+        """Statistics of every MoE layer in the latest forward (load balance, z-loss, tokens per
+        expert, dropped tokens), stacked in layer order; None for a dense model. Under activation
+        checkpointing the recomputation in backward writes the same values again."""
+        stats = [m.last_stats for m in self.modules() if isinstance(m, MoE)]
+        return RouterStats.stack(stats) if stats else None
 
     def attention_backend(self, device: torch.device) -> str:
         """The backend this model runs on `device` now: "flex" or "sdpa" (ConfigError if impossible)."""

@@ -203,6 +203,29 @@ class RunConfig:
         return self.model.get("init_from")
 
 
+def resolve_model_config(cfg: RunConfig, from_data: bool = True) -> GPTOSSConfig:
+    """The model a run builds: the preset plus overrides; vocabulary and EOS come from the data's
+    tokenizer unless set (`from_data`; the planner runs without the data, on the preset's)."""
+    from pipeline.data import load_manifest, source_paths
+    from pipeline.model.presets import get_preset
+
+    overrides = dict(cfg.model_overrides)
+    if from_data:
+        manifest = load_manifest(source_paths(cfg.data.train)[0])
+        overrides.setdefault("vocab_size", manifest.vocab_size)
+        overrides.setdefault("eos_token_id", manifest.eos_id)
+    try:
+        model_cfg = get_preset(cfg.model["preset"], **overrides)
+    except TypeError as e:  # an unknown field name
+        raise ConfigError(f"model section: {e}; see GPTOSSConfig for valid fields") from e
+    if cfg.data.seq_len > model_cfg.block_size:
+        raise ConfigError(
+            f"data.seq_len ({cfg.data.seq_len}) exceeds model.block_size ({model_cfg.block_size}); "
+            f"lower data.seq_len or set model.block_size={cfg.data.seq_len}"
+        )
+    return model_cfg
+
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 

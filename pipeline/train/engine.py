@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.model import GPTOSS, GPTOSSConfig
+from pipeline.model import GPTOSS, GPTOSSConfig, TopKRouter
 from pipeline.train.config import RunConfig
 from pipeline.train.expert_parallel import (
     ExpertParallelExperts,
@@ -145,4 +145,7 @@ def build_engine(cfg: RunConfig, model_cfg: GPTOSSConfig, ds_config: dict, world
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config
     )
+    for m in engine.module.modules():  # bf16 DeepSpeed casts buffers; +-rate steps need fp32
+        if isinstance(m, TopKRouter) and m.expert_bias is not None:
+            m.expert_bias = m.expert_bias.float()
     return engine
