@@ -1,4 +1,4 @@
-"""Checkpoint save / load: our moveable format vs DeepSpeed's own per-rank shards, same engine.
+"""Checkpoint save / load: our reshardable format vs DeepSpeed's own per-rank shards, same engine.
 
     python benchmarks/bench_checkpoint.py [--nproc 2] [--ep 2] [--repeats 3] [--n-embd 512]
 

@@ -1,4 +1,4 @@
-"""Model -> DeepSpeed engine, the one way the trainer and the exporter both build it.
+"""Model -> DeepSpeed engine, the one way the trainer (and the benchmarks) build it.
 
 Order matters: expert-parallel groups exist before the model; every rank builds the *same* model
 structure on the meta device from the same seed, so each rank's expert slice is a slice of one
@@ -106,7 +106,7 @@ def materialize_partitioned(model: GPTOSS, ds_config: dict) -> None:
 
     For each module's own parameters: allocate them on this rank's device in the training dtype,
     draw their seeded init, tag expert slices for their expert-data-parallel partition group (the
-    tags must be on the parameter before ZeRO partitions it, DESIGN.md §4), and hand them to
+    tags must be on the parameter before ZeRO partitions it, see expert_parallel.py), and hand them to
     `deepspeed.zero.Init(module=...)`, which keeps this rank's partition and frees the rest. This is
     what `deepspeed.initialize` would do to an already-built model (same `zero.Init`, same dtype), so
     the engine sees a zero.Init model and neither casts nor moves it. Peak memory: the partitions so
