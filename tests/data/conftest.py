@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data.cli import main as prepare_main
+from pipeline.prepare import main as prepare_main
 from pipeline.data.tokenizer import train_sentencepiece
 
 

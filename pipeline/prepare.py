@@ -1,4 +1,5 @@
-"""Command line of `python -m pipeline.prepare`: parse flags, call prepare() / verify().
+"""`python -m pipeline.prepare`: corpus -> tokenizer + .bin/.idx shards + manifest.json. Parses the
+flags and calls `pipeline.data` (prepare.py runs the streaming pipeline, verify.py rechecks).
 
 User errors (bad flags, bad input, refused output dir) print `error: ...` and exit 2 with no
 traceback; a failed --verify exits 1; Ctrl-C exits 130 and the same command resumes.
@@ -185,3 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
         return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
