@@ -69,6 +69,32 @@ def key_from_hf(name: str) -> str:
 
 
 # --- configs -------------------------------------------------------------------------------------
+# Fields copied as they are, both ways: (our field, the property that resolves it, transformers' name).
+_CONFIG_MAP = [
+    ("vocab_size", "vocab_size", "vocab_size"),
+    ("block_size", "block_size", "max_position_embeddings"),
+    ("n_layer", "n_layer", "num_hidden_layers"),
+    ("n_head", "n_head", "num_attention_heads"),
+    ("n_kv_head", "kv_heads", "num_key_value_heads"),
+    ("n_embd", "n_embd", "hidden_size"),
+    ("head_dim", "head_size", "head_dim"),
+    ("n_experts", "n_experts", "num_local_experts"),
+    ("top_k", "top_k", "num_experts_per_tok"),
+    ("intermediate_size", "expert_hidden", "intermediate_size"),
+    ("sliding_window", "sliding_window", "sliding_window"),
+    ("norm_eps", "norm_eps", "rms_norm_eps"),
+    ("attention_bias", "attention_bias", "attention_bias"),
+    ("swiglu_alpha", "swiglu_alpha", "swiglu_alpha"),
+    ("swiglu_limit", "swiglu_limit", "swiglu_limit"),
+    ("tie_word_embeddings", "tie_word_embeddings", "tie_word_embeddings"),
+    ("init_std", "init_std", "initializer_range"),
+    ("pad_token_id", "pad_token_id", "pad_token_id"),
+]
+# What every transformers GptOss is (hf_incompatibilities refuses the rest on the way out).
+_GPT_OSS_FIXED = dict(
+    moe_layers=None, capacity_factor=None, router_bias=True, expert_bias=True, bias=True, use_rms_norm=True,
+    use_swiglu=True, gpt_oss_swiglu=True, use_attention_sinks=True, position_embedding="rope",
+)
 def hf_incompatibilities(config: GPTOSSConfig) -> list[str]:
     """Settings transformers' GptOss cannot represent (empty list = convertible)."""
     problems = []
@@ -130,28 +156,11 @@ def config_to_hf(config: GPTOSSConfig):
         if s.attention_factor is not None:
             rope["attention_factor"] = s.attention_factor
     return GptOssConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.n_embd,
-        intermediate_size=config.expert_hidden,
-        num_hidden_layers=config.n_layer,
-        num_attention_heads=config.n_head,
-        num_key_value_heads=config.kv_heads,
-        head_dim=config.head_size,
-        num_local_experts=config.n_experts,
-        num_experts_per_tok=config.top_k,
-        sliding_window=config.sliding_window,
+        **{theirs: getattr(config, resolved) for _, resolved, theirs in _CONFIG_MAP},
         layer_types=config.resolved_layer_types,
-        max_position_embeddings=config.block_size,
-        rms_norm_eps=config.norm_eps,
         rope_parameters=rope,
-        attention_bias=config.attention_bias,
         attention_dropout=config.dropout,
-        swiglu_alpha=config.swiglu_alpha,
-        swiglu_limit=config.swiglu_limit,
         router_aux_loss_coef=aux_coef_to_hf(config.aux_loss_weight, config.top_k),
-        tie_word_embeddings=config.tie_word_embeddings,
-        initializer_range=config.init_std,
-        pad_token_id=config.pad_token_id,
         eos_token_id=config.eos_token_id,
     )
 
@@ -191,39 +200,13 @@ def config_from_hf(hf_config) -> GPTOSSConfig:
         raise ConfigError(f"rope_type {rope.get('rope_type')!r} is not supported (use 'default' or 'yarn')")
     eos = hf_config.eos_token_id
     return GPTOSSConfig(
-        vocab_size=hf_config.vocab_size,
-        block_size=hf_config.max_position_embeddings,
-        n_layer=hf_config.num_hidden_layers,
-        n_head=hf_config.num_attention_heads,
-        n_kv_head=hf_config.num_key_value_heads,
-        n_embd=hf_config.hidden_size,
-        head_dim=hf_config.head_dim,
-        n_experts=hf_config.num_local_experts,
-        top_k=hf_config.num_experts_per_tok,
-        moe_layers=None,
-        capacity_factor=None,
-        intermediate_size=hf_config.intermediate_size,
+        **{ours: getattr(hf_config, theirs) for ours, _, theirs in _CONFIG_MAP},
+        **_GPT_OSS_FIXED,
         aux_loss_weight=aux_coef_from_hf(hf_config.router_aux_loss_coef, hf_config.num_experts_per_tok),
-        router_bias=True,
-        expert_bias=True,
         dropout=float(hf_config.attention_dropout),
-        bias=True,
-        attention_bias=hf_config.attention_bias,
-        use_rms_norm=True,
-        norm_eps=hf_config.rms_norm_eps,
-        use_swiglu=True,
-        gpt_oss_swiglu=True,
-        swiglu_limit=hf_config.swiglu_limit,
-        swiglu_alpha=hf_config.swiglu_alpha,
-        sliding_window=hf_config.sliding_window,
         layer_types=list(hf_config.layer_types),
-        use_attention_sinks=True,
-        position_embedding="rope",
         rope_theta=rope["rope_theta"],
         rope_scaling=scaling,
-        tie_word_embeddings=hf_config.tie_word_embeddings,
-        init_std=hf_config.initializer_range,
-        pad_token_id=hf_config.pad_token_id,
         eos_token_id=eos[0] if isinstance(eos, list) else eos,  # we keep one stop token
     )
 
