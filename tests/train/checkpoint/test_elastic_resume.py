@@ -113,8 +113,8 @@ def test_missing_or_truncated_file_is_one_clear_line_and_nothing_is_lost(base, t
 
 def test_global_batch_rule():
     from pipeline.errors import ConfigError
-    from pipeline.train.config import TrainConfig
     from pipeline.train.checkpoint.manager import check_global_batch
+    from pipeline.train.config import TrainConfig
 
     saved = {"micro_batch_size": 4, "grad_accum_steps": 2}  # x 4 ranks = 32
     check_global_batch(saved, 4, TrainConfig(micro_batch_size=2, grad_accum_steps=2), 8, Path("ck"))
