@@ -14,13 +14,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.data.dataset import is_weighted, source_paths
 from pipeline.data.manifest import MANIFEST, Manifest, load_manifest
 from pipeline.data.tokenizer import sha256_file
 from pipeline.errors import DataError
 
 
 def _weighted(sources: list) -> list[tuple[float | None, str]]:
-    return [(float(s[0]), str(s[1])) if isinstance(s, (list, tuple)) else (None, str(s)) for s in sources]
+    """(weight or None, path) of each source, in either form of data.train."""
+    if is_weighted(sources):
+        return [(float(w), str(p)) for w, p in sources]
+    return [(None, p) for p in source_paths(sources)]
 
 
 def data_identity(sources: list) -> dict:

@@ -5,21 +5,21 @@
 
 Exit codes: 0 done (or stopped on a signal / a dead launcher with a checkpoint), 2 bad config or
 data at start-up, or a data / disk error during training, 3 stopped after train.max_bad_steps
-consecutive skipped steps, 130 stopped at once by a second Ctrl-C (or Ctrl-C during start-up).
-Errors are one line, no traceback, printed once per node (by local rank 0): every rank raises the
-same error from the same config, so every rank exits on its own and none waits in a collective for
-a rank that has gone.
+consecutive skipped steps, 130 stopped at once by a second Ctrl-C (or Ctrl-C during start-up), 1 a
+rank whose peer failed (the peer printed why). Errors are one line, no traceback, printed once per
+node (by local rank 0): every rank raises the same error from the same config, so every rank exits
+on its own and none waits in a collective for a rank that has gone. An error only one rank sees (a
+corrupt shard it read) is printed by that rank.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from pipeline.errors import ConfigError, DataError
+from pipeline.cli import fail, user_errors_exit_2
 
-EXIT_CONFIG, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PEER_GONE = 2, 3, 130, 1
+EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PEER_GONE = 3, 130, 1
 # What a collective raises on the ranks left behind when a peer exited (gloo, NCCL): that peer
 # printed the cause (e.g. a corrupt shard only it read), so these ranks exit without a traceback.
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited",
@@ -36,29 +36,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def fail(error: Exception | str, code: int) -> int:
-    """One line per node (or from the rank that alone saw it, see errors.rank_local), then leave the
-    process group without waiting for peers (they fail alike, or are ended by the launcher)."""
-    if os.environ.get("LOCAL_RANK", "0") == "0" or getattr(error, "rank_local", False):
-        print(f"error: {error}", file=sys.stderr, flush=True)
-    import torch.distributed as dist
-
-    if dist.is_initialized() and code != EXIT_INTERRUPTED:  # peers may be gone: do not wait for them
-        dist.destroy_process_group()
-    return code
-
-
+@user_errors_exit_2  # bad config or data at start-up; a corrupt shard or a full disk later
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pipeline.train.config import load_run_config
+    from pipeline.train.trainer import Trainer
 
     try:
-        cfg = load_run_config(args.config, args.overrides)
-        from pipeline.train.trainer import Trainer
-
-        trainer = Trainer(cfg)
-    except (ConfigError, DataError) as e:
-        return fail(e, EXIT_CONFIG)
+        trainer = Trainer(load_run_config(args.config, args.overrides))
     except KeyboardInterrupt:
         return fail("interrupted (Ctrl-C) during start-up; nothing was trained, nothing to save", EXIT_INTERRUPTED)
     from pipeline.train.health import TrainingDiverged
@@ -66,9 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer.fit()
     except TrainingDiverged as e:
-        return fail(e, EXIT_DIVERGED)
-    except (ConfigError, DataError) as e:  # e.g. a corrupt shard, a full disk during a save
-        return fail(e, EXIT_CONFIG)
+        return fail(str(e), EXIT_DIVERGED)
     except RuntimeError as e:
         if any(p in str(e) for p in PEER_GONE):
             return EXIT_PEER_GONE

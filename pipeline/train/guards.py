@@ -151,12 +151,11 @@ def check_data(train: list, valid: list | None, vocab_size: int, verify: bool, r
     """Before the engine build: every shard's recorded id range fits the model, and (data.verify_checksums)
     every file's sha256 matches its manifest, the files dealt over the ranks. Returns the identity of
     `data.train` stored in checkpoints, and notes to log."""
-    from pipeline.data import load_manifest
+    from pipeline.data import load_manifest, source_paths
     from pipeline.data.identity import check_token_ranges, data_identity, verify_checksums
     from pipeline.errors import DataError
 
-    dirs = [s[1] if isinstance(s, (list, tuple)) else s for s in train + (valid or [])]
-    dirs = list(dict.fromkeys(d for d in dirs if Path(d).is_dir()))
+    dirs = list(dict.fromkeys(d for d in source_paths(train) + source_paths(valid or []) if Path(d).is_dir()))
     notes = check_token_ranges([load_manifest(d) for d in dirs], vocab_size)
     if verify:
         problems = verify_checksums(dirs, rank, world)
@@ -171,17 +170,3 @@ def check_data(train: list, valid: list | None, vocab_size: int, verify: bool, r
         notes.append(f"data.verify_checksums: every file of {', '.join(map(str, dirs))} matches its sha256")
     return data_identity(train), notes
 
-
-def check_data_unchanged(saved: dict | None, current: dict, where: Path, allow: bool) -> list[str]:
-    """Resume only on the data the checkpoint was trained on (train.allow_data_change overrides)."""
-    from pipeline.data.identity import identity_change
-
-    if saved is None:
-        return [f"{where} records no data identity (written by an older version): data changes are not checked"]
-    change = identity_change(saved, current)
-    if change is None:
-        return []
-    if not allow:
-        raise ConfigError(f"{where} was trained on other data: {change}; resume with the data it was trained on, "
-                          "or set train.allow_data_change=true to continue on this data")
-    return [f"train.allow_data_change=true: continuing {where} on other data: {change}"]

@@ -152,12 +152,12 @@ class FaultInjection:
     def active(self, step: int, kind: str) -> bool:
         return any(k == kind and step in steps for k, steps in self.faults)
 
-    def inject(self, step: int, parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """The loss parts (a NamedTuple) this rank reports at `step`: NaN for `loss`, x1000 for `spike`."""
-        if self.active(step, "loss"):
-            return type(parts)(*(poison(t) for t in parts))
-        if self.active(step, "spike"):
-            return type(parts)(*(t * 1000.0 for t in parts))
+    def inject(self, step: int, parts: tuple) -> tuple:
+        """The loss parts (a NamedTuple) this rank reports at `step`: each loss tensor NaN for `loss`,
+        x1000 for `spike` (statistics beside them are left alone)."""
+        for kind, change in (("loss", poison), ("spike", lambda t: t * 1000.0)):
+            if self.active(step, kind):
+                return type(parts)(*(change(t) if isinstance(t, torch.Tensor) else t for t in parts))
         return parts
 
 

@@ -18,8 +18,8 @@ import pytest
 
 from pipeline.train.checkpoint import checkpoint_steps, read_latest
 from tests.conftest import REPO_ROOT
+from tests.train.checkpoint.test_checkpoint import kill_job, start_training
 from tests.train.conftest import rank_env, train, write_run_config
-from tests.train.test_checkpoint import kill_job, start_training
 from tests.train.test_launch import free_port
 
 
@@ -96,7 +96,7 @@ def test_disk_full_during_a_save_is_one_line_and_leaves_no_partial_checkpoint(pr
         ckpt = run_dir / "checkpoints"
         assert proc.returncode == 2 and errors(proc) == [
             f"error: could not save checkpoint {ckpt / 'step_4'}: rank 0: writing {ckpt / 'step_4'}/"
-            ".state-r00000-000.safetensors.tmp failed (No space left on device); the partial step_4 was removed and "
+            "state-r00000-000.safetensors.tmp failed (No space left on device); the partial step_4 was removed and "
             f"the last complete checkpoint {ckpt / 'step_2'} is kept. Free space on that filesystem (or fix the "
             "error) and run the same command again to resume"], proc.stderr[-3000:]
         assert checkpoint_steps(ckpt) == [2] and read_latest(ckpt) == "step_2"
