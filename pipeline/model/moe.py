@@ -20,6 +20,7 @@ exchange, which must know the row counts on the host.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -51,6 +52,9 @@ class TopKRouter(nn.Module):
         self.top_k, self.num_experts = config.top_k, config.n_experts
         self.granularity = config.aux_loss_granularity
         self.gate = nn.Linear(config.n_embd, config.n_experts, bias=config.router_bias)
+        # Sums detached expert counts over the ranks that hold shards of the same sequences, so the
+        # load-balancing loss sees the whole sequence (set by sequence parallelism; None = local).
+        self.reduce_counts: Callable[[torch.Tensor], torch.Tensor] | None = None
         # Aux-loss-free balancing (DeepSeek-V3): a persistent fp32 buffer, so checkpoints carry it and
         # it is never trained by the optimizer; moved by `update_expert_bias` after each step.
         self.expert_bias: torch.Tensor | None
@@ -79,8 +83,9 @@ class TopKRouter(nn.Module):
         if self.granularity == "sequence":
             load_balance = self._sequence_load_balance(probs_NE, expert_ids_NK, n_seq)
         else:
-            n_slots = max(expert_ids_NK.numel(), 1)
-            load_balance = self.num_experts * torch.sum(counts_E.float() / n_slots * probs_NE.mean(dim=0))
+            total_E = counts_E if self.reduce_counts is None else self.reduce_counts(counts_E)
+            share_E = total_E.float() / total_E.sum().clamp(min=1)  # sum(counts) = N * k slots
+            load_balance = self.num_experts * torch.sum(share_E * probs_NE.mean(dim=0))
         z_loss = torch.logsumexp(logits32_NE, dim=-1).square().mean()
         return RouterOutput(weights_NK, expert_ids_NK, load_balance, z_loss, counts_E.detach())
 
@@ -92,7 +97,9 @@ class TopKRouter(nn.Module):
         ids_BS = expert_ids_NK.reshape(n_seq, -1)  # [B, T*K]
         counts_BE = torch.zeros(n_seq, E, dtype=probs_NE.dtype, device=probs_NE.device)
         counts_BE.scatter_add_(1, ids_BS, torch.ones_like(ids_BS, dtype=probs_NE.dtype))
-        share_BE = counts_BE / max(ids_BS.shape[1], 1)
+        if self.reduce_counts is not None:
+            counts_BE = self.reduce_counts(counts_BE)
+        share_BE = counts_BE / counts_BE.sum(dim=1, keepdim=True).clamp(min=1)  # sum = T * k slots
         return E * (share_BE * probs_BTE.mean(dim=1)).sum(dim=1).mean()
 
     @torch.no_grad()

@@ -33,6 +33,7 @@ from pipeline.train.config import RunConfig, TrainConfig, run_config_to_dict
 from pipeline.train.ds_config import build_ds_config
 from pipeline.train.engine import build_engine, init_distributed
 from pipeline.train.expert_parallel import check_expert_parallel_size
+from pipeline.train.sequence_parallel import check_sequence_parallel_size, data_parallel_coords
 from pipeline.train.metrics import MetricsLogger, detect_peak_tflops, expert_load_stats, memory_stats
 from pipeline.train.optim import compute_loss, lr_at
 from pipeline.train.weights import WeightsFolder, load_initial_weights
@@ -83,7 +84,8 @@ def resolve_model_config(cfg: RunConfig) -> GPTOSSConfig:
 
 def check_global_batch(saved_train: dict, saved_world: int, train: TrainConfig, world: int, where: Path) -> None:
     """A resume must keep samples per optimizer step (the LR schedule and the data position are in
-    steps and samples) unless train.allow_batch_change says otherwise."""
+    steps and samples) unless train.allow_batch_change says otherwise. `saved_world` / `world` are
+    data-parallel sizes: ranks / sequence_parallel_size (the ranks of an SP group share samples)."""
     old = int(saved_train["micro_batch_size"]) * int(saved_train["grad_accum_steps"]) * saved_world
     new = train.micro_batch_size * train.grad_accum_steps * world
     if old == new or train.allow_batch_change:
@@ -113,6 +115,8 @@ class Trainer:
             data_sources(cfg.data.train + (cfg.data.valid or [])), self.model_cfg.vocab_size
         )
         check_expert_parallel_size(cfg.parallel.expert_parallel_size, self.world, self.model_cfg.n_experts)
+        check_sequence_parallel_size(cfg.parallel.sequence_parallel_size, self.world, self.model_cfg, cfg.data.seq_len)
+        self.dp_rank, self.dp_world = data_parallel_coords(self.rank, self.world, cfg.parallel.sequence_parallel_size)
         # At start, not at the first forward: e.g. `flex` cannot train on CPU (no backward there).
         resolve_attention_backend(self.model_cfg.attention_backend, torch.device("cuda" if torch.cuda.is_available()
                                   else "cpu"), training=True, dropout=self.model_cfg.dropout)
@@ -142,11 +146,11 @@ class Trainer:
         t, seed, seq_len = cfg.train, cfg.data.seed, cfg.data.seq_len
         self.train_data = build_dataset(cfg.data.train, "train", seq_len, seed)
         self.train_iter = MicroBatchIterator(
-            self.train_data, t.micro_batch_size, self.rank, self.world, consumed
+            self.train_data, t.micro_batch_size, self.dp_rank, self.dp_world, consumed
         )
         self.valid_data = build_dataset(cfg.data.valid or cfg.data.train, "valid", seq_len, seed)
 
-        self.tokens_per_step = t.micro_batch_size * t.grad_accum_steps * self.world * seq_len
+        self.tokens_per_step = t.micro_batch_size * t.grad_accum_steps * self.dp_world * seq_len
         self.flops_per_token = flops_per_token(self.model_cfg, seq_len)["total"]
         self.peak_tflops = t.peak_tflops or detect_peak_tflops()
         self.log = MetricsLogger(self.run_dir, self.rank == 0, cfg.tensorboard, t.steps, wandb=cfg.wandb,
@@ -205,7 +209,9 @@ class Trainer:
                 "use a new run_dir, or the same model settings to resume"
             )
         written_by = json.loads((self.ckpt.dir / tag / "trainer_state.json").read_text())["world_size"]
-        check_global_batch(saved_cfg["train"], written_by, self.cfg.train, self.world, self.ckpt.dir / tag)
+        saved_sp = int(saved_cfg.get("parallel", {}).get("sequence_parallel_size", 1))
+        check_global_batch(saved_cfg["train"], written_by // saved_sp, self.cfg.train, self.dp_world,
+                           self.ckpt.dir / tag)
 
     # --- training -----------------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -273,7 +279,7 @@ class Trainer:
             return None
         self.engine.eval()
         # The same validation samples every time, so evaluations are comparable across steps.
-        it = MicroBatchIterator(self.valid_data, self.cfg.train.micro_batch_size, self.rank, self.world, 0)
+        it = MicroBatchIterator(self.valid_data, self.cfg.train.micro_batch_size, self.dp_rank, self.dp_world, 0)
         total = torch.zeros(1, dtype=torch.float64, device=self.engine.device)
         for _ in range(self.cfg.train.eval_iters):
             total += compute_loss(self.engine, it.next().to(self.engine.device)).lm.detach().double()
@@ -293,7 +299,8 @@ class Trainer:
             "consumed_samples": self.train_iter.consumed_samples,
             "world_size": self.world,
             "expert_parallel_size": self.cfg.parallel.expert_parallel_size,
-            "global_batch_size": self.cfg.train.micro_batch_size * self.cfg.train.grad_accum_steps * self.world,
+            "sequence_parallel_size": self.cfg.parallel.sequence_parallel_size,
+            "global_batch_size": self.cfg.train.micro_batch_size * self.cfg.train.grad_accum_steps * self.dp_world,
             "eval_history": self.eval_history,
             "skipped_steps": self.skipped_total,
         }
@@ -358,7 +365,8 @@ class Trainer:
             return
         self.log.message(
             f"training {self.model_cfg.n_layer}-layer model, world {self.world}, "
-            f"ep {self.cfg.parallel.expert_parallel_size}, {self.tokens_per_step:,} tokens/step, "
+            f"ep {self.cfg.parallel.expert_parallel_size}, sp {self.cfg.parallel.sequence_parallel_size}, "
+            f"{self.tokens_per_step:,} tokens/step, "
             f"steps {self.step} -> {t.steps}; tensorboard --logdir {self.log.tb_dir}"
         )
         self.log.start(self.step)
