@@ -27,7 +27,9 @@ N = micro_batch x seq_len tokens and a = bytes of the compute dtype (bf16 2, fp3
                     per routed slot (N k of them; balanced routing assumed, so the same under expert
                     parallelism) the gathered input, the expert output and its weighted copy (3 D),
                     gate/up output (2F) plus the clamped-SwiGLU intermediates and output (5F), the
-                    combine weight and int64 routing indices.
+                    combine weight and int64 routing indices. A dropless layer over more than
+                    `MoE.token_chunk` tokens computes (and recomputes in backward) one chunk at a
+                    time: the per-slot terms count one chunk's slots, not the whole sequence's.
   dense MLP block   norm, and the FFN intermediates per token.
   head + loss       the final RMSNorm (8 N D). The chunked LM loss (pipeline/model/loss.py, what the
                     trainer runs) computes the gradients in its forward and keeps them for backward:
@@ -55,6 +57,7 @@ import torch
 from pipeline.model import GPTOSSConfig
 from pipeline.model.flex_attention import resolve_attention_backend
 from pipeline.model.loss import default_chunk_rows
+from pipeline.model.moe import DEFAULT_TOKEN_CHUNK
 
 ATTENTION_KERNELS = ("flex", "sdpa-math", "sdpa-fused")
 
@@ -160,9 +163,10 @@ def _block_bytes(config: GPTOSSConfig, layer: int, batch: int, seq_len: int, a: 
     ffn = norm
     if config.is_moe_layer(layer):
         S = N * config.top_k
+        tiled = N if config.capacity_factor is not None else min(N, DEFAULT_TOKEN_CHUNK)
         ffn += (8 + a) * N * config.n_experts  # router logits, fp32 softmax and logsumexp input
-        # per slot: gathered input, expert output and its weighted copy (3 D), FFN intermediates
-        ffn += S * a * (3 * D + _ffn_intermediates(config, config.expert_hidden))
+        # per slot (of one token chunk): gathered input, expert output and its weighted copy (3 D), FFN intermediates
+        ffn += tiled * config.top_k * a * (3 * D + _ffn_intermediates(config, config.expert_hidden))
         ffn += S * (a + 3 * 8)  # combine weights, int64 routing indices
     else:
         ffn += N * a * _ffn_intermediates(config, config.dense_hidden)

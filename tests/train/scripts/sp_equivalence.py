@@ -20,17 +20,17 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from pipeline.model import GPTOSS, get_preset
+from pipeline.model import GPTOSS, MoE, get_preset
 from pipeline.train.engine import quiet_library_warnings
 from pipeline.train.expert_parallel import apply_expert_parallel, create_expert_groups, is_expert_parameter
 from pipeline.train.sequence_parallel import apply_sequence_parallel, create_sequence_groups
 
 EOS = 1
-CASES = [  # (sp, seq_len, document_masking, ep); the debug preset's sliding window is 32
-    (2, 128, False, 1),  # window (32) smaller than a shard (64)
-    (2, 128, True, 2),
-    (4, 64, True, 1),  # window spans shards (16 tokens each); 4 > 2 KV heads: KV heads repeated
-    (4, 64, False, 2),
+CASES = [  # (sp, seq_len, document_masking, ep, MoE token chunk); the debug preset's sliding window is 32
+    (2, 128, False, 1, None),  # window (32) smaller than a shard (64)
+    (2, 128, True, 2, 24),  # MoE tiled: 3 chunks of 24 tokens (and one of 56) per rank, EP exchanges per chunk
+    (4, 64, True, 1, None),  # window spans shards (16 tokens each); 4 > 2 KV heads: KV heads repeated
+    (4, 64, False, 2, None),
 ]
 
 
@@ -53,7 +53,7 @@ def build(doc: bool, seed: int = 11) -> GPTOSS:
     return model
 
 
-def run_case(sp: int, seq_len: int, doc: bool, ep: int, world: int) -> dict:
+def run_case(sp: int, seq_len: int, doc: bool, ep: int, chunk: int | None, world: int) -> dict:
     x = batch(seq_len, seed=sp * 1000 + seq_len)
     inputs, targets = x[:, :-1], x[:, 1:]
     ref = build(doc)
@@ -64,6 +64,10 @@ def run_case(sp: int, seq_len: int, doc: bool, ep: int, world: int) -> dict:
     if ep > 1:
         apply_expert_parallel(model, create_expert_groups(ep))
     apply_sequence_parallel(model, create_sequence_groups(sp))
+    if chunk is not None:
+        for m in model.modules():
+            if isinstance(m, MoE):
+                m.token_chunk = chunk
     _, lm, aux = model(inputs, targets, return_logits=False)
     (lm + aux).backward()
 
@@ -118,8 +122,9 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     world = dist.get_world_size()
     results = {"cases": {}, "documents": {}}
-    for sp, seq_len, doc, ep in CASES:
-        results["cases"][f"sp{sp}_T{seq_len}_doc{int(doc)}_ep{ep}"] = run_case(sp, seq_len, doc, ep, world)
+    for sp, seq_len, doc, ep, chunk in CASES:
+        name = f"sp{sp}_T{seq_len}_doc{int(doc)}_ep{ep}" + (f"_chunk{chunk}" if chunk else "")
+        results["cases"][name] = run_case(sp, seq_len, doc, ep, chunk, world)
     for sp, seq_len in ((2, 64), (4, 64)):
         results["documents"][f"sp{sp}_T{seq_len}"] = document_logits_case(sp, seq_len)
     if dist.get_rank() == 0:
