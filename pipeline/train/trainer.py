@@ -33,9 +33,9 @@ from pipeline.train.config import RunConfig, TrainConfig, run_config_to_dict
 from pipeline.train.ds_config import build_ds_config
 from pipeline.train.engine import build_engine, init_distributed
 from pipeline.train.expert_parallel import check_expert_parallel_size
-from pipeline.train.sequence_parallel import check_sequence_parallel_size, data_parallel_coords
 from pipeline.train.metrics import MetricsLogger, detect_peak_tflops, expert_load_stats, memory_stats
 from pipeline.train.optim import compute_loss, lr_at
+from pipeline.train.sequence_parallel import check_sequence_parallel_size, data_parallel_coords
 from pipeline.train.weights import WeightsFolder, load_initial_weights
 
 
