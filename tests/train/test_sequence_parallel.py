@@ -106,3 +106,27 @@ def test_sp2_checkpoint_resumes_on_other_sp_sizes(sp2_run, nproc, sp, mbs):
         # Summation order differs (gradients averaged over 2 or 4 ranks instead of 4 in pairs): the
         # fp32 rounding grows with the steps after the resume (1.0e-5 absolute seen at step 8 of SP 4).
         assert math.isclose(got[step], uninterrupted[step], rel_tol=1e-5), (step, got[step], uninterrupted[step])
+
+
+@pytest.mark.parametrize("sp, world, seq_len, message", [
+    (3, 6, 96, "model.n_head (4) must be divisible by parallel.sequence_parallel_size (3)"),
+    (2, 3, 64, "world size (3) must be divisible by parallel.sequence_parallel_size (2)"),
+    (4, 4, 66, "data.seq_len (66) must be divisible by parallel.sequence_parallel_size (4)"),
+])
+def test_layout_rules_refused_with_the_key_to_change(sp, world, seq_len, message):
+    from pipeline.errors import ConfigError
+    from pipeline.model import get_preset
+    from pipeline.train.sequence_parallel import check_sequence_parallel_size
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_sequence_parallel_size(sp, world, get_preset("debug"), seq_len)
+    check_sequence_parallel_size(4, 8, get_preset("debug"), 64)  # 4 > 2 KV heads: a multiple, allowed
+
+
+def test_kv_heads_neither_divided_nor_multiple_refused():
+    from pipeline.errors import ConfigError
+    from pipeline.model import get_preset
+    from pipeline.train.sequence_parallel import check_sequence_parallel_size
+
+    with pytest.raises(ConfigError, match=r"must divide model.n_kv_head \(4\) or be a multiple of it"):
+        check_sequence_parallel_size(6, 6, get_preset("debug", n_head=12, n_kv_head=4), 60)
