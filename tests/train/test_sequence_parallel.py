@@ -33,6 +33,7 @@ def test_sharded_losses_gradients_and_document_logits_equal_unsplit_model(tmp_pa
         assert r["params"] == 71, case  # every parameter of the debug model compared
         assert r["lm_diff"] < 1e-5 and r["aux_diff"] < 1e-6, (case, r)
         assert r["grad_diff"] < 1e-6, f"{case}: gradient of {r['worst']} differs by {r['grad_diff']:.3g}"
+    assert len(results["documents"]) == 3
     for case, diff in results["documents"].items():
         assert diff < 1e-5, f"{case}: packed sharded logits differ from the document run alone by {diff:.3g}"
 

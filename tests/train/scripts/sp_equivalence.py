@@ -43,10 +43,10 @@ def batch(seq_len: int, seed: int) -> torch.Tensor:
     return x
 
 
-def build(doc: bool, seed: int = 11) -> GPTOSS:
+def build(doc: bool, seed: int = 11, backend: str = "auto") -> GPTOSS:
     torch.manual_seed(seed)
     model = GPTOSS(get_preset("debug", document_masking=doc, eos_token_id=EOS, aux_loss_weight=0.1,
-                              router_z_loss_weight=0.01))
+                              router_z_loss_weight=0.01, attention_backend=backend, block_size=256))
     with torch.no_grad():  # sinks start at 0; distinct per head, a sink given to the wrong head shows
         for block in model.blocks:
             block.attn.sinks.copy_(torch.linspace(-2.0, 2.0, block.attn.n_head))
@@ -96,9 +96,11 @@ def run_case(sp: int, seq_len: int, doc: bool, ep: int, chunk: int | None, world
 
 
 @torch.no_grad()
-def document_logits_case(sp: int, seq_len: int) -> float:
-    """Largest |logit difference| between a packed, sharded sample and its documents run alone."""
-    model = build(doc=True).eval()
+def document_logits_case(sp: int, seq_len: int, backend: str) -> float:
+    """Largest |logit difference| between a packed, sharded sample and its documents run alone (SDPA).
+    backend "flex": the sharded model runs FlexAttention with whole-sequence BlockMasks (CPU has its
+    eager forward, no backward)."""
+    model = build(doc=True, backend=backend).eval()
     alone = build(doc=True).eval()
     apply_sequence_parallel(model, create_sequence_groups(sp))
     x = batch(seq_len, seed=7)[:1, :-1]  # [1, T]
@@ -125,8 +127,8 @@ def main() -> None:
     for sp, seq_len, doc, ep, chunk in CASES:
         name = f"sp{sp}_T{seq_len}_doc{int(doc)}_ep{ep}" + (f"_chunk{chunk}" if chunk else "")
         results["cases"][name] = run_case(sp, seq_len, doc, ep, chunk, world)
-    for sp, seq_len in ((2, 64), (4, 64)):
-        results["documents"][f"sp{sp}_T{seq_len}"] = document_logits_case(sp, seq_len)
+    for sp, seq_len, backend in ((2, 64, "auto"), (4, 64, "auto"), (2, 256, "flex")):
+        results["documents"][f"sp{sp}_T{seq_len}_{backend}"] = document_logits_case(sp, seq_len, backend)
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(results, f, indent=1)
