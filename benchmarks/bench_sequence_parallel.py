@@ -46,7 +46,8 @@ def worker(args) -> None:
     from pipeline.train.config import load_run_config
     from pipeline.train.ds_config import build_ds_config
     from pipeline.train.engine import build_model, init_distributed
-    from pipeline.train.optim import compute_loss, param_groups
+    from pipeline.train.loss import compute_loss
+    from pipeline.train.optim import param_groups
 
     sp = args.sp
     overrides = [f"model.{k}={v}" for k, v in MODEL.items()] + [

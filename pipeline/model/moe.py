@@ -292,6 +292,19 @@ class MoEStats(NamedTuple):
     """(token, slot) pairs dropped for exceeding expert capacity (0 when dropless)."""
 
 
+class RouterStats(NamedTuple):
+    """MoEStats of every MoE layer of one forward, stacked in layer order (detached)."""
+
+    load_balance_loss_L: torch.Tensor
+    z_loss_L: torch.Tensor
+    tokens_per_expert_LE: torch.Tensor
+    dropped_tokens_L: torch.Tensor
+
+    @staticmethod
+    def stack(per_layer: list[MoEStats]) -> RouterStats:
+        return RouterStats(*(torch.stack(values) for values in zip(*per_layer, strict=True)))
+
+
 DEFAULT_TOKEN_CHUNK = 16384
 """Tokens per expert chunk for long sequences: gpt-oss's gate/up output of one chunk is 16,384 x 4
 slots x 5,760 bf16 = 0.75 GB, big enough to keep grouped_mm efficient."""
@@ -309,6 +322,7 @@ class MoE(nn.Module):
         self.router = TopKRouter(config)
         self.experts = GroupedExperts(config)
         self.dropout = nn.Dropout(config.dropout)
+        # The statistics of the latest forward; read through GPTOSS.router_stats().
         self.last_stats: MoEStats | None = None
         self.token_chunk = DEFAULT_TOKEN_CHUNK  # dropless layers with more tokens compute in chunks
 
