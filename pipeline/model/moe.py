@@ -199,16 +199,19 @@ class GroupedExperts(nn.Module):
     def num_experts(self) -> int:
         return self.gate_up_proj.shape[0]
 
-    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor, padded: bool = False) -> torch.Tensor:
+    def forward(
+        self, x_MD: torch.Tensor, counts_E: torch.Tensor, padded: bool = False, host_counts: list[int] | None = None
+    ) -> torch.Tensor:
         """Rows of x_MD grouped by expert 0..E-1, counts_E[e] rows each (zeros allowed, M may be 0).
 
         padded: rows after the last group (sum(counts_E) < M) are padding; their outputs are zero
-        and they pass no gradient.
+        and they pass no gradient. host_counts: counts_E as Python ints when the caller already
+        has them (expert parallelism), so the per-expert loop needs no second host sync.
         """
         if not (
             _grouped_mm_supported(x_MD, self.gate_up_proj) and _grouped_mm_supported(x_MD, self.down_proj)
         ):
-            return self.forward_reference(x_MD, counts_E, padded)
+            return self.forward_reference(x_MD, counts_E if host_counts is None else host_counts, padded)
         offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
         M = x_MD.shape[0]
         if not padded:
@@ -230,10 +233,12 @@ class GroupedExperts(nn.Module):
         y = grouped_linear(self.act(h), self.down_proj, self.down_proj_bias, offsets_E, expert_of_row_M)
         return torch.where(valid_M1, y, 0.0)
 
-    def forward_reference(self, x_MD: torch.Tensor, counts_E: torch.Tensor, padded: bool = False) -> torch.Tensor:
+    def forward_reference(
+        self, x_MD: torch.Tensor, counts_E: torch.Tensor | list[int], padded: bool = False
+    ) -> torch.Tensor:
         """Per-expert loop: the numerical reference, and the path for shapes grouped_mm rejects
-        (it reads the counts on the host)."""
-        counts = counts_E.tolist()
+        (it reads the counts on the host: one sync, none when given a list)."""
+        counts = counts_E if isinstance(counts_E, list) else counts_E.tolist()
         padding = x_MD.shape[0] - sum(counts)
         if padding and not padded:
             raise ValueError(f"{x_MD.shape[0]} rows but counts_E sums to {sum(counts)}")
