@@ -19,7 +19,9 @@ exchange, which must know the row counts on the host.
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -123,16 +125,42 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def _grouped_mm_supported(x_MD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
-    """grouped_mm needs 16-byte aligned row strides on CPU and bf16 on (sm80+) CUDA."""
-    if not hasattr(F, "grouped_mm") or x_MD.dtype != w_EDF.dtype:
-        return False
+def grouped_mm_problem(x_MD: torch.Tensor, w_EDF: torch.Tensor) -> str | None:
+    """Why `F.grouped_mm(x_MD, w_EDF)` (and its backward) cannot run here, or None if it can.
+
+    Both devices need every row stride of x, w, their gradients and w's transpose to be a
+    multiple of 16 bytes (so the two trailing weight dims, which are also x's and the output's row
+    lengths), and equal dtypes. CUDA also needs bf16 on sm80+ (CUTLASS on sm90/sm100, torch's own
+    per-group loop on sm80, both without host syncs).
+    """
+    if not hasattr(F, "grouped_mm"):
+        return "this torch has no F.grouped_mm"
+    if x_MD.dtype != w_EDF.dtype:
+        return f"input dtype {x_MD.dtype} differs from the weights' {w_EDF.dtype}"
     if x_MD.device.type == "cuda":
-        return x_MD.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x_MD.device) >= (8, 0)
-    if x_MD.device.type != "cpu":
-        return False
+        if x_MD.dtype != torch.bfloat16:
+            return f"CUDA grouped_mm needs bf16, got {x_MD.dtype}"
+        capability = torch.cuda.get_device_capability(x_MD.device)
+        if capability < (8, 0):
+            return f"CUDA grouped_mm needs compute capability 8.0+, this GPU has {capability[0]}.{capability[1]}"
+    elif x_MD.device.type != "cpu":
+        return f"no grouped_mm on {x_MD.device.type}"
     size = x_MD.element_size()
-    return (w_EDF.shape[1] * size) % 16 == 0 and (w_EDF.shape[2] * size) % 16 == 0
+    for dim in w_EDF.shape[1:]:
+        if (dim * size) % 16:
+            return (f"rows of {dim} x {size} bytes are not 16-byte aligned "
+                    f"(make the dimension a multiple of {16 // size})")
+    return None
+
+
+def _grouped_mm_supported(x_MD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
+    return grouped_mm_problem(x_MD, w_EDF) is None
+
+
+@functools.cache
+def _warn_loop_on_cuda(reason: str) -> None:
+    # Once per reason per process: the fallback is correct, only slower (a host sync and E matmuls).
+    warnings.warn(f"MoE experts use the per-expert loop on CUDA, not grouped_mm: {reason}", stacklevel=3)
 
 
 def grouped_linear(
@@ -208,9 +236,10 @@ class GroupedExperts(nn.Module):
         and they pass no gradient. host_counts: counts_E as Python ints when the caller already
         has them (expert parallelism), so the per-expert loop needs no second host sync.
         """
-        if not (
-            _grouped_mm_supported(x_MD, self.gate_up_proj) and _grouped_mm_supported(x_MD, self.down_proj)
-        ):
+        problem = grouped_mm_problem(x_MD, self.gate_up_proj) or grouped_mm_problem(x_MD, self.down_proj)
+        if problem is not None:
+            if x_MD.device.type == "cuda":
+                _warn_loop_on_cuda(problem)
             return self.forward_reference(x_MD, counts_E if host_counts is None else host_counts, padded)
         offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
         M = x_MD.shape[0]
