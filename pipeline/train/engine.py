@@ -11,6 +11,7 @@ never holds its whole share), under ZeRO-2 `deepspeed.initialize` partitions a C
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import warnings
 
@@ -146,3 +147,27 @@ def build_engine(cfg: RunConfig, model_cfg: GPTOSSConfig, ds_config: dict, world
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config
     )
     return engine
+
+
+def release_engine(engine) -> None:
+    """Free what DeepSpeed 0.19.8 keeps of a finished ZeRO-3 engine, so a second engine in the same
+    process does not need both memories (bench_gpu.py runs one per attention backend).
+
+    `del engine; gc.collect()` is not enough there: the module stays referenced from
+    `runtime/zero/parameter_offload.FWD_MODULE_STACK` and from the class-level `functools.lru_cache`
+    of `PartitionedParameterCoordinator.__params_to_release`. Clears both after `engine.destroy()`.
+    The caller must drop its own references to the engine (and its module, optimizer, outputs);
+    the memory is returned by the `gc.collect()` here or the caller's next one.
+    """
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    engine.destroy()
+    parameter_offload.FWD_MODULE_STACK.clear()
+    fn = PartitionedParameterCoordinator._PartitionedParameterCoordinator__params_to_release
+    if not hasattr(fn, "cache_clear"):  # wrapped by DeepSpeed's instrument_w_nvtx, which drops __wrapped__
+        fn = next(c.cell_contents for c in fn.__closure__ or () if hasattr(c.cell_contents, "cache_clear"))
+    fn.cache_clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
