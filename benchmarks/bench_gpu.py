@@ -4,7 +4,8 @@
 
 On CUDA (bf16): the gpt-oss-20b architecture (hidden 2880, 64 q / 8 kv heads, head_dim 64, 32
 experts top-4, vocab 201,088, window 128 on even layers, sinks) cut to --layers blocks, trained
-through the real DeepSpeed ZeRO-3 engine on one rank (the trainer's `build_engine`, torch AdamW).
+through the real DeepSpeed ZeRO-3 engine on one rank (the trainer's `build_engine`; optim.implementation
+=auto: torch's fused AdamW).
 For attention_backend=flex and =sdpa it prints tokens/s, model TFLOP/s and MFU (FLOPs from
 pipeline/flops.py, peak from the GPU name), peak memory and the attention kernel that ran, then
 the ratio flex / sdpa. Then the attention layer alone, forward + backward, on a full and a sliding
@@ -92,7 +93,7 @@ def train_run(args, backend: str, world: int) -> dict:
     run = from_dict(RunConfig, {
         "model": {"preset": "gpt-oss-20b"},
         "data": {"train": ["unused"], "seq_len": args.seq},
-        "optim": {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 0, "implementation": "torch"},
+        "optim": {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 0, "implementation": "auto"},
         "train": {"steps": args.warmup + args.steps, "micro_batch_size": args.batch, "seed": 0},
         "parallel": {"activation_checkpointing": args.checkpointing},
         "precision": "bf16" if CUDA else "fp32",

@@ -29,7 +29,7 @@ from pipeline.train.expert_parallel import (
     tag_expert_parallel_parameters,
     tag_expert_parameters,
 )
-from pipeline.train.optim import param_groups
+from pipeline.train.optim import check_optimizer_builds, param_groups
 
 
 def quiet_library_warnings() -> None:
@@ -142,6 +142,7 @@ def build_engine(cfg: RunConfig, model_cfg: GPTOSSConfig, ds_config: dict, world
     """The DeepSpeed engine for `model_cfg` trained as `cfg` describes."""
     import deepspeed
 
+    check_optimizer_builds(ds_config)  # before the (slow) model build
     model = build_model(cfg, model_cfg, world, ds_config)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config
