@@ -27,6 +27,7 @@ from pipeline.errors import ConfigError
 from pipeline.flops import flops_per_token
 from pipeline.model import GPTOSSConfig, MoE, get_preset
 from pipeline.model.flex_attention import resolve_attention_backend
+from pipeline.planning.activations import math_kernel_notice
 from pipeline.train import health
 from pipeline.train.checkpoint import CheckpointManager, read_latest
 from pipeline.train.config import RunConfig, TrainConfig, run_config_to_dict
@@ -151,6 +152,9 @@ class Trainer:
         self.peak_tflops = t.peak_tflops or detect_peak_tflops()
         self.log = MetricsLogger(self.run_dir, self.rank == 0, cfg.tensorboard, t.steps, wandb=cfg.wandb,
                                  run_config=yaml.safe_load(self.run_files()["config.yaml"]))
+        if self.engine.device.type == "cuda" and (notice := math_kernel_notice(
+                self.model_cfg, t.micro_batch_size, seq_len, 2 if cfg.precision == "bf16" else 4)):
+            self.log.message(notice)  # once, at start: every step pays it
         self.stop = StopSignal(self.engine.device)
         self.fault = health.FaultInjection.from_env(self.rank)
         self.spikes = health.SpikeDetector(t.spike_sigma, t.spike_window)
