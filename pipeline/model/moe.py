@@ -204,21 +204,23 @@ class GroupedExperts(nn.Module):
         self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self, seed: int | None = None, key: str = "experts") -> None:
+    def reset_parameters(
+        self, seed: int | None = None, key: str = "experts", device: torch.device | None = None
+    ) -> None:
         """GPT-2 init; down_proj writes to the residual stream, hence the 1/sqrt(2 * n_layer).
 
         Each expert is drawn from its own generator keyed by (seed, key, *global* expert id), so a
         shard re-initialised with the same seed and key holds exactly its slice of the full layer:
         an expert-parallel rank can materialise only its experts. seed=None draws one from torch's
-        global RNG (deterministic under torch.manual_seed).
+        global RNG (deterministic under torch.manual_seed). device: where to draw (see `seeded_normal_`).
         """
         seed = new_init_seed() if seed is None else seed
         std = self.config.init_std
         resid_std = std / math.sqrt(2 * self.config.n_layer)
         for e in range(self.num_experts):
             expert = self.expert_offset + e
-            seeded_normal_(self.gate_up_proj[e], std, seed, f"{key}.gate_up_proj.{expert}")
-            seeded_normal_(self.down_proj[e], resid_std, seed, f"{key}.down_proj.{expert}")
+            seeded_normal_(self.gate_up_proj[e], std, seed, f"{key}.gate_up_proj.{expert}", device)
+            seeded_normal_(self.down_proj[e], resid_std, seed, f"{key}.down_proj.{expert}", device)
         for bias in (self.gate_up_proj_bias, self.down_proj_bias):
             if bias is not None:
                 nn.init.zeros_(bias)

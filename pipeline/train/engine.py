@@ -81,6 +81,8 @@ def build_model(cfg: RunConfig, model_cfg: GPTOSSConfig, world: int, ds_config: 
     torch.manual_seed(cfg.train.seed)  # the same init_seed on every rank
     with torch.device("meta"):
         model = GPTOSS(model_cfg)
+    if torch.cuda.is_available():  # draw initial weights on this rank's GPU (pipeline/model/init.py)
+        model.init_device = torch.device("cuda", torch.cuda.current_device())
     if groups is not None:
         apply_expert_parallel(model, groups)
     if is_zero3(ds_config):

@@ -116,3 +116,54 @@ def test_gpu_training_forward_backward_does_not_copy_the_rope_table():
             torch.cuda.set_sync_debug_mode("default")
     rope_syncs = [w for w in caught if "synchroniz" in str(w.message) and w.filename.endswith("rope.py")]
     assert not rope_syncs, [f"{w.filename}:{w.lineno}" for w in rope_syncs]
+
+
+def _params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().float().cpu() for n, p in model.named_parameters()}
+
+
+def test_explicit_cpu_draw_device_is_the_default_init():
+    from pipeline.model import GPTOSS
+
+    cfg = get_preset("debug", n_layer=2)
+    torch.manual_seed(3)
+    whole = GPTOSS(cfg)
+    torch.manual_seed(3)
+    with torch.device("meta"):
+        drawn = GPTOSS(cfg)
+    drawn.init_device = torch.device("cpu")
+    drawn.materialize("cpu")
+    for name, value in _params(whole).items():
+        assert torch.equal(value, _params(drawn)[name]), name
+
+
+@pytest.mark.gpu
+def test_gpu_init_drawn_on_the_device_is_the_same_model_in_every_layout():
+    """CUDA draws: a model materialised on the GPU, one living on the CPU but drawn on the GPU (the
+    ZeRO-2 path), and an expert shard re-initialised alone all hold the same values. They differ from
+    CPU draws (another generator), which is documented, not a requirement."""
+    from pipeline.model import GPTOSS
+
+    cfg = get_preset("debug", n_layer=2)
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    models = []
+    for device, draw_on in (("cuda", None), ("cpu", cuda)):
+        torch.manual_seed(3)
+        with torch.device("meta"):
+            model = GPTOSS(cfg)
+        model.init_device = draw_on
+        models.append(model.materialize(device))
+    on_gpu, on_cpu = _params(models[0]), _params(models[1])
+    for name in on_gpu:
+        assert torch.equal(on_gpu[name], on_cpu[name]), name
+    # An expert-parallel rank's slice, re-drawn alone, is the slice of the full layer.
+    full = models[0].blocks[1].ffn.experts
+    shard = full.shard(2, 4)
+    shard.reset_parameters(models[0].init_seed, "blocks.1.experts")
+    assert torch.equal(shard.gate_up_proj, full.gate_up_proj[2:4])
+    assert torch.equal(shard.down_proj, full.down_proj[2:4])
+    # N(0, init_std) statistics, and not the CPU stream.
+    w = on_gpu["blocks.0.attn.q_proj.weight"]
+    assert abs(w.std().item() - cfg.init_std) < 0.1 * cfg.init_std
+    torch.manual_seed(3)
+    assert not torch.equal(_params(GPTOSS(cfg))["blocks.0.attn.q_proj.weight"], w)
