@@ -1,0 +1,130 @@
+"""Expert parallelism's step time against no expert parallelism, at equal work, on the same ranks.
+
+    python benchmarks/bench_ep.py [--nproc 2] [--steps 20] [--warmup 3] [--repeats 2] [--profile]
+
+Both runs train the same model (debug preset, fp32) through the real ZeRO-3 engine on the same
+ranks, the same micro-batches and the same global batch; only parallel.expert_parallel_size differs
+(1 vs --nproc). They alternate --repeats times in the same processes (freeing each engine) and keep
+each one's best median step time, so load from other processes on a shared machine moves the ratio
+little. Prints EP / no-EP step time; 1.0 would mean expert parallelism costs nothing beyond the
+work it moves (on CPU the ranks share the cores, so its all-to-all is pure overhead here). With
+--profile it also prints, per run, rank 0's operators by self CPU time (torch profiler).
+
+Run with plain python: it launches the ranks itself (torchrun --standalone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--capacity-factor", type=float, default=None)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+                        help="run-config overrides for both runs, e.g. parallel.activation_checkpointing=true")
+    return parser.parse_args(argv)
+
+
+def run_config(args, ep: int):
+    from pipeline.config_utils import apply_overrides, from_dict
+    from pipeline.train.config import RunConfig
+
+    raw = {
+        "model": {"preset": "debug"}, "data": {"train": ["unused"], "seq_len": args.seq},
+        "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 0},
+        "train": {"steps": args.warmup + args.steps, "micro_batch_size": args.micro_batch, "seed": 0},
+        "parallel": {"expert_parallel_size": ep}, "precision": "fp32",
+    }
+    return from_dict(RunConfig, apply_overrides(raw, args.set))
+
+
+def measure(args, ep: int, world: int, rank: int) -> tuple[float, str | None]:
+    """(median step seconds, profiler table or None) of one engine with expert_parallel_size=ep."""
+    from pipeline.model import get_preset
+    from pipeline.train.ds_config import build_ds_config
+    from pipeline.train.engine import build_engine, release_engine
+    from pipeline.train.optim import compute_loss
+
+    run = run_config(args, ep)
+    model_cfg = get_preset("debug", capacity_factor=args.capacity_factor, block_size=max(128, args.seq))
+    engine = build_engine(run, model_cfg, build_ds_config(run, world), world)
+    gen = torch.Generator().manual_seed(rank)  # each rank its own samples, the same for both runs
+    batches = [torch.randint(0, model_cfg.vocab_size, (args.micro_batch, args.seq + 1), generator=gen)
+               for _ in range(4)]
+    profiler = torch.profiler.profile() if args.profile else None
+    times = []
+    try:
+        for step in range(args.warmup + args.steps):
+            if profiler is not None and step == args.warmup:
+                profiler.__enter__()
+            dist.barrier()  # every step starts together: the time is the step's, not the last one's straggler
+            start = time.perf_counter()
+            loss = compute_loss(engine, batches[step % len(batches)]).total
+            engine.backward(loss)
+            engine.step()
+            if step >= args.warmup:
+                times.append(time.perf_counter() - start)
+    finally:
+        if profiler is not None:
+            profiler.__exit__(None, None, None)
+        release_engine(engine)
+    table = None
+    if profiler is not None:
+        table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    return statistics.median(times), table
+
+
+def rank_main(args) -> None:
+    from pipeline.train.engine import init_distributed
+
+    rank, world = init_distributed()
+    best: dict[int, float] = {}
+    for _ in range(args.repeats):
+        for ep in (1, world):
+            seconds, table = measure(args, ep, world, rank)
+            best[ep] = min(best.get(ep, float("inf")), seconds)
+            if rank == 0 and table is not None:
+                print(f"\n--- profile, expert_parallel_size={ep}, rank 0, {args.steps} steps ---\n{table}", flush=True)
+    if rank == 0:
+        tokens = args.micro_batch * args.seq * world
+        print(f"\ndebug model, fp32, ZeRO-3, {world} ranks, micro-batch {args.micro_batch} x {args.seq} tokens "
+              f"per rank, capacity_factor {args.capacity_factor}, {' '.join(args.set) or 'no overrides'}; "
+              f"best of {args.repeats} medians over {args.steps} steps")
+        for ep in (1, world):
+            print(f"  expert_parallel_size={ep}: {1e3 * best[ep]:7.1f} ms/step  {tokens / best[ep]:9,.0f} tokens/s")
+        print(f"  EP{world} / EP1 step time: {best[world] / best[1]:.2f}x", flush=True)
+
+
+def main() -> None:
+    args = parse_args()
+    if "RANK" in os.environ:
+        rank_main(args)
+        return
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           __file__, *sys.argv[1:]]
+    raise SystemExit(subprocess.run(cmd, env=env, cwd=REPO_ROOT).returncode)
+
+
+if __name__ == "__main__":
+    main()
