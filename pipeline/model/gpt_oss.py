@@ -103,6 +103,9 @@ class GPTOSS(nn.Module):
         # Drawn before any submodule exists: their constructors consume the global RNG on a real
         # device but not on meta, and the seed must not depend on where the model is built.
         self.init_seed = new_init_seed()
+        # Where init_weights draws (None: on each tensor's own device). The trainer sets its GPU, so
+        # weights are drawn there fast, also those that live on the CPU until DeepSpeed moves them.
+        self.init_device: torch.device | None = None
         self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos_embed = (
             nn.Embedding(config.block_size, config.n_embd) if config.position_embedding == "learned" else None
@@ -143,11 +146,12 @@ class GPTOSS(nn.Module):
             if only is not None and module not in only:
                 continue
             if isinstance(module, nn.Linear):
-                seeded_normal_(module.weight, resid_std if id(module) in residual else std, self.init_seed, name)
+                std_ = resid_std if id(module) in residual else std
+                seeded_normal_(module.weight, std_, self.init_seed, name, self.init_device)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
-                seeded_normal_(module.weight, std, self.init_seed, name)
+                seeded_normal_(module.weight, std, self.init_seed, name, self.init_device)
             elif isinstance(module, (RMSNorm, nn.LayerNorm)):
                 nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
@@ -160,7 +164,7 @@ class GPTOSS(nn.Module):
         for i, block in enumerate(self.blocks):
             for module in block.modules():
                 if isinstance(module, GroupedExperts) and (only is None or module in only):
-                    module.reset_parameters(self.init_seed, f"blocks.{i}.experts")
+                    module.reset_parameters(self.init_seed, f"blocks.{i}.experts", self.init_device)
 
     def materialize(self, device: torch.device | str = "cpu") -> GPTOSS:
         """Allocate a model built under `torch.device("meta")` on `device` and initialise it exactly as

@@ -24,7 +24,9 @@ exchange, which must know the row counts on the host.
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -136,16 +138,42 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def _grouped_mm_supported(x_MD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
-    """grouped_mm needs 16-byte aligned row strides on CPU and bf16 on (sm80+) CUDA."""
-    if not hasattr(F, "grouped_mm") or x_MD.dtype != w_EDF.dtype:
-        return False
+def grouped_mm_problem(x_MD: torch.Tensor, w_EDF: torch.Tensor) -> str | None:
+    """Why `F.grouped_mm(x_MD, w_EDF)` (and its backward) cannot run here, or None if it can.
+
+    Both devices need every row stride of x, w, their gradients and w's transpose to be a
+    multiple of 16 bytes (so the two trailing weight dims, which are also x's and the output's row
+    lengths), and equal dtypes. CUDA also needs bf16 on sm80+ (CUTLASS on sm90/sm100, torch's own
+    per-group loop on sm80, both without host syncs).
+    """
+    if not hasattr(F, "grouped_mm"):
+        return "this torch has no F.grouped_mm"
+    if x_MD.dtype != w_EDF.dtype:
+        return f"input dtype {x_MD.dtype} differs from the weights' {w_EDF.dtype}"
     if x_MD.device.type == "cuda":
-        return x_MD.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x_MD.device) >= (8, 0)
-    if x_MD.device.type != "cpu":
-        return False
+        if x_MD.dtype != torch.bfloat16:
+            return f"CUDA grouped_mm needs bf16, got {x_MD.dtype}"
+        capability = torch.cuda.get_device_capability(x_MD.device)
+        if capability < (8, 0):
+            return f"CUDA grouped_mm needs compute capability 8.0+, this GPU has {capability[0]}.{capability[1]}"
+    elif x_MD.device.type != "cpu":
+        return f"no grouped_mm on {x_MD.device.type}"
     size = x_MD.element_size()
-    return (w_EDF.shape[1] * size) % 16 == 0 and (w_EDF.shape[2] * size) % 16 == 0
+    for dim in w_EDF.shape[1:]:
+        if (dim * size) % 16:
+            return (f"rows of {dim} x {size} bytes are not 16-byte aligned "
+                    f"(make the dimension a multiple of {16 // size})")
+    return None
+
+
+def _grouped_mm_supported(x_MD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
+    return grouped_mm_problem(x_MD, w_EDF) is None
+
+
+@functools.cache
+def _warn_loop_on_cuda(reason: str) -> None:
+    # Once per reason per process: the fallback is correct, only slower (a host sync and E matmuls).
+    warnings.warn(f"MoE experts use the per-expert loop on CUDA, not grouped_mm: {reason}", stacklevel=3)
 
 
 def grouped_linear(
@@ -189,21 +217,23 @@ class GroupedExperts(nn.Module):
         self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self, seed: int | None = None, key: str = "experts") -> None:
+    def reset_parameters(
+        self, seed: int | None = None, key: str = "experts", device: torch.device | None = None
+    ) -> None:
         """GPT-2 init; down_proj writes to the residual stream, hence the 1/sqrt(2 * n_layer).
 
         Each expert is drawn from its own generator keyed by (seed, key, *global* expert id), so a
         shard re-initialised with the same seed and key holds exactly its slice of the full layer:
         an expert-parallel rank can materialise only its experts. seed=None draws one from torch's
-        global RNG (deterministic under torch.manual_seed).
+        global RNG (deterministic under torch.manual_seed). device: where to draw (see `seeded_normal_`).
         """
         seed = new_init_seed() if seed is None else seed
         std = self.config.init_std
         resid_std = std / math.sqrt(2 * self.config.n_layer)
         for e in range(self.num_experts):
             expert = self.expert_offset + e
-            seeded_normal_(self.gate_up_proj[e], std, seed, f"{key}.gate_up_proj.{expert}")
-            seeded_normal_(self.down_proj[e], resid_std, seed, f"{key}.down_proj.{expert}")
+            seeded_normal_(self.gate_up_proj[e], std, seed, f"{key}.gate_up_proj.{expert}", device)
+            seeded_normal_(self.down_proj[e], resid_std, seed, f"{key}.down_proj.{expert}", device)
         for bias in (self.gate_up_proj_bias, self.down_proj_bias):
             if bias is not None:
                 nn.init.zeros_(bias)
@@ -212,16 +242,20 @@ class GroupedExperts(nn.Module):
     def num_experts(self) -> int:
         return self.gate_up_proj.shape[0]
 
-    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor, padded: bool = False) -> torch.Tensor:
+    def forward(
+        self, x_MD: torch.Tensor, counts_E: torch.Tensor, padded: bool = False, host_counts: list[int] | None = None
+    ) -> torch.Tensor:
         """Rows of x_MD grouped by expert 0..E-1, counts_E[e] rows each (zeros allowed, M may be 0).
 
         padded: rows after the last group (sum(counts_E) < M) are padding; their outputs are zero
-        and they pass no gradient.
+        and they pass no gradient. host_counts: counts_E as Python ints when the caller already
+        has them (expert parallelism), so the per-expert loop needs no second host sync.
         """
-        if not (
-            _grouped_mm_supported(x_MD, self.gate_up_proj) and _grouped_mm_supported(x_MD, self.down_proj)
-        ):
-            return self.forward_reference(x_MD, counts_E, padded)
+        problem = grouped_mm_problem(x_MD, self.gate_up_proj) or grouped_mm_problem(x_MD, self.down_proj)
+        if problem is not None:
+            if x_MD.device.type == "cuda":
+                _warn_loop_on_cuda(problem)
+            return self.forward_reference(x_MD, counts_E if host_counts is None else host_counts, padded)
         offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
         M = x_MD.shape[0]
         if not padded:
@@ -243,10 +277,12 @@ class GroupedExperts(nn.Module):
         y = grouped_linear(self.act(h), self.down_proj, self.down_proj_bias, offsets_E, expert_of_row_M)
         return torch.where(valid_M1, y, 0.0)
 
-    def forward_reference(self, x_MD: torch.Tensor, counts_E: torch.Tensor, padded: bool = False) -> torch.Tensor:
+    def forward_reference(
+        self, x_MD: torch.Tensor, counts_E: torch.Tensor | list[int], padded: bool = False
+    ) -> torch.Tensor:
         """Per-expert loop: the numerical reference, and the path for shapes grouped_mm rejects
-        (it reads the counts on the host)."""
-        counts = counts_E.tolist()
+        (it reads the counts on the host: one sync, none when given a list)."""
+        counts = counts_E if isinstance(counts_E, list) else counts_E.tolist()
         padding = x_MD.shape[0] - sum(counts)
         if padding and not padded:
             raise ValueError(f"{x_MD.shape[0]} rows but counts_E sums to {sum(counts)}")

@@ -213,3 +213,21 @@ def activation_memory(
         attention_kernel=kernel,
         sequence_parallel=sp,
     )
+
+
+def math_kernel_notice(config: GPTOSSConfig, micro_batch: int, seq_len: int, act_bytes: int) -> str | None:
+    """One line for a CUDA training run whose attention falls to SDPA's math kernel (attention_backend
+    sdpa with sinks, or auto with dropout > 0), with what it costs; None when it does not."""
+    if attention_kernel(config) != "sdpa-math":
+        return None
+    math_ = activation_memory(config, micro_batch, seq_len, act_bytes, kernel="sdpa-math")
+    flex = activation_memory(config, micro_batch, seq_len, act_bytes, kernel="flex")
+    extra = max(m - f for m, f in zip(math_.per_block, flex.per_block, strict=True))
+    why = (f"attention_backend=auto with dropout={config.dropout} (FlexAttention has no dropout)"
+           if config.attention_backend == "auto" else f"attention_backend={config.attention_backend}")
+    return (
+        f"attention runs SDPA's math kernel on CUDA ({why}): fp32 [B, H, T, T+1] = [{micro_batch}, "
+        f"{config.n_head}, {seq_len}, {seq_len + 1}] scores, {extra / 2**30:.2f} GiB more activation memory per "
+        f"layer than FlexAttention (x{config.n_layer} layers without activation checkpointing) and roughly "
+        "30x flash's attention time (estimated); set model.attention_backend=auto and model.dropout=0 for FlexAttention"
+    )

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pipeline.errors import ConfigError
 from pipeline.hardware import GPUS, GPUSpec
 from pipeline.model import GPTOSSConfig, count_parameters
-from pipeline.model.flops import flops_per_token
+from pipeline.model.flops import flops_per_token, seconds_at_mfu
 from pipeline.planning.activations import ActivationMemory, activation_memory, attention_kernel
 from pipeline.planning.comm import Communication, Links, StartupMemory, communication, startup_memory
 from pipeline.planning.zero import (
@@ -174,7 +174,7 @@ class Planner:
         t = self.run.train
         tokens = t.micro_batch_size * t.grad_accum_steps * (world // self.sp) * self.run.data.seq_len
         peak = self.gpu.peak(self.run.precision)
-        compute = tokens * self.flops["total"] / (world * peak * self.mfu)
+        compute = seconds_at_mfu(tokens, self.flops, world * peak, self.mfu)
         comm = communication(
             self.config, self.params, zero, world=world, ep=self.ep, gpus_per_node=self.gpus_per_node,
             micro_batch=t.micro_batch_size, seq_len=self.run.data.seq_len, grad_accum=t.grad_accum_steps,

@@ -61,8 +61,9 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables."""
     implementation: str = "auto"
-    """auto | torch | fused: auto = DeepSpeed FusedAdam on GPU, torch.optim.AdamW on CPU
-    (CPU offload always uses DeepSpeedCPUAdam)."""
+    """auto | torch | fused: auto = torch.optim.AdamW (fused=True on GPU: no JIT build), torch =
+    torch.optim.AdamW unfused, fused = DeepSpeed's JIT-built FusedAdam (GPU only; its build is
+    checked at start). CPU offload always uses DeepSpeedCPUAdam."""
 
     def __post_init__(self):
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:

@@ -25,6 +25,7 @@ from pipeline.hardware import detect_peak_tflops
 from pipeline.model import MoE
 from pipeline.model.flex_attention import resolve_attention_backend
 from pipeline.model.flops import flops_per_token
+from pipeline.planning.activations import math_kernel_notice
 from pipeline.train import health
 from pipeline.train.checkpoint.init_from import WeightsFolder, load_initial_weights
 from pipeline.train.checkpoint.manager import CheckpointManager, read_latest
@@ -94,6 +95,9 @@ class Trainer:
         self.peak_tflops = t.peak_tflops or detect_peak_tflops()
         self.log = MetricsLogger(self.run_dir, self.rank == 0, cfg.tensorboard, t.steps, wandb=cfg.wandb,
                                  run_config=yaml.safe_load(self.run_files()["config.yaml"]))
+        if self.engine.device.type == "cuda" and (notice := math_kernel_notice(
+                self.model_cfg, t.micro_batch_size, seq_len, 2 if cfg.precision == "bf16" else 4)):
+            self.log.message(notice)  # once, at start: every step pays it
         self.stop = health.StopSignal(self.engine.device)
         self.fault = health.FaultInjection.from_env(self.rank)
         self.spikes = health.SpikeDetector(t.spike_sigma, t.spike_window)
