@@ -11,6 +11,11 @@ and step 3 is the only one expert parallelism replaces: the trainer swaps `moe.e
 with the same `forward(x_MD, counts_E, padded) -> y_MD` that all-to-alls rows to the ranks owning the
 experts (`GroupedExperts.shard` builds each rank's slice). Everything else stays local and identical.
 
+Long sequences: without a capacity factor, more than `MoE.token_chunk` tokens are routed once and
+then permuted, computed and combined one chunk of tokens at a time, each chunk recomputed in
+backward (`torch.utils.checkpoint`), so no [tokens x top_k, intermediate] tensor of the whole
+(local) sequence is ever held; the result is the same as in one piece.
+
 No step reads a device value on the host: shapes are static (with a capacity factor, dropped slots
 stay as trailing padding rows, `padded=True`, instead of being removed by a data-dependent boolean
 index), so a GPU step runs ahead of the CPU. The one exception is expert parallelism's split
@@ -22,11 +27,13 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.model.config import GPTOSSConfig
 from pipeline.model.init import new_init_seed, seeded_normal_
@@ -53,6 +60,9 @@ class TopKRouter(nn.Module):
         self.top_k, self.num_experts = config.top_k, config.n_experts
         self.granularity = config.aux_loss_granularity
         self.gate = nn.Linear(config.n_embd, config.n_experts, bias=config.router_bias)
+        # Sums detached expert counts over the ranks that hold shards of the same sequences, so the
+        # load-balancing loss sees the whole sequence (set by sequence parallelism; None = local).
+        self.reduce_counts: Callable[[torch.Tensor], torch.Tensor] | None = None
         # Aux-loss-free balancing (DeepSeek-V3): a persistent fp32 buffer, so checkpoints carry it and
         # it is never trained by the optimizer; moved by `update_expert_bias` after each step.
         self.expert_bias: torch.Tensor | None
@@ -81,8 +91,9 @@ class TopKRouter(nn.Module):
         if self.granularity == "sequence":
             load_balance = self._sequence_load_balance(probs_NE, expert_ids_NK, n_seq)
         else:
-            n_slots = max(expert_ids_NK.numel(), 1)
-            load_balance = self.num_experts * torch.sum(counts_E.float() / n_slots * probs_NE.mean(dim=0))
+            total_E = counts_E if self.reduce_counts is None else self.reduce_counts(counts_E)
+            share_E = total_E.float() / total_E.sum().clamp(min=1)  # sum(counts) = N * k slots
+            load_balance = self.num_experts * torch.sum(share_E * probs_NE.mean(dim=0))
         z_loss = torch.logsumexp(logits32_NE, dim=-1).square().mean()
         return RouterOutput(weights_NK, expert_ids_NK, load_balance, z_loss, counts_E.detach())
 
@@ -94,7 +105,9 @@ class TopKRouter(nn.Module):
         ids_BS = expert_ids_NK.reshape(n_seq, -1)  # [B, T*K]
         counts_BE = torch.zeros(n_seq, E, dtype=probs_NE.dtype, device=probs_NE.device)
         counts_BE.scatter_add_(1, ids_BS, torch.ones_like(ids_BS, dtype=probs_NE.dtype))
-        share_BE = counts_BE / max(ids_BS.shape[1], 1)
+        if self.reduce_counts is not None:
+            counts_BE = self.reduce_counts(counts_BE)
+        share_BE = counts_BE / counts_BE.sum(dim=1, keepdim=True).clamp(min=1)  # sum = T * k slots
         return E * (share_BE * probs_BTE.mean(dim=1)).sum(dim=1).mean()
 
     @torch.no_grad()
@@ -328,6 +341,11 @@ class RouterStats(NamedTuple):
         return RouterStats(*(torch.stack(values) for values in zip(*per_layer, strict=True)))
 
 
+DEFAULT_TOKEN_CHUNK = 16384
+"""Tokens per expert chunk for long sequences: gpt-oss's gate/up output of one chunk is 16,384 x 4
+slots x 5,760 bf16 = 0.75 GB, big enough to keep grouped_mm efficient."""
+
+
 class MoE(nn.Module):
     """Top-k routed experts. Returns (y, router loss already weighted by the config)."""
 
@@ -342,6 +360,7 @@ class MoE(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         # The statistics of the latest forward; read through GPTOSS.router_stats().
         self.last_stats: MoEStats | None = None
+        self.token_chunk = DEFAULT_TOKEN_CHUNK  # dropless layers with more tokens compute in chunks
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, D = x_BTD.shape
@@ -350,6 +369,9 @@ class MoE(nn.Module):
 
         # 1 route
         route = self.router(x_ND, n_seq=B)
+        if self.capacity_factor is None and N > self.token_chunk:
+            y_ND = torch.cat([self._tile(x_ND, route, start) for start in range(0, N, self.token_chunk)])
+            return self._finish(y_ND.view(B, T, D), route, torch.zeros((), dtype=torch.long, device=x_ND.device))
         # 2 permute: slot s = n*K + k; a stable sort keeps token order within each expert, so
         # capacity drop keeps the earliest tokens and the result is deterministic.
         slot_expert_S = route.expert_ids_NK.reshape(-1)  # [S = N*K]
@@ -374,8 +396,28 @@ class MoE(nn.Module):
         # deterministic), then sum the K slots of every token; dropped slots stay zero.
         weights_M = route.weights_NK.reshape(-1)[order_S]
         y_SD = y_MD.new_zeros(N * K, D).index_copy(0, order_S, y_MD * weights_M[:, None].to(y_MD.dtype))
-        y_BTD = y_SD.view(N, K, D).sum(dim=1).view(B, T, D)
+        return self._finish(y_SD.view(N, K, D).sum(dim=1).view(B, T, D), route, dropped)
 
+    def _tile(self, x_ND: torch.Tensor, route: RouterOutput, start: int) -> torch.Tensor:
+        """Steps 2-4 (dropless) for tokens [start, start + token_chunk) -> [n, D], recomputed in backward."""
+        end = start + self.token_chunk
+        args = (x_ND[start:end], route.expert_ids_NK[start:end], route.weights_NK[start:end])
+        if torch.is_grad_enabled():
+            return checkpoint(self._dropless_chunk, *args, use_reentrant=False)
+        return self._dropless_chunk(*args)
+
+    def _dropless_chunk(self, x_nD: torch.Tensor, ids_nK: torch.Tensor, weights_nK: torch.Tensor) -> torch.Tensor:
+        n, K = ids_nK.shape
+        slot_expert_S = ids_nK.reshape(-1)  # [S = n*K]
+        order_S = torch.argsort(slot_expert_S, stable=True)
+        counts_E = torch.zeros(self.num_experts, dtype=torch.long, device=x_nD.device)
+        counts_E.scatter_add_(0, slot_expert_S, torch.ones_like(slot_expert_S))
+        y_MD = self.experts(x_nD.index_select(0, order_S // K), counts_E)
+        weights_M = weights_nK.reshape(-1)[order_S]
+        y_SD = y_MD.new_zeros(n * K, x_nD.shape[1]).index_copy(0, order_S, y_MD * weights_M[:, None].to(y_MD.dtype))
+        return y_SD.view(n, K, -1).sum(dim=1)  # [n, D]
+
+    def _finish(self, y_BTD: torch.Tensor, route: RouterOutput, dropped: torch.Tensor):
         router_loss = self.aux_weight * route.load_balance_loss + self.z_weight * route.z_loss
         self.last_stats = MoEStats(
             route.load_balance_loss.detach(), route.z_loss.detach(), route.tokens_per_expert_E, dropped

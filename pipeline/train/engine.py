@@ -30,6 +30,7 @@ from pipeline.train.expert_parallel import (
     tag_expert_parameters,
 )
 from pipeline.train.optim import check_optimizer_builds, param_groups
+from pipeline.train.sequence_parallel import apply_sequence_parallel, create_sequence_groups
 
 
 def quiet_library_warnings() -> None:
@@ -85,6 +86,8 @@ def build_model(cfg: RunConfig, model_cfg: GPTOSSConfig, world: int, ds_config: 
         model.init_device = torch.device("cuda", torch.cuda.current_device())
     if groups is not None:
         apply_expert_parallel(model, groups)
+    if cfg.parallel.sequence_parallel_size > 1:  # no parameters added: before materialising is fine
+        apply_sequence_parallel(model, create_sequence_groups(cfg.parallel.sequence_parallel_size))
     if is_zero3(ds_config):
         materialize_partitioned(model, ds_config)
     else:

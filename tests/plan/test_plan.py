@@ -29,7 +29,8 @@ from pipeline.planning.zero import DS_DEFAULTS
 from pipeline.train.config import load_run_config
 
 REPO = Path(__file__).resolve().parents[2]
-SHIPPED = {"launch/configs/gpt-oss-20b-1node.yaml": 1, "launch/configs/gpt-oss-120b-8node.yaml": 8}
+SHIPPED = {"launch/configs/gpt-oss-20b-1node.yaml": 1, "launch/configs/gpt-oss-120b-8node.yaml": 8,
+           "launch/configs/gpt-oss-20b-1node-128k.yaml": 1, "launch/configs/gpt-oss-120b-8node-64k.yaml": 8}
 
 
 # --- parameter counts -------------------------------------------------------------------------------
