@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch.nn.attention.flex_attention import _DEFAULT_SPARSE_BLOCK_SIZE, BlockMask, create_block_mask
+from torch.nn.attention.flex_attention import _DEFAULT_SPARSE_BLOCK_SIZE, BlockMask
 
 
 def document_ids(input_ids_BT: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -99,8 +99,10 @@ def _mask_mod(window: int | None, doc_BT: torch.Tensor | None):
 @functools.lru_cache(maxsize=32)
 def _static_block_mask(window: int | None, length: int, device: torch.device) -> BlockMask:
     # Causal and sliding masks depend only on (window, length, device): built once, shared by every
-    # layer and every step (B=H=None broadcasts over batch and heads).
-    return create_block_mask(_mask_mod(window, None), None, None, length, length, device=device)
+    # layer and every step (B=1, H=1 broadcast over batch and heads). Built from block corners as one
+    # document: `create_block_mask` would materialise all T x T pairs (17 GB at T=131,072).
+    one_document_1T = torch.zeros(1, length, dtype=torch.long, device=device)
+    return document_block_mask(window, one_document_1T, mask_mod=_mask_mod(window, None))
 
 
 def block_mask(
@@ -127,7 +129,7 @@ def _dense_to_ordered(blocks_BHQK: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 def document_block_mask(
-    window: int | None, doc_BT: torch.Tensor, block: int = _DEFAULT_SPARSE_BLOCK_SIZE
+    window: int | None, doc_BT: torch.Tensor, block: int = _DEFAULT_SPARSE_BLOCK_SIZE, mask_mod=None
 ) -> BlockMask:
     """The BlockMask `create_block_mask(_mask_mod(window, doc_BT), B, None, T, T)` builds, computed from
     block corners instead of all T x T pairs.
@@ -139,7 +141,8 @@ def document_block_mask(
     - every pair may iff the *last* query can reach the *first* key: s(a1) <= c0 and
       a1 - c0 < window, with both blocks whole (torch pads a trailing partial block with False).
     A diagonal block always holds some pair (i attends i) and never all (causal); later key
-    blocks hold none.
+    blocks hold none. `mask_mod` overrides the predicate FlexAttention evaluates in partial blocks
+    (the static masks pass one without the document lookup).
     """
     B, T = doc_BT.shape
     device = doc_BT.device
@@ -167,5 +170,5 @@ def document_block_mask(
         *_dense_to_ordered(partial_BHQK.transpose(-2, -1)),
         *_dense_to_ordered(full_BHQK.transpose(-2, -1)),
         BLOCK_SIZE=(block, block),
-        mask_mod=_mask_mod(window, doc_BT),
+        mask_mod=mask_mod or _mask_mod(window, doc_BT),
     )

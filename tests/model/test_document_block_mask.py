@@ -50,3 +50,17 @@ def test_document_block_mask_equals_create_block_mask(case, window):
         torch.testing.assert_close(getattr(got, field), getattr(ref, field), rtol=0, atol=0, msg=field)
     # Partial blocks apply the element-level predicate: the same one.
     assert got.mask_mod.__code__ is ref.mask_mod.__code__
+
+
+@pytest.mark.parametrize("window", [None, 128, 50])
+@pytest.mark.parametrize("length", [300, 512, 1000])
+def test_static_block_mask_equals_create_block_mask(window, length):
+    """Causal and sliding masks are built from block corners too (no T x T tensor at long context)."""
+    from pipeline.model.masks import block_mask
+
+    ref = create_block_mask(_mask_mod(window, None), None, None, length, length, device="cpu")
+    got = block_mask(window, length, "cpu")
+    assert got.shape == ref.shape and got.seq_lengths == ref.seq_lengths
+    for field in FIELDS:
+        torch.testing.assert_close(getattr(got, field), getattr(ref, field), rtol=0, atol=0, msg=field)
+    assert got.mask_mod.__code__ is ref.mask_mod.__code__
