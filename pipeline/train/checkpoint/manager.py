@@ -222,11 +222,14 @@ class CheckpointManager:
             dist.barrier()
 
     # --- resume policy ------------------------------------------------------------------------
-    def check_resume(self, model: dict, train: TrainConfig, run_dir: Path, data: dict | None = None) -> list[str]:
+    def check_resume(self, model: dict, train: TrainConfig, run_dir: Path, sequence_parallel_size: int = 1,
+                     data: dict | None = None) -> list[str]:
         """ConfigError (before any engine is built) if the latest checkpoint cannot be resumed by
         this run: a different model (`model` is the run's resolved model section), a different
-        global batch, or other data (`data`: data.identity.data_identity of this run's data.train).
-        Returns notes to log (a `latest` that was not usable, an allowed data change)."""
+        global batch (micro-batch x grad-accum x data-parallel ranks = ranks / sequence_parallel_size,
+        for the checkpoint's run and this one), or other data (`data`: data.identity.data_identity of
+        this run's data.train). Returns notes to log (a `latest` that was not usable, an allowed data
+        change)."""
         where = self.latest()
         if where is None:
             return []
@@ -240,7 +243,9 @@ class CheckpointManager:
                 "use a new run_dir, or the same model settings to resume"
             )
         saved_state = json.loads((where / TRAINER_STATE).read_text())
-        check_global_batch(saved_cfg["train"], saved_state["world_size"], train, self.world, where)
+        saved_sp = int(saved_cfg.get("parallel", {}).get("sequence_parallel_size", 1))
+        check_global_batch(saved_cfg["train"], saved_state["world_size"] // saved_sp, train,
+                           self.world // sequence_parallel_size, where)
         if data is not None:
             notes += check_data_unchanged(saved_state.get("data"), data, where, train.allow_data_change)
         return notes
