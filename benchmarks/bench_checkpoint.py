@@ -9,6 +9,11 @@ take one optimizer step so Adam's moments exist, then alternate, `--repeats` tim
 each (the slowest rank's, after a barrier), the ratio ours / DeepSpeed, and the bytes on disk. Our
 format carries the same state (fp32 master, exp_avg, exp_avg_sq) and can be read by any shape;
 DeepSpeed's also stores the working copy and needs the same world size to load.
+
+It also measures the cost of integrity: our save with and without the per-tensor xxh3-64
+checksums, and our load without any check, with the finiteness check only (a checkpoint written
+before checksums) and with checksums + finiteness (the default); printed as ratios to the
+unchecked save / load.
 """
 
 from __future__ import annotations
@@ -56,7 +61,8 @@ def rank_main(args) -> None:
                    for e in entries(engine.module))  # the whole model: expert slices times ep
 
     out = Path(args.out)
-    times = {"ours save": [], "deepspeed save": [], "ours load": [], "deepspeed load": []}
+    times = {"ours save": [], "deepspeed save": [], "ours load": [], "deepspeed load": [],
+             "save no checksum": [], "load no check": [], "load finite only": []}
 
     def timed(name, fn):
         dist.barrier()
@@ -74,6 +80,13 @@ def rank_main(args) -> None:
         timed("deepspeed save", lambda: engine.save_checkpoint(str(ds), tag=f"t{r}", save_latest=False))  # noqa: B023
         timed("ours load", lambda: load_state(engine, ours))  # noqa: B023
         timed("deepspeed load", lambda: engine.load_checkpoint(str(ds), tag=f"t{r}", load_lr_scheduler_states=False))  # noqa: B023
+        plain = out / f"plain_{r}"
+        if rank == 0:
+            plain.mkdir(parents=True)
+        dist.barrier()
+        timed("save no checksum", lambda: save_state(engine.module, plain, checksums=False))  # noqa: B023
+        timed("load no check", lambda: load_state(engine, ours, verify=False))  # noqa: B023
+        timed("load finite only", lambda: load_state(engine, plain))  # noqa: B023
     if rank == 0:
         best = {k: min(v) for k, v in times.items()}
         size_ours, size_ds = disk_bytes(out / "ours_0"), disk_bytes(out / "ds" / "t0")
@@ -83,6 +96,11 @@ def rank_main(args) -> None:
             print(f"  {what}: ours {o:.3f} s, DeepSpeed {d:.3f} s, ours / DeepSpeed {o / d:.2f}x")
         print(f"  disk: ours {size_ours / 2**20:.1f} MiB, DeepSpeed {size_ds / 2**20:.1f} MiB, "
               f"ratio {size_ours / size_ds:.2f}x")
+        print(f"  integrity: save with checksums / without {best['ours save'] / best['save no checksum']:.2f}x "
+              f"({best['ours save']:.3f} s vs {best['save no checksum']:.3f} s); load with checksums + finite "
+              f"check / unchecked {best['ours load'] / best['load no check']:.2f}x, finite check only / unchecked "
+              f"{best['load finite only'] / best['load no check']:.2f}x ({best['ours load']:.3f} s, "
+              f"{best['load finite only']:.3f} s, {best['load no check']:.3f} s)")
 
 
 def main() -> None:

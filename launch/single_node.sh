@@ -72,4 +72,6 @@ if [[ "${DRY_RUN:-0}" == 1 ]]; then
     echo
     exit 0
 fi
-exec "${CMD[@]}"
+# Not exec: this script stays to forward Ctrl-C / SIGTERM / SIGUSR1 to the whole job (launch/run_job.sh).
+source "$REPO/launch/run_job.sh"
+run_job "${CMD[@]}"

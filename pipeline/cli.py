@@ -6,7 +6,8 @@
 ConfigError and DataError (CheckpointError included) carry messages that name the file or key and
 the fix, so a traceback would only bury them. Under a launcher every rank raises the same error from
 the same config: the line is printed once per node (local rank 0), and a process group is left
-without waiting for peers, which fail alike.
+without waiting for peers, which fail alike. An error only one rank sees (errors.rank_local: a
+corrupt shard it read) is printed by that rank.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from pipeline.errors import ConfigError, DataError
 EXIT_USER_ERROR = 2
 
 
-def fail(message: str, code: int = EXIT_USER_ERROR) -> int:
+def fail(message: str | Exception, code: int = EXIT_USER_ERROR) -> int:
     """Print `error: message` once per node, leave the process group if one is up; returns `code`."""
-    if os.environ.get("LOCAL_RANK", "0") == "0":
+    if os.environ.get("LOCAL_RANK", "0") == "0" or getattr(message, "rank_local", False):
         print(f"error: {message}", file=sys.stderr, flush=True)
     dist = sys.modules.get("torch.distributed")  # never import torch just to report an error
     if dist is not None and dist.is_available() and dist.is_initialized():
@@ -37,6 +38,6 @@ def user_errors_exit_2(main: Callable[..., int]) -> Callable[..., int]:
         try:
             return main(argv)
         except (ConfigError, DataError) as e:
-            return fail(str(e))
+            return fail(e)
 
     return wrapper

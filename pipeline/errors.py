@@ -12,3 +12,10 @@ class DataError(ValueError):
 class CheckpointError(DataError):
     """A checkpoint or weights folder is missing, truncated or of another model; the message names
     the file and what to do."""
+
+
+def rank_local(error: DataError) -> DataError:
+    """Mark an error that only the rank raising it sees (a damaged tensor or shard it read): the
+    entry point then prints it from that rank, not only from local rank 0."""
+    error.rank_local = True
+    return error

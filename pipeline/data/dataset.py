@@ -17,7 +17,7 @@ import numpy as np
 
 from pipeline.data.indexed import MMapIndexedDataset
 from pipeline.data.manifest import MANIFEST, check_vocab_compatible, load_manifest
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import ConfigError, DataError, rank_local
 
 _DOC_ORDER_SALT = 0xD0C5
 _SAMPLE_ORDER_SALT = 0x5A3F
@@ -38,6 +38,7 @@ class GPTDataset:
         stream: int = 0,
         name: str = "",
         epoch_cache: int = 2,
+        vocab_size: int | None = None,
     ):
         if seq_len < 1:
             raise ConfigError(f"seq_len must be >= 1, got {seq_len}")
@@ -48,6 +49,7 @@ class GPTDataset:
         self.seed = int(seed)
         self.stream = int(stream)
         self.name = name
+        self.vocab_size = vocab_size  # ids must lie in [0, vocab_size): checked per read (corrupt bytes)
         starts, lengths, owner = [], [], []
         for k, shard in enumerate(self.shards):
             s, n = shard.document_token_ranges()
@@ -57,6 +59,7 @@ class GPTDataset:
         self.doc_start = np.concatenate(starts) if starts else np.zeros(0, np.int64)  # [D] token offset
         self.doc_len = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)  # [D] tokens
         self.doc_shard = np.concatenate(owner) if owner else np.zeros(0, np.int32)  # [D] shard index
+        self.shard_first_doc = np.cumsum([0] + [len(s) for s in starts])  # [K + 1] global doc id of each shard's first
         self.num_tokens = int(self.doc_len.sum())
         # The last window needs one extra token for its final label.
         self.samples_per_epoch = max(0, (self.num_tokens - 1) // self.seq_len)
@@ -109,10 +112,23 @@ class GPTDataset:
             offset = start + filled - int(cum[k])
             take = min(int(self.doc_len[d]) - offset, need - filled)
             first = int(self.doc_start[d]) + offset
-            out[filled : filled + take] = self.shards[self.doc_shard[d]].tokens[first : first + take]
+            chunk = self.shards[self.doc_shard[d]].tokens[first : first + take]
+            if self.vocab_size is not None and take and (int(chunk.max()) >= self.vocab_size or int(chunk.min()) < 0):
+                self._bad_id(d, chunk)
+            out[filled : filled + take] = chunk
             filled += take
             k += 1
         return out
+
+
+    def _bad_id(self, d: int, chunk: np.ndarray) -> None:
+        k = int(self.doc_shard[d])
+        bad = int(chunk.max()) if int(chunk.max()) >= self.vocab_size else int(chunk.min())
+        raise rank_local(DataError(
+            f"{self.shards[k].prefix}.bin: sequence {d - int(self.shard_first_doc[k])} holds token id {bad}, outside "
+            f"the tokenizer's [0, {self.vocab_size}): the shard is corrupt; check it with "
+            f"`python -m pipeline.prepare --verify {self.shards[k].prefix.parent}` and re-prepare it"
+        ))
 
 
 def is_weighted(sources) -> bool:
@@ -133,6 +149,7 @@ def source_paths(sources) -> list[str]:
 
 
 def _shards_of(path: str | Path, split: str) -> tuple[list[MMapIndexedDataset], Path | None]:
+    # A bare prefix has no manifest, so no vocab size to check its ids against.
     """Shards of `split` in a prepared dir, or a bare Megatron prefix (`.../name` with .idx/.bin)."""
     path = Path(path)
     if path.is_dir():
@@ -177,9 +194,11 @@ def build_dataset(sources, split: str, seq_len: int, seed: int):
     paths = [p for _, p in sources] if weighted else sources
     dirs = []
     per_source = []
+    vocab = []  # per source: its tokenizer's vocab size, None for a bare prefix
     for p in paths:
         shards, d = _shards_of(p, split)
         per_source.append(shards)
+        vocab.append(None if d is None else load_manifest(d).vocab_size)
         if d is not None:
             dirs.append(d)
     if len(dirs) > 1:  # one tokenizer for everything; vocab fit is checked by the trainer
@@ -190,9 +209,10 @@ def build_dataset(sources, split: str, seq_len: int, seed: int):
             seq_len,
             seed,
             name=f"{split} of {', '.join(map(str, paths))}",
+            vocab_size=None if None in vocab else max(vocab),
         )
     components = [
-        GPTDataset(shards, seq_len, seed, stream=i, name=f"{split} of {p}")
-        for i, (shards, p) in enumerate(zip(per_source, paths, strict=True))
+        GPTDataset(shards, seq_len, seed, stream=i, name=f"{split} of {p}", vocab_size=v)
+        for i, (shards, p, v) in enumerate(zip(per_source, paths, vocab, strict=True))
     ]
     return BlendedDataset(components, [float(w) for w, _ in sources])

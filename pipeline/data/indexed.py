@@ -87,6 +87,8 @@ class IndexedDatasetWriter:
         self._sizes: list[np.ndarray] = []
         self.num_docs = 0
         self.num_tokens = 0
+        self.min_id: int | None = None  # recorded in the manifest: training checks them against the model
+        self.max_id: int | None = None
 
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """Append documents given as one flat token array plus int lengths [n_docs]."""
@@ -94,6 +96,10 @@ class IndexedDatasetWriter:
         self._file.write(data)
         self._sha.update(data)
         self._sizes.append(np.asarray(lengths, dtype=np.int32))
+        if len(tokens):
+            lo, hi = int(np.min(tokens)), int(np.max(tokens))
+            self.min_id = lo if self.min_id is None else min(self.min_id, lo)
+            self.max_id = hi if self.max_id is None else max(self.max_id, hi)
         self.num_docs += len(lengths)
         self.num_tokens += int(len(tokens))
 
@@ -109,6 +115,8 @@ class IndexedDatasetWriter:
             "idx_sha256": hashlib.sha256(index).hexdigest(),
             "documents": self.num_docs,
             "tokens": self.num_tokens,
+            "min_id": self.min_id,
+            "max_id": self.max_id,
         }
 
     def abort(self) -> None:
@@ -130,7 +138,11 @@ class MMapIndexedDataset:
         for p in (ip, bp):
             if not p.is_file():
                 raise DataError(f"{p} does not exist: not a complete indexed dataset (prefix {prefix})")
-        raw = np.memmap(ip, dtype=np.uint8, mode="r")
+        try:
+            raw = np.memmap(ip, dtype=np.uint8, mode="r")
+        except (OSError, ValueError) as e:  # unreadable (permissions, I/O error) or empty
+            raise DataError(f"{ip} cannot be read ({getattr(e, 'strerror', None) or e}); check the file and its "
+                            "permissions, or re-prepare the data") from None
         if len(raw) < _HEADER.size:
             raise DataError(f"{ip} is truncated ({len(raw)} bytes): re-run prepare or --verify the dir")
         magic, version, code, n, n_doc = _HEADER.unpack(bytes(raw[: _HEADER.size]))
@@ -154,7 +166,11 @@ class MMapIndexedDataset:
         if nbytes < need:
             raise DataError(f"{bp} is {nbytes} bytes but its index needs {need}: the shard is truncated")
         # np.memmap refuses empty files; an empty shard (valid split of a tiny corpus) is legal.
-        self._bin = np.memmap(bp, dtype=self.dtype, mode="r") if nbytes else np.zeros(0, self.dtype)
+        try:
+            self._bin = np.memmap(bp, dtype=self.dtype, mode="r") if nbytes else np.zeros(0, self.dtype)
+        except OSError as e:
+            raise DataError(f"{bp} cannot be read ({e.strerror or e}); check the file and its permissions, "
+                            "or re-prepare the data") from None
 
     def __len__(self) -> int:
         return len(self.sizes)

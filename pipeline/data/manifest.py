@@ -1,7 +1,8 @@
 """manifest.json of a prepared data dir: the format facts readers must not assume.
 
 The manifest records the tokenizer identity (type, file sha256), vocab size, EOS/BOS ids, the
-token dtype, every shard of every split with its document and token counts, the sha256 of every
+token dtype, every shard of every split with its document and token counts and its smallest and
+largest token id, the sha256 of every
 file, the command line and inputs, and the skip report. Readers take dtype and ids from here.
 """
 
@@ -32,6 +33,8 @@ class ShardInfo:
     name: str  # file prefix relative to the data dir, e.g. "train_00003"
     documents: int
     tokens: int
+    min_id: int | None = None  # smallest / largest token id in the shard (None: an older manifest)
+    max_id: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +92,10 @@ def load_manifest(data_dir: str | Path) -> Manifest:
             documents=int(s["documents"]),
             tokens=int(s["tokens"]),
             shards=tuple(
-                ShardInfo(sh["name"], int(sh["documents"]), int(sh["tokens"])) for sh in s["shards"]
+                ShardInfo(sh["name"], int(sh["documents"]), int(sh["tokens"]),
+                          None if sh.get("min_id") is None else int(sh["min_id"]),
+                          None if sh.get("max_id") is None else int(sh["max_id"]))
+                for sh in s["shards"]
             ),
         )
         for name, s in raw["splits"].items()

@@ -28,6 +28,7 @@ from pipeline.data.readers import ReaderOptions, SkipReport, Source, expand_inpu
 from pipeline.data.shard_writer import SplitWriter, verified_prefix
 from pipeline.data.tokenizer import Tokenizer, load_tokenizer, sha256_file, train_sentencepiece
 from pipeline.errors import ConfigError, DataError
+from pipeline.run_lock import DirLock
 
 SPLITS = ("train", "valid")
 CHUNK_CHARS = 1 << 20  # text per worker task: large enough to amortise pickling, small for memory
@@ -147,8 +148,10 @@ def _ours(p: Path) -> bool:
     return p.name in (MANIFEST, STATE, "tokenizer") or p.suffix in (".bin", ".idx", ".tmp")
 
 
-def _prepare_output_dir(out: Path, fingerprint: dict, overwrite: bool) -> dict | None:
-    """Returns the resumable state, None for a fresh start; refuses to mix with another dataset."""
+def _prepare_output_dir(out: Path, fingerprint: dict, overwrite: bool, legacy_inputs=None) -> dict | None:
+    """Returns the resumable state, None for a fresh start; refuses to mix with another dataset.
+    `legacy_inputs()`: the inputs' size + mtime fingerprint, which dirs prepared by versions before
+    content hashes recorded (accepted when it matches)."""
     import json
 
     out.mkdir(parents=True, exist_ok=True)
@@ -166,6 +169,16 @@ def _prepare_output_dir(out: Path, fingerprint: dict, overwrite: bool) -> dict |
             if old.get("fingerprint") == fingerprint:
                 return old if name == STATE else {"complete": True}
             differs = [k for k in fingerprint if old.get("fingerprint", {}).get(k) != fingerprint[k]]
+            if differs == ["inputs"] and legacy_inputs is not None and old["fingerprint"]["inputs"] == legacy_inputs():
+                old["fingerprint"] = fingerprint  # from an older version, inputs unchanged: upgrade
+                return old if name == STATE else {"complete": True}
+            changed = _changed_content(old.get("fingerprint", {}).get("inputs", []), fingerprint["inputs"])
+            if differs == ["inputs"] and changed:
+                raise DataError(
+                    f"output dir {out} already holds a dataset prepared from different inputs (content changed: "
+                    f"{changed}); resuming would mix old and new text: pass --overwrite to rebuild it, "
+                    "or choose another --output"
+                )
             raise DataError(
                 f"output dir {out} already holds a dataset prepared from different "
                 f"{', '.join(differs) or 'settings'}; pass --overwrite to replace it, "
@@ -177,6 +190,19 @@ def _prepare_output_dir(out: Path, fingerprint: dict, overwrite: bool) -> dict |
             f"without a matching manifest; pass --overwrite to replace them"
         )
     return None
+
+
+def _changed_content(old: list, new: list) -> str | None:
+    """The input files whose content changed between two fingerprints' `inputs` (same files, same
+    order), in words; None when the inputs themselves differ."""
+    def files(inputs: list) -> dict:
+        return {f[0]: f[2] for entry in inputs if len(entry) > 2 for f in entry[2]}
+
+    a, b = files(old), files(new)
+    if [e[:2] for e in old] != [e[:2] for e in new] or set(a) != set(b):
+        return None
+    names = sorted(k for k in a if a[k] != b[k])
+    return (", ".join(names[:3]) + (" ..." if len(names) > 3 else "")) if names else None
 
 
 def _tokenizer_for(opts: PrepareOptions, sources: list[Source], state: dict | None) -> Tokenizer:
@@ -360,8 +386,17 @@ def prepare(opts: PrepareOptions) -> dict:
         raise ConfigError("pass exactly one of --tokenizer PATH or --train-tokenizer {bpe,unigram}")
     report = SkipReport()
     sources = expand_inputs(opts.inputs, opts.reader.input_format, report)
+    # Two prepares into one dir would interleave their shards: one at a time (see run_lock.py).
+    with DirLock(opts.output, "prepare") as lock:
+        if lock.note:
+            print(lock.note, flush=True)
+        return _prepare_locked(opts, sources, report)
+
+
+def _prepare_locked(opts: PrepareOptions, sources: list[Source], report: SkipReport) -> dict:
     fingerprint = _fingerprint(opts, sources)
-    state = _prepare_output_dir(opts.output, fingerprint, opts.overwrite)
+    state = _prepare_output_dir(opts.output, fingerprint, opts.overwrite,
+                                lambda: [s.fingerprint(legacy=True) for s in sources])
     if state and state.get("complete"):
         manifest, state = _recheck_complete(opts.output)
         if manifest is not None:

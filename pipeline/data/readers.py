@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.errors import DataError
+from pipeline.io_utils import content_hash
 
 TEXT_EXTS = (".txt", ".text", ".md", ".rst")
 JSONL_EXTS = (".jsonl", ".json", ".ndjson")
@@ -50,13 +51,17 @@ class Source:
     kind: str  # text | jsonl | parquet | hf_disk | hf_hub
     path: str
 
-    def fingerprint(self) -> list:
-        """What must not change between a crashed run and its resume (size + mtime of files)."""
+    def fingerprint(self, legacy: bool = False) -> list:
+        """What must not change between a crashed run and its resume: every file's size and content
+        hash (an edit that keeps size and mtime is still a change). `legacy`: the size + mtime form
+        of versions before content hashes, to recognise the dirs they prepared."""
         if self.kind == "hf_hub":
             return [self.kind, self.path]
         p = Path(self.path)
         files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
-        return [self.kind, self.path, [[str(q), q.stat().st_size, q.stat().st_mtime_ns] for q in files]]
+        if legacy:
+            return [self.kind, self.path, [[str(q), q.stat().st_size, q.stat().st_mtime_ns] for q in files]]
+        return [self.kind, self.path, [[str(q), q.stat().st_size, content_hash(q)] for q in files]]
 
 
 class SkipReport:

@@ -103,6 +103,8 @@ class SplitWriter:
             "end_doc": end_doc,
             "bin_sha256": info["bin_sha256"],
             "idx_sha256": info["idx_sha256"],
+            "min_id": info["min_id"],
+            "max_id": info["max_id"],
         }
         self._writer = None
         self.done.append(rec)

@@ -8,7 +8,6 @@ same rule holds for every tokenizer type.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import shutil
@@ -16,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from pipeline.errors import DataError
-from pipeline.io_utils import atomic_write_bytes, atomic_write_text
+from pipeline.io_utils import atomic_write_bytes, atomic_write_text, sha256_file
 
 META_FILE = "pipeline_tokenizer.json"
 # Files that make up a Hugging Face tokenizer; we copy only these (never model weights).
@@ -32,14 +31,6 @@ HF_TOKENIZER_FILES = (
 )
 _EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eos|>", "[SEP]")
 _BOS_CANDIDATES = ("<|startoftext|>", "<s>", "<bos>", "<|begin_of_text|>", "[CLS]")
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Tokenizer:

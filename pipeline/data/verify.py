@@ -2,7 +2,10 @@
 
 Structure checks: header (magic, version, dtype code = manifest dtype), document/token counts
 per shard, byte pointers = running sum of sizes, doc_idx = 0..n, .bin size = sum(sizes) * itemsize,
-every document ends with EOS, and every id is below the tokenizer's vocab size.
+every document ends with EOS, and every id is below the tokenizer's vocab size. Inputs: each input
+file the manifest recorded with a content hash that is still at its path must still have that
+content (otherwise the shards no longer are the tokenisation of the inputs); moved or deleted
+inputs are not an error (a corpus is often removed once prepared).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pipeline.data.indexed import MMapIndexedDataset
 from pipeline.data.manifest import load_manifest
 from pipeline.data.tokenizer import sha256_file
 from pipeline.errors import DataError
+from pipeline.io_utils import content_hash
 
 _SCAN_TOKENS = 1 << 24  # ids checked per step: bounded memory on multi-GB shards
 
@@ -67,6 +71,11 @@ def verify(data_dir: str | Path) -> list[str]:
             problems.append(f"{rel}: missing")
         elif sha256_file(p) != digest:
             problems.append(f"{rel}: sha256 mismatch (file changed or corrupted since prepare)")
+    for entry in m.raw.get("fingerprint", {}).get("inputs", []):
+        for name, _size, digest in entry[2] if len(entry) > 2 else []:
+            if str(digest).startswith("xxh3_128:") and Path(name).is_file() and content_hash(name) != digest:
+                problems.append(f"input {name}: content changed since prepare; rebuild with the same "
+                                "`python -m pipeline.prepare` command plus --overwrite")
     for split in m.splits.values():
         for shard in split.shards:
             problems += _check_shard(

@@ -3,10 +3,13 @@
     deepspeed --num_gpus 8 --module pipeline.train --config launch/configs/gpt-oss-20b-1node.yaml
     torchrun --nproc_per_node 2 -m pipeline.train --config run.yaml train.steps=100
 
-Exit codes: 0 done (or stopped on a signal with a checkpoint), 2 bad config or data at start-up,
-3 stopped after train.max_bad_steps consecutive skipped steps. Errors are one line, no traceback,
-printed once per node (by local rank 0): every rank raises the same error from the same config, so
-every rank exits on its own and none waits in a collective for a rank that has gone.
+Exit codes: 0 done (or stopped on a signal / a dead launcher with a checkpoint), 2 bad config or
+data at start-up, or a data / disk error during training, 3 stopped after train.max_bad_steps
+consecutive skipped steps, 130 stopped at once by a second Ctrl-C (or Ctrl-C during start-up), 1 a
+rank whose peer failed (the peer printed why). Errors are one line, no traceback, printed once per
+node (by local rank 0): every rank raises the same error from the same config, so every rank exits
+on its own and none waits in a collective for a rank that has gone. An error only one rank sees (a
+corrupt shard it read) is printed by that rank.
 """
 
 from __future__ import annotations
@@ -16,7 +19,11 @@ import sys
 
 from pipeline.cli import fail, user_errors_exit_2
 
-EXIT_DIVERGED = 3
+EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PEER_GONE = 3, 130, 1
+# What a collective raises on the ranks left behind when a peer exited (gloo, NCCL): that peer
+# printed the cause (e.g. a corrupt shard only it read), so these ranks exit without a traceback.
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited",
+             "NCCL communicator was aborted")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,19 +36,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@user_errors_exit_2  # at start-up: bad config or data
+@user_errors_exit_2  # bad config or data at start-up; a corrupt shard or a full disk later
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pipeline.train.config import load_run_config
     from pipeline.train.trainer import Trainer
 
-    trainer = Trainer(load_run_config(args.config, args.overrides))
+    try:
+        trainer = Trainer(load_run_config(args.config, args.overrides))
+    except KeyboardInterrupt:
+        return fail("interrupted (Ctrl-C) during start-up; nothing was trained, nothing to save", EXIT_INTERRUPTED)
     from pipeline.train.health import TrainingDiverged
 
     try:
         trainer.fit()
     except TrainingDiverged as e:
         return fail(str(e), EXIT_DIVERGED)
+    except RuntimeError as e:
+        if any(p in str(e) for p in PEER_GONE):
+            return EXIT_PEER_GONE
+        raise
     finally:
         trainer.close()
     return 0

@@ -36,6 +36,10 @@ class DataConfig:
     """Tokens per training sample (each sample reads seq_len + 1 for the shifted targets)."""
     seed: int = 1234
     """Shuffle seed for the sample order (independent of the model init seed)."""
+    verify_checksums: bool = False
+    """Check the sha256 of every data file against its manifest before training (the files are
+    dealt over the ranks; it reads all the data once). Off: sizes, index structure, the recorded
+    token-id ranges and every id as it is read are still checked."""
 
     def __post_init__(self):
         if not self.train:
@@ -95,6 +99,10 @@ class TrainConfig:
     allow_batch_change: bool = False
     """Allow resuming with another global batch (micro_batch_size x grad_accum_steps x ranks) than
     the checkpoint was trained with; off, such a resume is refused with the batch that keeps it."""
+    allow_data_change: bool = False
+    """Allow resuming on other data than the checkpoint was trained on (another tokenizer, other
+    shards or shard contents, another blend); off, such a resume is refused naming what changed.
+    On, the change is logged."""
     peak_tflops: float | None = None
     """Per-GPU dense bf16 peak for the MFU metric; default: looked up from the GPU name
     (H100/H200 989, A100 312). Without it (e.g. on CPU) achieved TFLOP/s is logged, MFU is not."""

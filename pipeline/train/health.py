@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 from collections import deque
 from dataclasses import dataclass
 
@@ -183,23 +182,3 @@ def local_params_finite(engine) -> bool:
             break
     dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return not bool(bad.item())
-
-
-class StopSignal:
-    """SIGTERM / SIGUSR1 (SLURM preemption, `scancel`, `--signal=USR1@120`) -> stop after the current
-    step with a checkpoint. Ranks receive the signal at different moments, so `agreed()` all-reduces
-    the flag (MAX) once per step: every rank stops after the same step and the save cannot deadlock."""
-
-    def __init__(self, device: torch.device):
-        self.received: str | None = None
-        self.device = device
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, _frame) -> None:
-        self.received = signal.Signals(signum).name
-
-    def agreed(self) -> bool:
-        flag = torch.tensor([1 if self.received else 0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())

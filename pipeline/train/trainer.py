@@ -28,11 +28,12 @@ from pipeline.model.flops import flops_per_token
 from pipeline.planning.activations import math_kernel_notice
 from pipeline.train import health
 from pipeline.train.checkpoint.init_from import WeightsFolder, load_initial_weights
-from pipeline.train.checkpoint.manager import CheckpointManager, read_latest
+from pipeline.train.checkpoint.manager import CheckpointManager
 from pipeline.train.config import RunConfig, resolve_model_config, run_config_to_dict
 from pipeline.train.ds_config import build_ds_config
 from pipeline.train.engine import build_engine, init_distributed
 from pipeline.train.expert_parallel import check_expert_parallel_size
+from pipeline.train.guards import StopSignal, check_data, hold_run_dir
 from pipeline.train.loss import compute_loss
 from pipeline.train.metrics import (
     LOSS_KEYS,
@@ -57,6 +58,8 @@ class Trainer:
         check_vocab_compatible(
             source_paths(cfg.data.train) + source_paths(cfg.data.valid or []), self.model_cfg.vocab_size
         )
+        self.data_identity, notes = check_data(cfg.data.train, cfg.data.valid, self.model_cfg.vocab_size,
+                                               cfg.data.verify_checksums, self.rank, self.world)
         check_expert_parallel_size(cfg.parallel.expert_parallel_size, self.world, self.model_cfg.n_experts)
         check_sequence_parallel_size(cfg.parallel.sequence_parallel_size, self.world, self.model_cfg, cfg.data.seq_len)
         self.dp_rank, self.dp_world = data_parallel_coords(self.rank, self.world, cfg.parallel.sequence_parallel_size)
@@ -64,8 +67,10 @@ class Trainer:
         resolve_attention_backend(self.model_cfg.attention_backend, torch.device("cuda" if torch.cuda.is_available()
                                   else "cpu"), training=True, dropout=self.model_cfg.dropout)
         self.ds_config = build_ds_config(cfg, self.world)
+        self.lock = hold_run_dir(self.run_dir, self.rank)  # released at exit, also on errors
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last)
-        self.ckpt.check_resume(self.resolved_model(), cfg.train, self.run_dir, cfg.parallel.sequence_parallel_size)
+        notes += self.ckpt.check_resume(self.resolved_model(), cfg.train, self.run_dir,
+                                        cfg.parallel.sequence_parallel_size, self.data_identity)
         init_folder = None
         if cfg.init_from and self.ckpt.latest() is None:
             init_folder = WeightsFolder(cfg.init_from)
@@ -98,7 +103,7 @@ class Trainer:
         if self.engine.device.type == "cuda" and (notice := math_kernel_notice(
                 self.model_cfg, t.micro_batch_size, seq_len, 2 if cfg.precision == "bf16" else 4)):
             self.log.message(notice)  # once, at start: every step pays it
-        self.stop = health.StopSignal(self.engine.device)
+        self.stop = StopSignal(self.engine.device, self._abort)
         self.fault = health.FaultInjection.from_env(self.rank)
         self.spikes = health.SpikeDetector(t.spike_sigma, t.spike_window)
         self.policy = LoopPolicy(t)
@@ -106,6 +111,8 @@ class Trainer:
         self.collapse = health.CollapseMonitor(t.collapse_warn_ratio, t.collapse_warn_intervals, len(self.moe_layers))
         self.bias_rate = self.model_cfg.load_balance_bias_rate
         self._write_run_files()
+        for note in ([self.lock.note] if self.lock and self.lock.note else []) + notes:
+            self.log.message(note)
         if init_folder is not None:
             self.log.message(f"initialised {n} tensors from {init_folder.path} (model.init_from)")
         if state is not None:
@@ -223,6 +230,7 @@ class Trainer:
             "global_batch_size": self.cfg.train.micro_batch_size * self.cfg.train.grad_accum_steps * self.dp_world,
             "eval_history": self.eval_history,
             "skipped_steps": self.skipped_total,
+            "data": self.data_identity,
         }
         path = self.ckpt.save(self.engine, self.step, state, self.run_files())
         self.log.message(f"saved checkpoint {path}")
@@ -311,7 +319,7 @@ class Trainer:
             self.save_if_finite()
         elif not self.policy.saved:
             self.log.message(f"no checkpoint at the last step {self.step}: it was skipped; "
-                             f"the newest good one is {read_latest(self.ckpt.dir)}")
+                             f"{self.ckpt.last_good_message(verified=True)}")
         self.log.flush()
 
     # --- step health ----------------------------------------------------------------------------
@@ -326,8 +334,7 @@ class Trainer:
         self._append_metrics({"step": self.step, "skipped": out.skipped, **out.finite_or_none(),
                               "consecutive_skips": bad, "train/skipped_steps": self.skipped_total})
         if self.policy.diverged:
-            last = self.ckpt.latest()
-            good = f"last good checkpoint: {last}" if last else "no checkpoint was written yet"
+            good = self.ckpt.last_good_message(verified=True)  # collective: every rank is here
             self.log.flush()
             raise health.TrainingDiverged(
                 f"training stopped at step {self.step}: {bad} consecutive steps skipped "
@@ -354,5 +361,14 @@ class Trainer:
         for m, tokens_E in zip(self.moe_layers, tokens_LE, strict=True):
             m.router.update_expert_bias(tokens_E, self.bias_rate)
 
+    def _abort(self) -> str:
+        """A second Ctrl-C: the process exits right after this (see guards.StopSignal)."""
+        if self.lock is not None:
+            self.lock.release()
+        return (f"stopped at once at step {self.step} by a second Ctrl-C, without a checkpoint; "
+                f"{self.ckpt.last_good_message()}")
+
     def close(self) -> None:
         self.log.close()
+        if self.lock is not None:
+            self.lock.release()

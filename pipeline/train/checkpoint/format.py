@@ -6,7 +6,15 @@ directly by every rank during training, with no conversion step.)
 Layout inside `step_N/`::
 
     state-r00003-000.safetensors    tensors owned by rank 3 (more files if one would pass 2 GiB)
-    index.json                      tensor key -> file, file -> byte size, and the writing shape
+    index.json                      tensor key -> file, file -> byte size, the writing shape, and an
+                                    xxh3-64 checksum of every tensor's bytes and of every other file
+
+Integrity: checksums are per tensor, not per file, so a rank verifies exactly the bytes it reads
+(every rank reads only its keys); xxh3-64 runs at memory speed (its cost on save and load is
+measured by benchmarks/bench_checkpoint.py). A tensor that fails its checksum or is not finite is
+refused naming the file, the tensor and what to do. Checkpoints written before checksums load
+without them. A write that fails (disk full, I/O error) is recorded, not raised, so that the rank
+keeps taking part in the collectives; `save_state` returns every rank's errors.
 
 Keys: `weight/<name>`, `exp_avg/<name>`, `exp_avg_sq/<name>` for every parameter and
 `buffer/<name>` for every persistent buffer, where `<name>` is the parameter's name in the plain
@@ -23,12 +31,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+import xxhash
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -41,6 +51,7 @@ FORMAT = "gpt-oss-pipeline/reshardable-v1"
 # The same format under the name checkpoints were written with before it was renamed.
 READABLE_FORMATS = (FORMAT, "gpt-oss-pipeline/universal-v1")
 INDEX = "index.json"
+CHECKSUM = "xxh3_64"
 FILE_LIMIT_BYTES = 2 << 30
 
 
@@ -95,39 +106,83 @@ def persistent_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-class _ShardWriter:
-    """Collects owned tensors and writes them as safetensors files (tmp name, then rename)."""
+def write_error_reason(e: Exception) -> str:
+    """`No space left on device` from an OSError, or from the text of safetensors' / torch's errors."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    m = re.search(r"(?:I/O error: )?([^:]*?) \(os error \d+\)", str(e))
+    return m[1] if m else str(e)
 
-    def __init__(self, tag_dir: Path, rank: int):
+
+def tensor_checksum(t: torch.Tensor) -> str:
+    """xxh3-64 of a tensor's bytes as stored (dtype and layout of the file)."""
+    return xxhash.xxh3_64_hexdigest(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Exact, and ~40x faster than isfinite(t).all() on CPU: a NaN or Inf element makes the sum
+    non-finite, so a finite sum proves every element finite; only a non-finite sum (an element, or
+    an overflow of the sum) needs the element-wise check."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def file_checksum(path: Path) -> str:
+    with open(path, "rb") as f:
+        return xxhash.xxh3_64_hexdigest(f.read())
+
+
+class _ShardWriter:
+    """Collects owned tensors and writes them as safetensors files (tmp name, then rename). The
+    first failed write is kept in `error` and later tensors are dropped: the rank goes on with the
+    collectives and the save is abandoned by every rank together."""
+
+    def __init__(self, tag_dir: Path, rank: int, checksums: bool = True):
         self.tag_dir, self.rank = tag_dir, rank
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
         self.files: dict[str, list[str]] = {}
+        self.checksums: dict[str, str] = {}  # tensor key -> xxh3-64 hex
+        self.with_checksums = checksums
+        self.error: str | None = None
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
+        if self.error:
+            return
         self.pending[key] = tensor.contiguous()
         self.pending_bytes += tensor.numel() * tensor.element_size()
         if self.pending_bytes >= FILE_LIMIT_BYTES:
             self.flush()
 
     def flush(self) -> None:
-        if not self.pending:
+        if not self.pending or self.error:
             return
         name = f"state-r{self.rank:05d}-{len(self.files):03d}.safetensors"
-        with atomic_path(self.tag_dir / name) as tmp:
-            save_file(self.pending, str(tmp))
-            # safetensors creates 0600, so others in the project could not read it: give the file the
-            # permissions a plain file gets in this directory (its own, less the execute bits). Reading
-            # the umask would need os.umask, which changes process-wide state.
-            os.chmod(tmp, self.tag_dir.stat().st_mode & 0o666)
+        tmp = self.tag_dir / f"{name}.tmp"  # atomic_path's temporary
+        try:
+            with atomic_path(self.tag_dir / name) as tmp:
+                save_file(self.pending, str(tmp))
+                # safetensors creates 0600, so others in the project could not read it: give the file the
+                # permissions a plain file gets in this directory (its own, less the execute bits). Reading
+                # the umask would need os.umask, which changes process-wide state.
+                os.chmod(tmp, self.tag_dir.stat().st_mode & 0o666)
+        except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
+            self.error = f"writing {tmp} failed ({write_error_reason(e)})"
+            self.pending, self.pending_bytes = {}, 0
+            return
+        if self.with_checksums:
+            self.checksums.update({k: tensor_checksum(t) for k, t in self.pending.items()})
         self.files[name] = list(self.pending)
         self.pending, self.pending_bytes = {}, 0
 
 
-def save_state(module: nn.Module, tag_dir: Path) -> None:
-    """Every rank calls this (collective); rank 0 writes index.json last."""
+def save_state(module: nn.Module, tag_dir: Path, extra_files: list[str] = (), error: str | None = None,
+               checksums: bool = True) -> list[str]:
+    """Every rank calls this (collective); rank 0 writes index.json last, unless a rank failed to
+    write (then nothing). `extra_files`: other files this rank wrote into `tag_dir` (checksummed in
+    the index); `error`: a write this rank already failed. Returns every rank's write errors."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    writer = _ShardWriter(tag_dir, rank)
+    writer = _ShardWriter(tag_dir, rank, checksums)
+    writer.error = error
     for i, e in enumerate(entries(module)):
         group_rank = dist.get_rank(group=e.group) if e.group is not None else rank
         group_size = dist.get_world_size(group=e.group) if e.group is not None else world
@@ -144,27 +199,45 @@ def save_state(module: nn.Module, tag_dir: Path) -> None:
         for name, buf in persistent_buffers(module).items():
             writer.add(f"buffer/{canonical_name(name)}", buf.detach().cpu())
     writer.flush()
-    all_files: list[dict] = [None] * world  # type: ignore[list-item]
-    dist.all_gather_object(all_files, writer.files)
-    if rank == 0:
-        tensors, sizes = {}, {}
-        for files in all_files:
-            for fname, keys in files.items():
+    extra = {}
+    if not writer.error and checksums:
+        try:
+            extra = {name: file_checksum(tag_dir / name) for name in extra_files}
+        except OSError as e:
+            writer.error = f"reading back {tag_dir} failed ({e.strerror})"
+    mine = {"files": writer.files, "checksums": writer.checksums, "extra": extra, "error": writer.error}
+    everyone: list[dict] = [None] * world  # type: ignore[list-item]
+    dist.all_gather_object(everyone, mine)
+    errors = [f"rank {r}: {part['error']}" for r, part in enumerate(everyone) if part["error"]]
+    if rank == 0 and not errors:
+        tensors, sizes, sums, file_sums = {}, {}, {}, {}
+        for part in everyone:
+            for fname, keys in part["files"].items():
                 sizes[fname] = (tag_dir / fname).stat().st_size
                 tensors.update(dict.fromkeys(keys, fname))
+            sums.update(part["checksums"])
+            file_sums.update(part["extra"])
         index = {"format": FORMAT, "files": sizes, "tensors": tensors}
-        atomic_write_text(tag_dir / INDEX, json.dumps(index, indent=1, sort_keys=True))
+        if checksums:
+            index.update(checksum=CHECKSUM, tensor_checksums=sums, file_checksums=file_sums)
+        try:
+            atomic_write_text(tag_dir / INDEX, json.dumps(index, indent=1, sort_keys=True))
+        except OSError as e:
+            errors.append(f"rank 0: writing {tag_dir / INDEX} failed ({e.strerror})")
+    return errors
 
 
 class StateReader:
     """Lazy reader of a reshardable checkpoint: checks every file is there and whole, then opens only
     the files that hold the requested keys."""
 
-    def __init__(self, tag_dir: Path):
+    def __init__(self, tag_dir: Path, fix: str | None = None, verify: bool = True):
         self.tag_dir = Path(tag_dir)
+        self.verify_reads = verify  # checksum and finiteness of every tensor read (off: benchmarks only)
+        self.verify_only: set[str] | None = None  # if set: the keys this rank checks (load_state)
         index_path = self.tag_dir / INDEX
-        fix = (f"restore it, or resume from an earlier checkpoint by writing its tag into "
-               f"{self.tag_dir.parent / 'latest'}")
+        fix = fix or (f"restore it, or resume from an earlier checkpoint by writing its tag into "
+                      f"{self.tag_dir.parent / 'latest'}")
         if not index_path.is_file():
             raise CheckpointError(f"{index_path} is missing (checkpoint incomplete or of an older format); {fix}")
         try:
@@ -182,6 +255,8 @@ class StateReader:
                                       f"(truncated or corrupt); {fix}")
         self.fix = fix
         self.tensors: dict[str, str] = index["tensors"]
+        self.checksums: dict[str, str] = index.get("tensor_checksums", {})  # empty: written before checksums
+        self.file_checksums: dict[str, str] = index.get("file_checksums", {})
         self._open: dict[str, object] = {}
 
     def has(self, key: str) -> bool:
@@ -195,9 +270,34 @@ class StateReader:
         try:
             if path.name not in self._open:
                 self._open[path.name] = safe_open(str(path), framework="pt")
-            return self._open[path.name].get_tensor(key)
+            tensor = self._open[path.name].get_tensor(key)
         except Exception as e:  # safetensors raises its own error types for corrupt headers / data
             raise CheckpointError(f"checkpoint file {path} is unreadable ({e}); {self.fix}") from None
+        if not self.verify_reads or (self.verify_only is not None and key not in self.verify_only):
+            return tensor
+        want = self.checksums.get(key)
+        if want is not None and tensor_checksum(tensor) != want:
+            raise CheckpointError(f"checkpoint file {path}: tensor {key} fails its {CHECKSUM} checksum (damaged on "
+                                  f"disk since it was written); {self.fix}")
+        if tensor.is_floating_point() and not all_finite(tensor):
+            raise CheckpointError(f"checkpoint file {path}: tensor {key} holds NaN or Inf values; {self.fix}")
+        return tensor
+
+    def verify(self, rank: int = 0, world: int = 1) -> None:
+        """Read and check every tensor (checksum, finite) and every checksummed file; with `world`
+        > 1 this rank checks only every world-th file. Raises CheckpointError on the first problem."""
+        by_file: dict[str, list[str]] = {}
+        for key, fname in sorted(self.tensors.items()):
+            by_file.setdefault(fname, []).append(key)
+        for i, (fname, keys) in enumerate(sorted(by_file.items())):
+            if i % world == rank:
+                for key in keys:
+                    self.get(key)
+                self._open.pop(fname, None)
+        for i, (fname, want) in enumerate(sorted(self.file_checksums.items())):
+            path = self.tag_dir / fname
+            if i % world == rank and (not path.is_file() or file_checksum(path) != want):
+                raise CheckpointError(f"checkpoint file {path} is missing or fails its {CHECKSUM} checksum; {self.fix}")
 
     def full(self, entry: Entry, prefix: str) -> torch.Tensor:
         """The tensor this rank's parameter holds (its expert slice stacked), checked against its shape."""
@@ -213,10 +313,33 @@ class StateReader:
         return {k[len(prefix) + 1:] for k in self.tensors if k.startswith(prefix + "/")}
 
 
-def load_state(engine, tag_dir: Path, with_optimizer: bool = True) -> None:
+def verified_by_this_rank(module: nn.Module, with_optimizer: bool) -> set[str]:
+    """The keys this rank verifies on load: save_state's write assignment, on the loading shape."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    prefixes = ("weight", *OPTIM_KEYS) if with_optimizer else ("weight",)
+    mine = {f"buffer/{canonical_name(n)}" for n in persistent_buffers(module)} if rank == 0 else set()
+    for i, e in enumerate(entries(module)):
+        if e.expert_offset is None:
+            if i % world == rank:
+                mine.update(f"{p}/{e.name}" for p in prefixes)
+            continue
+        group_rank = dist.get_rank(group=e.group) if e.group is not None else rank
+        group_size = dist.get_world_size(group=e.group) if e.group is not None else world
+        for p in prefixes:
+            mine.update(k for local, k in enumerate(e.keys(p)) if local % group_size == group_rank)
+    return mine
+
+
+def load_state(engine, tag_dir: Path, with_optimizer: bool = True, fix: str | None = None,
+               verify: bool = True) -> None:
     """Set this rank's share of the weights (fp32 master and working copy), Adam moments and
-    buffers from `tag_dir`. No communication: every rank reads only its own keys."""
-    reader = StateReader(tag_dir)
+    buffers from `tag_dir`. No communication: every rank reads only its own keys. Each tensor is
+    verified (checksum, finite) by one of the ranks that read it, the one that would write it: every
+    byte is checked once, at 1/world of the checkpoint per rank, and a damaged tensor stops the run
+    from that rank."""
+    reader = StateReader(tag_dir, fix, verify)
+    reader.verify_only = verified_by_this_rank(engine.module, with_optimizer)
     if with_optimizer:
         ensure_optimizer_state(engine)
     for e in entries(engine.module):

@@ -18,10 +18,19 @@ nor read.
 Per-rank RNG states cannot map onto another world size: they are restored when the world size and
 expert-parallel size are unchanged, and otherwise every rank is reseeded from (seed, step, rank).
 
-Crash safety: `latest` is replaced atomically (write + rename) only after a barrier proves every
-rank finished writing its files, so a kill during a save leaves `latest` pointing at the previous
-complete checkpoint. The half-written `step_N/` is never read and is removed by the next save of
-that step. Older checkpoints are pruned only after `latest` moved past them.
+Crash safety: `trainer_state.json` is written last, by rank 0, once every rank reported its files
+written (and index.json holds their checksums): a `step_N/` with it is *complete*. `latest` is then
+replaced atomically, so a kill during a save leaves `latest` pointing at the previous complete
+checkpoint. A `latest` that is missing, empty or names an incomplete tag never means "start fresh"
+while complete checkpoints exist: the newest complete one is resumed, and the run says so. A save
+that fails (disk full, I/O error) on any rank removes its own half-written `step_N/` on every rank's
+word and stops with one line; the previous checkpoint is untouched. Clean-up deletes only an
+incomplete `step_N/` (no trainer_state.json: provably a leftover) and, after `latest` moved past
+them, checkpoints older than the last `keep_last`; a complete `step_N/` that a save would
+overwrite (the user pointed `latest` back) is renamed aside, never deleted.
+
+Resume checks: the same model, the same global batch, and the same data (data/identity.py) unless
+train.allow_data_change.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import json
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +50,14 @@ import yaml
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.io_utils import atomic_write_bytes, atomic_write_text
 from pipeline.model.config import differing_fields
-from pipeline.train.checkpoint.format import INDEX, load_state, save_state
+from pipeline.train.checkpoint.format import (
+    INDEX,
+    StateReader,
+    file_checksum,
+    load_state,
+    save_state,
+    write_error_reason,
+)
 from pipeline.train.checkpoint.zero_state import (
     link_optimizer_state,
     optimizer_step_count,
@@ -50,6 +67,7 @@ from pipeline.train.checkpoint.zero_state import (
 from pipeline.train.config import TrainConfig
 
 LATEST = "latest"
+TRAINER_STATE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 _TAG_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -86,20 +104,56 @@ def checkpoint_steps(ckpt_dir: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in Path(ckpt_dir).iterdir() if (m := _TAG_RE.match(p.name)))
 
 
-def read_latest(ckpt_dir: Path) -> str | None:
-    """The tag `latest` names, if that checkpoint is complete (its trainer_state.json is written last)."""
+def is_complete(tag_dir: Path) -> bool:
+    """The save finished: trainer_state.json, written last, parses. (Damage after the save, e.g. a
+    truncated or flipped file, is not judged here but by the reader, which refuses it naming the
+    file: a damaged checkpoint must stop the run, never be mistaken for "no checkpoint".)"""
+    try:
+        return "step" in json.loads((Path(tag_dir) / TRAINER_STATE).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Tags of the complete checkpoints, newest first."""
+    ckpt_dir = Path(ckpt_dir)
+    return [tag_of(s) for s in reversed(checkpoint_steps(ckpt_dir)) if is_complete(ckpt_dir / tag_of(s))]
+
+
+def latest_problem(ckpt_dir: Path) -> str | None:
+    """Why `latest` cannot be used as it is (None: it names a complete checkpoint, or there is none)."""
     path = Path(ckpt_dir) / LATEST
-    if not path.is_file():
+    tags = complete_tags(ckpt_dir)
+    if not tags:
         return None
-    tag = path.read_text().strip()
-    return tag if (Path(ckpt_dir) / tag / "trainer_state.json").is_file() else None
+    if not path.is_file():
+        why = f"{path} is missing"
+    else:
+        tag = path.read_text().strip()
+        if tag and is_complete(Path(ckpt_dir) / tag):
+            return None
+        why = f"{path} is empty" if not tag else f"{path} names {tag}, which is not a complete checkpoint"
+    return f"{why}: resuming from the newest complete checkpoint, {tags[0]}"
+
+
+def read_latest(ckpt_dir: Path) -> str | None:
+    """The checkpoint to resume from: the tag `latest` names if that checkpoint is complete, else the
+    newest complete one (see `latest_problem`), else None (nothing to resume)."""
+    try:
+        tag = (Path(ckpt_dir) / LATEST).read_text().strip()
+    except OSError:
+        tag = ""
+    if tag and is_complete(Path(ckpt_dir) / tag):
+        return tag
+    tags = complete_tags(ckpt_dir)
+    return tags[0] if tags else None
 
 
 def find_checkpoint(ckpt_dir: Path, step: int | None = None) -> Path:
     """`step_N/` (the latest if `step` is None); ConfigError if it is absent or incomplete."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_of(step) if step is not None else read_latest(ckpt_dir)
-    if tag is None or not (ckpt_dir / tag / "trainer_state.json").is_file():
+    if tag is None or not is_complete(ckpt_dir / tag):
         raise ConfigError(f"no complete checkpoint {tag_of(step) if step is not None else '(latest)'} under "
                           f"{ckpt_dir}; train first or pass --step with an existing step_N")
     return ckpt_dir / tag
@@ -111,6 +165,22 @@ def prunable(steps: list[int], keep: int, keep_last: int) -> list[int]:
     earlier step, are left alone)."""
     upto = [s for s in sorted(steps) if s <= keep]
     return upto[: max(0, len(upto) - keep_last)]
+
+
+def check_data_unchanged(saved: dict | None, current: dict, where: Path, allow: bool) -> list[str]:
+    """Resume only on the data the checkpoint was trained on (train.allow_data_change overrides);
+    returns notes to log."""
+    from pipeline.data.identity import identity_change
+
+    if saved is None:
+        return [f"{where} records no data identity (written by an older version): data changes are not checked"]
+    change = identity_change(saved, current)
+    if change is None:
+        return []
+    if not allow:
+        raise ConfigError(f"{where} was trained on other data: {change}; resume with the data it was trained on, "
+                          "or set train.allow_data_change=true to continue on this data")
+    return [f"train.allow_data_change=true: continuing {where} on other data: {change}"]
 
 
 def check_global_batch(saved_train: dict, saved_world: int, train: TrainConfig, world: int, where: Path) -> None:
@@ -152,14 +222,18 @@ class CheckpointManager:
             dist.barrier()
 
     # --- resume policy ------------------------------------------------------------------------
-    def check_resume(self, model: dict, train: TrainConfig, run_dir: Path, sequence_parallel_size: int = 1) -> None:
+    def check_resume(self, model: dict, train: TrainConfig, run_dir: Path, sequence_parallel_size: int = 1,
+                     data: dict | None = None) -> list[str]:
         """ConfigError (before any engine is built) if the latest checkpoint cannot be resumed by
-        this run: a different model (`model` is the run's resolved model section), or a different
+        this run: a different model (`model` is the run's resolved model section), a different
         global batch (micro-batch x grad-accum x data-parallel ranks = ranks / sequence_parallel_size,
-        for the checkpoint's run and this one)."""
+        for the checkpoint's run and this one), or other data (`data`: data.identity.data_identity of
+        this run's data.train). Returns notes to log (a `latest` that was not usable, an allowed data
+        change)."""
         where = self.latest()
         if where is None:
-            return
+            return []
+        notes = [p] if (p := latest_problem(self.dir)) else []
         saved_cfg = yaml.safe_load((where / "config.yaml").read_text())
         saved = {k: v for k, v in saved_cfg["model"].items() if k != "init_from"}
         diff = sorted(differing_fields(saved, {k: v for k, v in model.items() if k != "init_from"}))
@@ -168,45 +242,127 @@ class CheckpointManager:
                 f"{run_dir} holds checkpoints of a different model (fields differ: {', '.join(diff)}); "
                 "use a new run_dir, or the same model settings to resume"
             )
-        written_by = json.loads((where / "trainer_state.json").read_text())["world_size"]
+        saved_state = json.loads((where / TRAINER_STATE).read_text())
         saved_sp = int(saved_cfg.get("parallel", {}).get("sequence_parallel_size", 1))
-        check_global_batch(saved_cfg["train"], written_by // saved_sp, train, self.world // sequence_parallel_size,
-                           where)
+        check_global_batch(saved_cfg["train"], saved_state["world_size"] // saved_sp, train,
+                           self.world // sequence_parallel_size, where)
+        if data is not None:
+            notes += check_data_unchanged(saved_state.get("data"), data, where, train.allow_data_change)
+        return notes
 
     # --- save ---------------------------------------------------------------------------------
+    def _agree(self, error: str | None) -> str | None:
+        """Rank 0's verdict (which includes every rank's errors) reaches every rank."""
+        if dist.is_initialized() and self.world > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            return box[0]
+        return error
+
     def save(self, engine, step: int, trainer_state: dict, run_files: dict[str, str]) -> Path:
         tag = tag_of(step)
         tag_dir = self.dir / tag
+        error = None
         if self.rank == 0:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            if tag_dir.exists() and read_latest(self.dir) != tag:
-                shutil.rmtree(tag_dir)  # leftovers of a save that was killed half-way
-            tag_dir.mkdir(parents=True, exist_ok=True)
-        self._barrier()
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                if tag_dir.exists():
+                    if is_complete(tag_dir):  # `latest` was pointed back past it: keep it, aside
+                        tag_dir.rename(tag_dir.with_name(f"{tag}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
+                    else:
+                        shutil.rmtree(tag_dir)  # leftovers of a save that was killed half-way
+                tag_dir.mkdir(parents=True)
+            except OSError as e:
+                error = f"rank 0: creating {tag_dir} failed ({e.strerror})"
+        error = self._agree(error)
+        if error:
+            raise CheckpointError(self._failed(tag_dir, error))
         trainer_state = {**trainer_state, "optimizer_step": optimizer_step_count(engine)}
         link_optimizer_state(engine)
-        save_state(engine.module, tag_dir)
-        atomic_write_bytes(tag_dir / f"rng_rank{self.rank}.pt", lambda f: torch.save(rng_state(), f))
+        written, error = [], None
+        try:  # before save_state, so that index.json holds their checksums
+            atomic_write_bytes(tag_dir / f"rng_rank{self.rank}.pt", lambda f: torch.save(rng_state(), f))
+            written.append(f"rng_rank{self.rank}.pt")
+            if self.rank == 0:
+                for name, text in run_files.items():
+                    atomic_write_text(tag_dir / name, text)
+                    written.append(name)
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+            error = f"writing into {tag_dir} failed ({write_error_reason(e)})"
+        errors = save_state(engine.module, tag_dir, written, error)  # collective; every rank's errors
+        error = "; ".join(errors) if errors else None
+        if self.rank == 0 and not error:
+            try:
+                atomic_write_text(tag_dir / TRAINER_STATE, json.dumps(trainer_state, indent=2))  # complete now
+                atomic_write_text(self.dir / LATEST, tag)
+            except OSError as e:
+                error = f"rank 0: writing {tag_dir / TRAINER_STATE} or {self.dir / LATEST} failed ({e.strerror})"
+                (tag_dir / TRAINER_STATE).unlink(missing_ok=True)
+        error = self._agree(error)
+        if error:
+            raise CheckpointError(self._failed(tag_dir, error))
         if self.rank == 0:
-            for name, text in run_files.items():
-                atomic_write_text(tag_dir / name, text)
-            atomic_write_text(tag_dir / "trainer_state.json", json.dumps(trainer_state, indent=2))
-        self._barrier()  # every rank's files are on disk
-        if self.rank == 0:
-            atomic_write_text(self.dir / LATEST, tag)
             for s in prunable(checkpoint_steps(self.dir), step, self.keep_last):
                 shutil.rmtree(self.dir / tag_of(s), ignore_errors=True)
         self._barrier()
         return tag_dir
 
+    def _failed(self, tag_dir: Path, error: str) -> str:
+        """Remove this save's own half-written dir (rank 0) and say what to do, in one line."""
+        if self.rank == 0:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        good = read_latest(self.dir)
+        kept = f"the last complete checkpoint {self.dir / good} is kept" if good else "no earlier checkpoint exists"
+        return (f"could not save checkpoint {tag_dir}: {error}; the partial {tag_dir.name} was removed and {kept}. "
+                "Free space on that filesystem (or fix the error) and run the same command again to resume")
+
+    def resume_fix(self, tag: str) -> str:
+        """What to do when checkpoint `tag` cannot be loaded: the other complete checkpoints."""
+        others = [t for t in complete_tags(self.dir) if t != tag]
+        listed = f"complete ones: {', '.join(others)}" if others else f"none other is complete in {self.dir}"
+        return (f"restore it, or resume from an earlier checkpoint by writing its tag into {self.dir / LATEST} "
+                f"({listed})")
+
+    def last_good(self) -> str | None:
+        """The newest complete checkpoint whose every tensor verifies (checksum, finite); collective:
+        the files are dealt over the ranks."""
+        for tag in complete_tags(self.dir):
+            problem = None
+            try:
+                if (self.dir / tag / INDEX).is_file():
+                    StateReader(self.dir / tag).verify(self.rank, self.world)
+            except CheckpointError as e:
+                problem = str(e)
+            if dist.is_initialized() and self.world > 1:
+                problems: list = [None] * self.world
+                dist.all_gather_object(problems, problem)
+                problem = next((p for p in problems if p), None)
+            if problem is None:
+                return tag
+        return None
+
+    def last_good_message(self, verified: bool = False) -> str:
+        """`last good checkpoint: PATH` (verified: collective) or `newest complete checkpoint: PATH`."""
+        tag = self.last_good() if verified else read_latest(self.dir)
+        if tag is None:
+            return "no checkpoint was written yet" if not complete_tags(self.dir) else "no checkpoint verifies"
+        return f"{'last good' if verified else 'newest complete'} checkpoint: {self.dir / tag}"
+
     # --- load ---------------------------------------------------------------------------------
+    def _check_rng_file(self, tag_dir: Path, state: dict, ep: int) -> None:
+        rng_file = tag_dir / f"rng_rank{self.rank}.pt"
+        same_shape = state.get("world_size") == self.world and state.get("expert_parallel_size", ep) == ep
+        want = StateReader(tag_dir).file_checksums.get(rng_file.name)
+        if same_shape and want is not None and file_checksum(rng_file) != want:
+            raise CheckpointError(f"checkpoint file {rng_file} fails its checksum; {self.resume_fix(tag_dir.name)}")
+
     def load_latest(self, engine, expert_parallel_size: int, grad_accum_steps: int, seed: int) -> dict | None:
         """Load the newest complete checkpoint into `engine`, whatever shape wrote it; returns its
         trainer state (with `same_shape`: whether per-rank RNG states were restored), or None."""
         tag_dir = self.latest()
         if tag_dir is None:
             return None
-        state = json.loads((tag_dir / "trainer_state.json").read_text())
+        state = json.loads((tag_dir / TRAINER_STATE).read_text())
         if not (tag_dir / INDEX).is_file():
             raise CheckpointError(
                 f"{tag_dir} holds no {INDEX}: it is incomplete, or in DeepSpeed's per-rank format of versions "
@@ -214,7 +370,18 @@ class CheckpointManager:
                 "version (its next checkpoint is reshardable), or point "
                 f"{self.dir / LATEST} at an earlier checkpoint"
             )
-        load_state(engine, tag_dir)
+        error = None
+        try:  # each tensor is verified by one of its readers: the others must learn of a failure
+            load_state(engine, tag_dir, fix=self.resume_fix(tag_dir.name))
+            self._check_rng_file(tag_dir, state, expert_parallel_size)
+        except CheckpointError as e:
+            error = str(e)
+        if dist.is_initialized() and self.world > 1:
+            found: list = [None] * self.world
+            dist.all_gather_object(found, error)
+            error = next((e for e in found if e), None)
+        if error:
+            raise CheckpointError(error)
         if "optimizer_step" in state:
             set_optimizer_step_count(engine, state["optimizer_step"])
         set_engine_counters(engine, state["step"], state["consumed_samples"], grad_accum_steps)

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from pipeline.train.checkpoint.manager import checkpoint_steps, read_latest
@@ -26,15 +27,25 @@ def start_training(config: Path, stdout=subprocess.DEVNULL) -> subprocess.Popen:
                             start_new_session=True, text=True)
 
 
+def kill_job(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Signal the launcher and every rank at once (torchrun starts each rank in a session of its own,
+    so the launcher's process group alone would miss them)."""
+    for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+
+
 def kill_when(proc: subprocess.Popen, condition, timeout: float = 240) -> None:
-    """SIGKILL the whole launcher process group the moment `condition()` holds."""
+    """SIGKILL the whole job (launcher and ranks) the moment `condition()` holds."""
     deadline = time.monotonic() + timeout
     while not condition():
         assert proc.poll() is None, "training finished before it could be killed"
         assert time.monotonic() < deadline, "condition never held"
         time.sleep(0.002)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_job(proc)
 
 
 SECTIONS = {"train": {"steps": STEPS, "save_interval": SAVE_EVERY, "keep_last": 2}}

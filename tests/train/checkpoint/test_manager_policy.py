@@ -17,6 +17,7 @@ from pipeline.train.checkpoint.manager import (
     CheckpointManager,
     checkpoint_steps,
     find_checkpoint,
+    latest_problem,
     prunable,
     read_latest,
 )
@@ -44,14 +45,30 @@ def test_latest_is_only_a_complete_checkpoint(tmp_path):
     assert manager.latest() is None
     write_checkpoint(tmp_path, 4, debug_model())
     write_checkpoint(tmp_path, 8, debug_model(), complete=False)
-    (tmp_path / "latest").write_text("step_8")
-    assert read_latest(tmp_path) is None and manager.latest() is None  # step_8 is half-written
+    (tmp_path / "latest").write_text("step_8")  # step_8 is half-written: never "start fresh"
+    assert read_latest(tmp_path) == "step_4" and manager.latest() == tmp_path / "step_4"
+    assert latest_problem(tmp_path) == (f"{tmp_path / 'latest'} names step_8, which is not a complete checkpoint: "
+                                        "resuming from the newest complete checkpoint, step_4")
     (tmp_path / "latest").write_text("step_4\n")
+    assert latest_problem(tmp_path) is None
     assert manager.latest() == tmp_path / "step_4"
     assert checkpoint_steps(tmp_path) == [4, 8]
     assert find_checkpoint(tmp_path) == tmp_path / "step_4"
     with pytest.raises(ConfigError, match="no complete checkpoint step_8"):
         find_checkpoint(tmp_path, 8)
+
+
+def test_missing_or_empty_latest_resumes_the_newest_complete_checkpoint(tmp_path):
+    write_checkpoint(tmp_path, 2, debug_model())
+    write_checkpoint(tmp_path, 6, debug_model())
+    write_checkpoint(tmp_path, 8, debug_model(), complete=False)
+    assert read_latest(tmp_path) == "step_6"  # no `latest` at all
+    assert latest_problem(tmp_path).startswith(f"{tmp_path / 'latest'} is missing: resuming from the newest complete")
+    (tmp_path / "latest").write_text("")
+    assert read_latest(tmp_path) == "step_6" and latest_problem(tmp_path).startswith(f"{tmp_path / 'latest'} is empty")
+    assert CheckpointManager(tmp_path, keep_last=1).resume_fix("step_6") == (
+        f"restore it, or resume from an earlier checkpoint by writing its tag into {tmp_path / 'latest'} "
+        "(complete ones: step_2)")
 
 
 def test_pruning_keeps_the_newest_up_to_the_latest():

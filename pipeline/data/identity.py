@@ -1,0 +1,107 @@
+"""What a run was trained on, and whether the data still is what its manifest says.
+
+- `data_identity(sources)`: the tokenizer identity, the shard set with the sha256 prepare recorded
+  for each file, and the blend weights of `data.train`; stored in every checkpoint so that a resume
+  on other data (another tokenizer of the same vocab size, other shards, another blend) is caught.
+- `identity_change(old, new)`: one phrase saying what changed, or None.
+- `check_token_ranges(dirs, vocab_size)`: each shard's min/max token id (recorded by prepare) must
+  fit the model, checked before the engine is built.
+- `verify_checksums(dirs, rank, world)`: sha256 of every shard file against the manifest, files
+  dealt round-robin over ranks (the full check is opt-in: it reads all the data once).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.data.dataset import is_weighted, source_paths
+from pipeline.data.manifest import MANIFEST, Manifest, load_manifest
+from pipeline.data.tokenizer import sha256_file
+from pipeline.errors import DataError
+
+
+def _weighted(sources: list) -> list[tuple[float | None, str]]:
+    """(weight or None, path) of each source, in either form of data.train."""
+    if is_weighted(sources):
+        return [(float(w), str(p)) for w, p in sources]
+    return [(None, p) for p in source_paths(sources)]
+
+
+def data_identity(sources: list) -> dict:
+    """{"sources": [{"path", "weight", "tokenizer", "shards": {file: sha256}}]} of `data.train`."""
+    out = []
+    for weight, path in _weighted(sources):
+        entry: dict = {"path": path, "weight": weight}
+        if Path(path).is_dir():
+            m = load_manifest(path)
+            entry["tokenizer"] = {"type": m.tokenizer.get("type"), "sha256": m.tokenizer.get("sha256"),
+                                  "vocab_size": m.vocab_size, "eos_id": m.eos_id}
+            entry["shards"] = {rel: digest for rel, digest in sorted(m.files.items()) if rel.endswith((".bin", ".idx"))}
+        else:  # a bare Megatron prefix: no manifest, so its size is all we can compare
+            prefix = path[:-4] if path.endswith((".bin", ".idx")) else path
+            entry["shards"] = {f"{prefix}.bin": f"size:{Path(prefix + '.bin').stat().st_size}"}
+        out.append(entry)
+    return {"sources": out}
+
+
+def identity_change(old: dict, new: dict) -> str | None:
+    """What differs between two `data_identity` records, in words (None: the same data)."""
+    a, b = old.get("sources", []), new.get("sources", [])
+    if len(a) != len(b):
+        return (f"data.train had {len(a)} source(s) ({', '.join(s['path'] for s in a)}), now {len(b)} "
+                f"({', '.join(s['path'] for s in b)})")
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        where = f"data.train[{i}] ({y['path']})"
+        if x.get("tokenizer") != y.get("tokenizer"):
+            tx, ty = x.get("tokenizer") or {}, y.get("tokenizer") or {}
+            return (f"{where} was tokenised with another tokenizer ({tx.get('type')} "
+                    f"{str(tx.get('sha256'))[:12]}, vocab {tx.get('vocab_size')} -> {ty.get('type')} "
+                    f"{str(ty.get('sha256'))[:12]}, vocab {ty.get('vocab_size')})")
+        if x.get("shards") != y.get("shards"):
+            xs, ys = x.get("shards", {}), y.get("shards", {})
+            gone, added = sorted(set(xs) - set(ys)), sorted(set(ys) - set(xs))
+            changed = sorted(k for k in set(xs) & set(ys) if xs[k] != ys[k])
+            parts = [f"{label} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                     for label, names in (("missing", gone), ("new", added), ("changed", changed)) if names]
+            return f"{where} holds other shards ({'; '.join(parts)})"
+        if x.get("weight") != y.get("weight"):
+            return f"{where} blend weight changed ({x.get('weight')} -> {y.get('weight')})"
+        if x.get("path") != y.get("path"):
+            return f"data.train[{i}] moved ({x['path']} -> {y['path']}, same shards)"
+    return None
+
+
+def check_token_ranges(manifests: list[Manifest], vocab_size: int) -> list[str]:
+    """Refuse a shard whose recorded ids do not fit the model; returns notes for manifests written
+    before ranges were recorded (those ids are checked as they are read instead)."""
+    notes = []
+    for m in manifests:
+        for split in m.splits.values():
+            for shard in split.shards:
+                if shard.max_id is None:
+                    continue
+                if shard.max_id >= vocab_size or (shard.min_id is not None and shard.min_id < 0):
+                    raise DataError(
+                        f"{m.path / shard.name}.bin holds token ids {shard.min_id}..{shard.max_id} "
+                        f"(recorded in {m.path / MANIFEST}) but the model's vocab_size is {vocab_size}; "
+                        "re-prepare the data with the model's tokenizer, or set model.vocab_size above the largest id"
+                    )
+        if any(s.max_id is None for split in m.splits.values() for s in split.shards):
+            notes.append(f"{m.path / MANIFEST} records no token-id ranges (prepared by an older version); "
+                         "ids are checked as they are read")
+    return notes
+
+
+def verify_checksums(data_dirs: list, rank: int, world: int) -> list[str]:
+    """This rank's share of the sha256 check of every file every manifest lists."""
+    files = []
+    for d in data_dirs:
+        m = load_manifest(d)
+        files += [(m.path / rel, digest) for rel, digest in sorted(m.files.items())]
+    problems = []
+    for path, digest in files[rank::world]:
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif sha256_file(path) != digest:
+            problems.append(f"{path} fails its sha256 (changed or corrupted since prepare)")
+    return problems

@@ -1,0 +1,83 @@
+"""prepare never mixes datasets: an input edited in place (same size, same mtime) is noticed on
+resume and by --verify, and two prepares into one output dir cannot both run (real processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+from tests.data.conftest import make_docs, run_prepare, write_jsonl
+from tests.data.test_resume_verify import _cli
+
+
+def _kill_after_shards(proc, out, n: int) -> None:
+    state = out / ".prepare_state.json"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if len(json.loads(state.read_text())["shards"].get("train", [])) >= n:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "killed before the end (make the corpus bigger if not)"
+
+
+def _edit_in_place(path) -> None:
+    """Change one byte of text, keeping the size and the modification time (ns)."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    i = data.index(b"doc 7:")
+    data[i : i + 6] = b"DOC 7:"
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+
+
+def test_input_edited_in_place_is_refused_on_resume_and_caught_by_verify(spm_bpe, tmp_path, capsys):
+    docs = [d for k in range(12) for d in make_docs(seed=k, n=120)]
+    inp = write_jsonl(tmp_path / "big.jsonl", docs)
+    out = tmp_path / "out"
+    args = ["--input", inp, "--tokenizer", spm_bpe, "--shard-size-tokens", "2000", "--output", out]
+    proc = _cli(*args, "--no-progress")
+    _kill_after_shards(proc, out, 2)
+    _edit_in_place(inp)
+
+    code, _, err = run_prepare(capsys, *args)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip() == (f"error: output dir {out} already holds a dataset prepared from different inputs (content "
+                           f"changed: {inp}); resuming would mix old and new text: pass --overwrite to rebuild it, "
+                           "or choose another --output")
+
+    assert run_prepare(capsys, *args, "--overwrite")[0] == 0
+    assert run_prepare(capsys, "--verify", out)[0] == 0
+    _edit_in_place(inp)  # again, after a finished prepare: --verify reports it
+    code, _, err = run_prepare(capsys, "--verify", out)
+    assert code == 1 and f"input {inp}: content changed since prepare" in err
+
+
+def test_two_prepares_into_one_dir_cannot_both_run(spm_bpe, tmp_path, capsys):
+    docs = [d for k in range(12) for d in make_docs(seed=k, n=120)]
+    inp = write_jsonl(tmp_path / "big.jsonl", docs)
+    out = tmp_path / "out"
+    args = ["--input", inp, "--tokenizer", spm_bpe, "--shard-size-tokens", "2000", "--output", out]
+    first = _cli(*args, "--no-progress")
+    deadline = time.time() + 60
+    while not (out / ".lock").exists():
+        assert first.poll() is None and time.time() < deadline, "the first prepare ended before it was seen"
+        time.sleep(0.005)
+
+    code, _, err = run_prepare(capsys, *args)
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith(f"error: {out} is in use by another prepare: pid {first.pid} on ")
+    assert "wait for it to finish or stop it, or use another dir" in err
+
+    _kill_after_shards(first, out, 1)  # SIGKILL: its lock stays behind, naming a dead pid
+    code, stdout, err = run_prepare(capsys, *args)
+    assert code == 0, err
+    assert f"took over the stale lock {out / '.lock'} of prepare pid {first.pid}" in stdout
+    assert not (out / ".lock").exists() and run_prepare(capsys, "--verify", out)[0] == 0
