@@ -20,12 +20,13 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from pipeline.data import load_manifest, load_tokenizer
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import ConfigError
 from pipeline.io_utils import atomic_write_text
@@ -34,6 +35,7 @@ from pipeline.train.config import EvalConfig, resolve_path
 
 # Likelihood request types PipelineLM implements; multiple_choice tasks issue loglikelihood requests.
 SUPPORTED_OUTPUT_TYPES = ("loglikelihood", "loglikelihood_rolling", "multiple_choice")
+FEWSHOT_SEED = 1234  # lm_eval's default fewshot_random_seed
 RESULTS_DIR = "downstream"
 """RUN/downstream/step_N.json: the harness's result JSON of each evaluation of a run."""
 
@@ -78,20 +80,54 @@ def load_task_manager(tasks: list[str], task_paths: list[str], key: str = "eval.
 
 @contextmanager
 def quiet_harness():
-    """The harness logs several INFO/WARNING lines per task and draws progress bars on every call;
-    inside a training log they would bury the training lines. Restored on exit."""
+    """The harness logs several INFO/WARNING lines per task and draws a progress bar per task and
+    request type on every call; inside a training log they would bury the training lines. Its
+    logger is set to ERROR and sys.stderr (where tqdm draws) points at /dev/null until exit; logging
+    handlers keep the stream they were made with, and exceptions still propagate."""
     logger = logging.getLogger("lm_eval")
-    level, tqdm_env = logger.level, os.environ.get("TQDM_DISABLE")
+    level = logger.level
     logger.setLevel(logging.ERROR)
-    os.environ["TQDM_DISABLE"] = "1"
     try:
-        yield
+        with open(os.devnull, "w") as devnull, redirect_stderr(devnull):
+            yield
     finally:
         logger.setLevel(level)
-        if tqdm_env is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = tqdm_env
+
+
+def run_harness(lm, manager, cfg: EvalConfig, bootstrap_iters: int, log_samples: bool) -> dict:
+    """What `lm_eval.simple_evaluate` does for a ready model, without its environment report (which
+    runs `git`, `pip` and `nvidia-smi` subprocesses: seconds per evaluation, from inside a training
+    job): the harness's default seeds, the few-shot override, then its `evaluate`."""
+    import random
+
+    import lm_eval
+    import numpy as np
+    from lm_eval.evaluator import evaluate
+
+    random.seed(0)  # simple_evaluate's defaults (random_seed, numpy_random_seed, torch_random_seed)
+    np.random.seed(1234)
+    torch.manual_seed(1234)
+    loaded = manager.load(list(cfg.tasks))
+    for task in loaded["tasks"].values():
+        if cfg.num_fewshot is not None and task.get_config("num_fewshot") != 0:  # 0 in a task's YAML is final
+            task.set_config(key="num_fewshot", value=cfg.num_fewshot)
+        elif task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=FEWSHOT_SEED)
+    results = evaluate(lm=lm, task_dict=loaded, limit=cfg.limit, bootstrap_iters=bootstrap_iters,
+                       log_samples=log_samples)
+    results["config"] = {**lm.get_model_info(), "limit": cfg.limit, "num_fewshot": cfg.num_fewshot,
+                         "fewshot_seed": FEWSHOT_SEED, "bootstrap_iters": bootstrap_iters,
+                         "batch_size": cfg.batch_size, "lm_eval_version": lm_eval.__version__}
+    return results
+
+
+def data_tokenizer(data_dir: str | Path) -> tuple[Tokenizer, int]:
+    """A prepared data dir's tokenizer and the token that conditions an empty context: BOS when its
+    documents start with one (prepare --bos), else EOS, the document separator the model saw."""
+    manifest = load_manifest(data_dir)
+    tokenizer = load_tokenizer(data_dir)
+    return tokenizer, tokenizer.bos_id if manifest.raw.get("bos") and tokenizer.bos_id is not None else tokenizer.eos_id
 
 
 def flat_metrics(results: dict) -> dict[str, float]:
@@ -100,7 +136,7 @@ def flat_metrics(results: dict) -> dict[str, float]:
     out = {}
     for task, values in results["results"].items():
         for key, value in values.items():
-            if key == "alias" or not isinstance(value, (int, float)) or isinstance(value, bool):
+            if key in ("alias", "sample_len") or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
             metric, _, filt = key.partition(",")
             name = metric if filt in ("", "none") else f"{metric}_{filt}"
@@ -140,6 +176,15 @@ class DownstreamEvaluator:
         if error:
             raise ConfigError(error)
 
+    @classmethod
+    def for_data(cls, cfg: EvalConfig, data_dir: str | Path, max_length: int, rank: int = 0, world: int = 1,
+                 **kwargs) -> DownstreamEvaluator | None:
+        """The evaluator of a run on prepared data `data_dir` (its tokenizer); None without eval.tasks."""
+        if not cfg.tasks:
+            return None
+        tokenizer, prefix = data_tokenizer(data_dir)
+        return cls(cfg, tokenizer, prefix, max_length, rank, world, **kwargs)
+
     def due(self, step: int, last_step: int) -> bool:
         interval = self.cfg.downstream_interval
         return step == last_step or bool(interval and step % interval == 0)
@@ -154,15 +199,11 @@ class DownstreamEvaluator:
         if self.rank != 0:
             scorer.serve()
             return None
-        import lm_eval
-
         lm = PipelineLM(scorer, self.tokenizer, self.max_length, self.prefix_token_id, name=name)
-        saved = rng_state()  # simple_evaluate seeds Python's, NumPy's and torch's global RNGs
+        saved = rng_state()  # the harness seeds Python's, NumPy's and torch's global RNGs
         try:
             with quiet_harness():
-                results = lm_eval.simple_evaluate(
-                    model=lm, tasks=list(self.cfg.tasks), task_manager=self.manager, num_fewshot=self.cfg.num_fewshot,
-                    limit=self.cfg.limit, bootstrap_iters=self.bootstrap_iters, log_samples=self.log_samples)
+                results = run_harness(lm, self.manager, self.cfg, self.bootstrap_iters, self.log_samples)
         except BaseException as e:
             scorer.stop(error=f"{type(e).__name__}: {e}")
             raise

@@ -24,6 +24,7 @@ import yaml
 from pipeline.config_utils import to_dict
 from pipeline.data import MicroBatchIterator, build_dataset, check_vocab_compatible, load_manifest
 from pipeline.errors import ConfigError
+from pipeline.evaluation.downstream import DownstreamEvaluator
 from pipeline.flops import flops_per_token
 from pipeline.model import GPTOSSConfig, MoE, get_preset
 from pipeline.model.flex_attention import resolve_attention_backend
@@ -117,6 +118,9 @@ class Trainer:
         resolve_attention_backend(self.model_cfg.attention_backend, torch.device("cuda" if torch.cuda.is_available()
                                   else "cpu"), training=True, dropout=self.model_cfg.dropout)
         self.ds_config = build_ds_config(cfg, self.world)
+        # Tasks are checked now (one line, exit 2), before the engine is built or a step is trained.
+        self.downstream = DownstreamEvaluator.for_data(cfg.eval, data_sources(cfg.data.train)[0],
+                                                       self.model_cfg.block_size, self.rank, self.world)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last)
         self._check_resume_compatible()
         init_folder = None
@@ -384,6 +388,8 @@ class Trainer:
             if t.eval_interval and self.step % t.eval_interval == 0:
                 self.evaluate()
                 evaluated = True
+            if self.downstream is not None:
+                self.downstream.maybe_run(self.step, t.steps, self.engine, self.log, self._append_metrics, self.run_dir)
             save_due = save_due or bool(t.save_interval and self.step % t.save_interval == 0)
             if save_due and healthy:
                 saved = self.save_if_finite()
