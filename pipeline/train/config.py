@@ -186,7 +186,8 @@ class EvalConfig:
 
     def __post_init__(self):
         if self.downstream_interval < 0:
-            raise ConfigError(f"eval.downstream_interval ({self.downstream_interval}) must be >= 0 (0 = only at the end)")
+            raise ConfigError(f"eval.downstream_interval ({self.downstream_interval}) must be >= 0 "
+                              "(0 = only at the end)")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"eval.limit ({self.limit}) must be >= 1, or null for every example")
         if self.num_fewshot is not None and self.num_fewshot < 0:

@@ -80,7 +80,7 @@ def test_bad_tasks_are_one_line_errors(tmp_path):
     (missing / "gone.yaml").write_text("task: gone_data\ndataset_path: json\ndataset_kwargs:\n  data_files: "
                                        f"{{test: {tmp_path}/absent.jsonl}}\noutput_type: multiple_choice\n"
                                        "test_split: test\ndoc_to_text: q\ndoc_to_choice: [a, b]\ndoc_to_target: 0\n")
-    (missing / "gen.yaml").write_text(f"task: gen_task\ncustom_dataset: !function loader.load\n"
+    (missing / "gen.yaml").write_text("task: gen_task\ncustom_dataset: !function loader.load\n"
                                       "output_type: generate_until\ntest_split: test\ndoc_to_text: '{{context}}'\n"
                                       "doc_to_target: label\n")
     (missing / "loader.py").write_text((TASKS_DIR / "pycode_tiny" / "loader.py").read_text().replace(
