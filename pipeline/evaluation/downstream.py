@@ -40,8 +40,9 @@ RESULTS_DIR = "downstream"
 """RUN/downstream/step_N.json: the harness's result JSON of each evaluation of a run."""
 
 
-def load_task_manager(tasks: list[str], task_paths: list[str], key: str = "eval.tasks"):
-    """A TaskManager that knows `tasks`, after loading each (so missing data shows now, not mid-run).
+def load_tasks(tasks: list[str], task_paths: list[str], key: str = "eval.tasks") -> dict:
+    """The harness's loaded tasks ({"tasks": {name: Task}, "groups": ...}), data included, so that a
+    missing dataset shows at start, not mid-run; loaded once and reused by every evaluation.
 
     The harness's ~15,000 built-in task configs take seconds to index; when `task_paths` define
     every requested task they are not indexed at all."""
@@ -63,19 +64,23 @@ def load_task_manager(tasks: list[str], task_paths: list[str], key: str = "eval.
         raise ConfigError(f"{key}: unknown task(s) {', '.join(unknown)}; `lm_eval ls tasks` lists the built-in "
                           "ones, and eval.task_paths adds folders of your own task YAMLs")
     with quiet_harness():
-        for name in tasks:
-            try:
-                loaded = manager.load([name])["tasks"]
-            except Exception as e:  # datasets raises many kinds (offline, missing file, bad format)
-                reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-                raise ConfigError(
-                    f"{key}: task {name} could not load its data ({type(e).__name__}: {reason}); download it "
-                    "on a machine with network first, or point its YAML at local files (README: Downstream "
-                    "evaluation)") from None
-            for sub, task in loaded.items():
-                if task.get_config("output_type") not in SUPPORTED_OUTPUT_TYPES:
-                    raise ConfigError(f"{key}: {sub} is a generation task; {GENERATION_UNSUPPORTED}")
-    return manager
+        try:
+            loaded = manager.load(list(tasks))
+        except Exception:  # datasets raises many kinds (offline, missing file, bad format): find whose
+            for name in tasks:
+                try:
+                    manager.load([name])
+                except Exception as e:
+                    reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+                    raise ConfigError(
+                        f"{key}: task {name} could not load its data ({type(e).__name__}: {reason}); download it "
+                        "on a machine with network first, or point its YAML at local files (README: Downstream "
+                        "evaluation)") from None
+            raise
+    for name, task in loaded["tasks"].items():
+        if task.get_config("output_type") not in SUPPORTED_OUTPUT_TYPES:
+            raise ConfigError(f"{key}: {name} is a generation task; {GENERATION_UNSUPPORTED}")
+    return loaded
 
 
 @contextmanager
@@ -94,7 +99,7 @@ def quiet_harness():
         logger.setLevel(level)
 
 
-def run_harness(lm, manager, cfg: EvalConfig, bootstrap_iters: int, log_samples: bool) -> dict:
+def run_harness(lm, loaded: dict, cfg: EvalConfig, bootstrap_iters: int, log_samples: bool) -> dict:
     """What `lm_eval.simple_evaluate` does for a ready model, without its environment report (which
     runs `git`, `pip` and `nvidia-smi` subprocesses: seconds per evaluation, from inside a training
     job): the harness's default seeds, the few-shot override, then its `evaluate`."""
@@ -107,7 +112,6 @@ def run_harness(lm, manager, cfg: EvalConfig, bootstrap_iters: int, log_samples:
     random.seed(0)  # simple_evaluate's defaults (random_seed, numpy_random_seed, torch_random_seed)
     np.random.seed(1234)
     torch.manual_seed(1234)
-    loaded = manager.load(list(cfg.tasks))
     for task in loaded["tasks"].values():
         if cfg.num_fewshot is not None and task.get_config("num_fewshot") != 0:  # 0 in a task's YAML is final
             task.set_config(key="num_fewshot", value=cfg.num_fewshot)
@@ -163,10 +167,10 @@ class DownstreamEvaluator:
         self.rank, self.world = rank, world
         self.bootstrap_iters = bootstrap_iters  # 0: no bootstrapped stderr (seconds of CPU per metric)
         self.log_samples = log_samples
-        self.manager, error = None, None
+        self.tasks, error = None, None
         if rank == 0:  # only rank 0 runs the harness; its verdict is every rank's
             try:
-                self.manager = load_task_manager(cfg.tasks, cfg.task_paths)
+                self.tasks = load_tasks(cfg.tasks, cfg.task_paths)
             except ConfigError as e:
                 error = str(e)
         if world > 1:
@@ -203,7 +207,7 @@ class DownstreamEvaluator:
         saved = rng_state()  # the harness seeds Python's, NumPy's and torch's global RNGs
         try:
             with quiet_harness():
-                results = run_harness(lm, self.manager, self.cfg, self.bootstrap_iters, self.log_samples)
+                results = run_harness(lm, self.tasks, self.cfg, self.bootstrap_iters, self.log_samples)
         except BaseException as e:
             scorer.stop(error=f"{type(e).__name__}: {e}")
             raise
