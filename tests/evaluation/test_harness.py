@@ -4,6 +4,8 @@ longer than the context (left truncation) and rolling windows (perplexity task).
 
 from __future__ import annotations
 
+import re
+
 import lm_eval
 import pytest
 import torch
@@ -15,8 +17,8 @@ from pipeline.data import load_tokenizer
 from pipeline.errors import ConfigError
 from pipeline.evaluation.downstream import DownstreamEvaluator
 from pipeline.model import GPTOSS, get_preset
-from pipeline.train.config import EvalConfig
-from tests.evaluation.conftest import TASKS_DIR, TINY_TASKS
+from pipeline.train.config import EvalConfig, load_run_config
+from tests.evaluation.conftest import TASKS_DIR, TINY_TASKS, write_bad_tasks
 
 MAX_LENGTH = 24  # shorter than a 2-shot prompt: exercises the left truncation and rolling windows
 
@@ -70,21 +72,19 @@ def test_adapter_equals_hf_backend(hf_tokenizer_dir, tmp_path):
 
 
 def test_bad_tasks_are_one_line_errors(tmp_path):
+    # The `eval` section is typed and validated like every other section.
+    for override, message in (("eval.limit=0", "eval.limit (0) must be >= 1"),
+                              ("eval.tasks=hellaswag", "config key eval.tasks = 'hellaswag' must be a list"),
+                              ("eval.num_fewshot=two", "config key eval.num_fewshot = 'two' is not a valid int")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_run_config(None, ["data.train=[d]", override])
+    assert load_run_config(None, ["data.train=[d]", "eval.downstream_interval=1e3"]).eval.downstream_interval == 1000
     tok_dir = None  # the checks run before any model or tokenizer is used
     cases = {
         "unknown task(s) no_such_task": EvalConfig(tasks=["no_such_task"], task_paths=[str(TASKS_DIR)]),
         "eval.task_paths: /nope does not exist": EvalConfig(tasks=["pycode_tiny"], task_paths=["/nope"]),
     }
-    missing = tmp_path / "tasks"
-    missing.mkdir()
-    (missing / "gone.yaml").write_text("task: gone_data\ndataset_path: json\ndataset_kwargs:\n  data_files: "
-                                       f"{{test: {tmp_path}/absent.jsonl}}\noutput_type: multiple_choice\n"
-                                       "test_split: test\ndoc_to_text: q\ndoc_to_choice: [a, b]\ndoc_to_target: 0\n")
-    (missing / "gen.yaml").write_text("task: gen_task\ncustom_dataset: !function loader.load\n"
-                                      "output_type: generate_until\ntest_split: test\ndoc_to_text: '{{context}}'\n"
-                                      "doc_to_target: label\n")
-    (missing / "loader.py").write_text((TASKS_DIR / "pycode_tiny" / "loader.py").read_text().replace(
-        'Path(__file__).with_name("pycode_tiny.jsonl")', f'Path("{TASKS_DIR}/pycode_tiny/pycode_tiny.jsonl")'))
+    missing = write_bad_tasks(tmp_path / "tasks")
     cases["task gone_data could not load its data"] = EvalConfig(tasks=["gone_data"], task_paths=[str(missing)])
     cases["gen_task is a generation task"] = EvalConfig(tasks=["gen_task"], task_paths=[str(missing)])
     for expected, cfg in cases.items():
