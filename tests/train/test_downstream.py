@@ -1,9 +1,10 @@
 """Downstream (lm-eval) evaluation in the training loop and from `python -m pipeline.evaluate`.
 
-One 2-rank ZeRO-3 + EP 2 run evaluates the shipped tiny tasks at steps 3 and 6; its results equal
-the single-process CLI on the step-6 checkpoint, the CLI under torchrun (the run's own engine) and
-the CLI on the export; its training losses equal those of the same run without evaluation (with
-dropout on, so a disturbed RNG would show). A generation task stops a 2-rank start with one line."""
+One 2-rank ZeRO-3 + EP 2 run evaluates the shipped tiny tasks at step 3, checkpoints, and is
+resumed to evaluate again at step 6. Its results equal the single-process CLI on the step-6
+checkpoint, the CLI under torchrun (the run's own engine) and the CLI on the export; its training
+losses equal those of the same run without evaluation (with dropout on, so a disturbed RNG would
+show). A generation task stops a 2-rank start with one line."""
 
 from __future__ import annotations
 
@@ -46,17 +47,25 @@ def assert_same_scores(ours: dict[str, float], reference: dict[str, float]) -> N
 
 
 def test_in_loop_equals_single_process_cli_and_export(prepared_data, tmp_path):
-    common = {"model": {"preset": "debug", "dropout": 0.1}, "train": {"steps": 6, "save_interval": 3}}
+    # decay_steps fixed: the schedule does not depend on train.steps, so a run stopped at step 3
+    # and resumed to 6 trains as one run of 6 steps.
+    common = {"model": {"preset": "debug", "dropout": 0.1}, "optim": {"decay_steps": 4},
+              "train": {"steps": 6, "save_interval": 3}}
     cfg = write_run_config(tmp_path / "a.yaml", prepared_data, tmp_path / "a", eval=EVAL, **common)
     plain = write_run_config(tmp_path / "b.yaml", prepared_data, tmp_path / "b", **common)
-    proc = train(2, cfg)
+    first = train(2, cfg, "train.steps=3")
+    resumed = train(2, cfg)
+    assert "resumed from" in resumed.stdout
     train(2, plain)
 
-    # Training state untouched: the same losses as without evaluation, step for step.
+    # Training state untouched: the same losses as without evaluation, step for step, also after
+    # resuming from the checkpoint written right after an evaluation.
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
     assert len(losses(tmp_path / "a")) == 6
-    # Logged on rank 0 to the console, metrics.jsonl, TensorBoard, and the harness's JSON per step.
-    assert len(re.findall(r"^downstream step +[36] \| pycode_tiny/acc ", proc.stdout, re.M)) == 2, proc.stdout
+    # Logged on rank 0 to the console, metrics.jsonl, TensorBoard, and the harness's JSON per step;
+    # the resumed run continues the series.
+    for proc, step in ((first, 3), (resumed, 6)):
+        assert len(re.findall(rf"^downstream step +{step} \| pycode_tiny/acc ", proc.stdout, re.M)) == 1, proc.stdout
     records = [r for r in map(json.loads, (tmp_path / "a" / "metrics.jsonl").read_text().splitlines())
                if "downstream/seconds" in r]
     assert [r["step"] for r in records] == [3, 6]
