@@ -173,6 +173,9 @@ class DownstreamEvaluator:
                 self.tasks = load_tasks(cfg.tasks, cfg.task_paths)
             except ConfigError as e:
                 error = str(e)
+            except Exception as e:  # e.g. a malformed task YAML: still one line, and no rank left waiting
+                error = f"eval.tasks: the harness could not load {', '.join(cfg.tasks)} ({type(e).__name__}: " \
+                        f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}); check eval.task_paths"
         if world > 1:
             box = [error]
             dist.broadcast_object_list(box, src=0)
