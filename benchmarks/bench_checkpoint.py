@@ -1,4 +1,4 @@
-"""Checkpoint save / load: our moveable format vs DeepSpeed's own per-rank shards, same engine.
+"""Checkpoint save / load: our reshardable format vs DeepSpeed's own per-rank shards, same engine.
 
     python benchmarks/bench_checkpoint.py [--nproc 2] [--ep 2] [--repeats 3] [--n-embd 512]
 
@@ -36,10 +36,10 @@ def rank_main(args) -> None:
     sys.path.insert(0, str(REPO_ROOT))
     from pipeline.config_utils import from_dict
     from pipeline.model import get_preset
+    from pipeline.train.checkpoint.format import entries, load_state, save_state
     from pipeline.train.config import RunConfig
     from pipeline.train.ds_config import build_ds_config
     from pipeline.train.engine import build_engine, init_distributed
-    from pipeline.train.universal_ckpt import entries, load_state, save_state
 
     rank, world = init_distributed()
     model = dict(preset="debug", n_layer=4, n_embd=args.n_embd, n_head=8, n_kv_head=2, head_dim=args.n_embd // 8,

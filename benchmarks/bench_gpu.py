@@ -6,7 +6,7 @@ On CUDA (bf16): the gpt-oss-20b architecture (hidden 2880, 64 q / 8 kv heads, he
 experts top-4, vocab 201,088, window 128 on even layers, sinks) cut to --layers blocks, trained
 through the real DeepSpeed ZeRO-3 engine on one rank (the trainer's `build_engine`, torch AdamW).
 For attention_backend=flex and =sdpa it prints tokens/s, model TFLOP/s and MFU (FLOPs from
-pipeline/flops.py, peak from the GPU name), peak memory and the attention kernel that ran, then
+pipeline/model/flops.py, peak from the GPU name), peak memory and the attention kernel that ran, then
 the ratio flex / sdpa. Then the attention layer alone, forward + backward, on a full and a sliding
 layer: ours (flex + sinks) vs SDPA flash attention without sinks or window (the practical limit)
 vs the SDPA virtual-sink path. With ZeRO-3's fp32 master weights and Adam states (18 B/param), 2
@@ -33,16 +33,16 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline.config_utils import from_dict
-from pipeline.flops import flops_per_token
+from pipeline.hardware import detect_peak_tflops
 from pipeline.model import get_gpt_oss_20b_config, get_preset
 from pipeline.model.attention import sdpa_attention_with_sinks
 from pipeline.model.flex_attention import flex_attention_with_sinks
+from pipeline.model.flops import flops_per_token
 from pipeline.model.masks import attention_mask, block_mask
 from pipeline.train.config import RunConfig
 from pipeline.train.ds_config import build_ds_config
 from pipeline.train.engine import build_engine, init_distributed
-from pipeline.train.metrics import detect_peak_tflops
-from pipeline.train.optim import compute_loss
+from pipeline.train.loss import compute_loss
 
 CUDA = torch.cuda.is_available()
 

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from pipeline.errors import ConfigError, DataError
+from pipeline.cli import user_errors_exit_2
+from pipeline.errors import ConfigError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,16 +65,15 @@ def eval_config(saved_eval: dict | None, args: argparse.Namespace):
 
 def load_from_run_dir(run_dir: Path, step: int | None, world: int, device: torch.device):
     """(forward, model config, data dir, checkpoint dir, saved config) for a run's checkpoint."""
-    from pipeline.export import checkpoint_dir, model_config_from_saved, model_from_state
-    from pipeline.train.trainer import data_sources
+    from pipeline.data import source_paths
+    from pipeline.train.checkpoint import find_checkpoint, load_state, read_full_weights
+    from pipeline.train.checkpoint.export import model_config_from_saved, model_from_state
 
-    ckpt = checkpoint_dir(run_dir, step)
+    ckpt = find_checkpoint(run_dir / "checkpoints", step)
     saved = yaml.safe_load((ckpt / "config.yaml").read_text())
     model_cfg = model_config_from_saved(saved["model"])
-    data_dir = data_sources(saved["data"]["train"])[0]
+    data_dir = source_paths(saved["data"]["train"])[0]
     if world == 1:
-        from pipeline.train.universal_ckpt import read_full_weights
-
         dtype = torch.bfloat16 if saved.get("precision") == "bf16" else torch.float32
         model = model_from_state(model_cfg, read_full_weights(ckpt, dtype)).to(device).eval()
         return (lambda ids: model(ids)[0]), model_cfg, data_dir, ckpt, saved
@@ -82,7 +82,6 @@ def load_from_run_dir(run_dir: Path, step: int | None, world: int, device: torch
     from pipeline.train.config import RunConfig
     from pipeline.train.ds_config import build_ds_config
     from pipeline.train.engine import build_engine
-    from pipeline.train.universal_ckpt import load_state
 
     cfg = from_dict(RunConfig, {k: v for k, v in saved.items() if k != "wandb"})
     ds_config = build_ds_config(cfg, world)
@@ -110,7 +109,7 @@ def run(args: argparse.Namespace) -> dict | None:
         output = Path(args.output) if args.output else Path(args.run_dir) / "downstream" / f"{ckpt.name}.json"
         name = f"{args.run_dir}:{ckpt.name}"
     else:
-        from pipeline.export import load_exported
+        from pipeline.train.checkpoint import load_exported
 
         model_dir = Path(args.model)
         if not (model_dir / "config.json").is_file():
@@ -141,14 +140,11 @@ def run(args: argparse.Namespace) -> dict | None:
     return results
 
 
+@user_errors_exit_2
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (ConfigError, DataError) as e:
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
     finally:
         import torch.distributed as dist
 

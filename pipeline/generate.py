@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import ConfigError, DataError
+from pipeline.cli import user_errors_exit_2
+from pipeline.errors import ConfigError
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.8,
@@ -33,6 +34,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
     return prompt + tokenizer.decode(new)
 
 
+@user_errors_exit_2
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="exported model dir (python -m pipeline.export)")
@@ -46,19 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from pipeline.data import load_tokenizer
-    from pipeline.export import load_exported
+    from pipeline.model import GPTOSS
 
-    try:
-        model_dir = Path(args.model)
-        if not (model_dir / "config.json").is_file():
-            raise ConfigError(f"{model_dir} holds no exported model (config.json); run python -m pipeline.export")
-        tokenizer = load_tokenizer(args.tokenizer or model_dir / "tokenizer")
-        model = load_exported(model_dir).eval()
-        text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
-                             args.top_k or None, args.top_p, args.seed)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(f"{model_dir} holds no exported model (config.json); run python -m pipeline.export")
+    tokenizer = load_tokenizer(args.tokenizer or model_dir / "tokenizer")
+    model = GPTOSS.from_hf(model_dir).eval()  # either export format
+    text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
+                         args.top_k or None, args.top_p, args.seed)
     print(text)
     return 0
 

@@ -19,9 +19,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pipeline.cli import user_errors_exit_2
 from pipeline.errors import ConfigError
+from pipeline.hardware import GPUS, get_gpu
 from pipeline.planning.comm import Links
-from pipeline.planning.planner import DEFAULT_MFU, GPUS, Planner, get_gpu
+from pipeline.planning.planner import DEFAULT_MFU, Planner
 from pipeline.planning.report import plan_to_dict, render_text
 from pipeline.planning.search import render_search, search
 from pipeline.train.config import RunConfig, load_run_config
@@ -115,27 +117,24 @@ def load_run(args: argparse.Namespace, tmpdir: Path) -> tuple[RunConfig, str]:
     return run, source
 
 
+@user_errors_exit_2
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            run, source = load_run(args, Path(tmp))
-            nodes = _node_list(args.nodes)
-            if args.nvlink_gbps <= 0 or args.network_gbps <= 0:
-                raise ConfigError("--nvlink-gbps and --network-gbps must be > 0")
-            planner = Planner(run, gpus_per_node=args.gpus_per_node, gpu=get_gpu(args.gpu), mfu=args.mfu,
-                              headroom=args.headroom,
-                              links=Links(nvlink=args.nvlink_gbps * 1e9, network=args.network_gbps * 1e9))
-            if args.search:
-                print(render_search(search(planner, nodes[0]), nodes[0], args.gpus_per_node, args.top))
-                return 0
-            plan = planner.plan(nodes[0])  # the requested layout must be runnable: errors exit 2
-            table_nodes = sorted(set(_node_list([args.table_nodes])) | set(nodes))
-            table = [planner.try_plan(n) for n in table_nodes]
-            smallest = planner.smallest_fitting(args.max_nodes)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        run, source = load_run(args, Path(tmp))
+        nodes = _node_list(args.nodes)
+        if args.nvlink_gbps <= 0 or args.network_gbps <= 0:
+            raise ConfigError("--nvlink-gbps and --network-gbps must be > 0")
+        planner = Planner(run, gpus_per_node=args.gpus_per_node, gpu=get_gpu(args.gpu), mfu=args.mfu,
+                          headroom=args.headroom,
+                          links=Links(nvlink=args.nvlink_gbps * 1e9, network=args.network_gbps * 1e9))
+        if args.search:
+            print(render_search(search(planner, nodes[0]), nodes[0], args.gpus_per_node, args.top))
+            return 0
+        plan = planner.plan(nodes[0])  # the requested layout must be runnable: errors exit 2
+        table_nodes = sorted(set(_node_list([args.table_nodes])) | set(nodes))
+        table = [planner.try_plan(n) for n in table_nodes]
+        smallest = planner.smallest_fitting(args.max_nodes)
     if args.json:
         print(json.dumps(plan_to_dict(planner, plan, smallest, table), indent=2))
     else:

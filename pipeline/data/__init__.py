@@ -10,12 +10,13 @@ Public API (used by the trainer and the text generator)::
     MMapIndexedDataset(prefix)
 """
 
-from pipeline.data.dataset import build_dataset
+from pipeline.data.dataset import build_dataset, source_paths
 from pipeline.data.indexed import MMapIndexedDataset
 from pipeline.data.manifest import Manifest, check_vocab_compatible, load_manifest
 from pipeline.data.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
+    "source_paths",
     "load_tokenizer",
     "load_manifest",
     "check_vocab_compatible",

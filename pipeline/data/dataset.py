@@ -125,6 +125,13 @@ def is_weighted(sources) -> bool:
     )
 
 
+def source_paths(sources) -> list[str]:
+    """The paths named by a source list in either form ([dir, ...] or [[weight, dir], ...])."""
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    return [str(p) for _, p in sources] if is_weighted(sources) else [str(s) for s in sources]
+
+
 def _shards_of(path: str | Path, split: str) -> tuple[list[MMapIndexedDataset], Path | None]:
     """Shards of `split` in a prepared dir, or a bare Megatron prefix (`.../name` with .idx/.bin)."""
     path = Path(path)
@@ -165,7 +172,7 @@ def build_dataset(sources, split: str, seq_len: int, seed: int):
         sources = [sources]
     sources = list(sources)
     if not sources:
-        raise ConfigError("no data sources given (data.sources is empty)")
+        raise ConfigError(f"no data sources given (data.{split} is empty)")
     weighted = is_weighted(sources)
     paths = [p for _, p in sources] if weighted else sources
     dirs = []

@@ -1,4 +1,4 @@
-"""Megatron "MMIDIDX" indexed dataset: the on-disk format of our shards (DESIGN.md §5).
+"""Megatron "MMIDIDX" indexed dataset: the on-disk format of our shards.
 
 `PREFIX.bin` holds the raw token ids of every sequence back to back. `PREFIX.idx` holds::
 

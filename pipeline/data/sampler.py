@@ -48,8 +48,3 @@ class MicroBatchIterator:
     def __iter__(self):
         return self
 
-    def state_dict(self) -> dict:
-        return {"consumed_samples": self.consumed_samples}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.consumed_samples = int(state["consumed_samples"])

@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from pipeline.errors import DataError
+from pipeline.io_utils import atomic_write_bytes, atomic_write_text
 
 META_FILE = "pipeline_tokenizer.json"
 # Files that make up a Hugging Face tokenizer; we copy only these (never model weights).
@@ -106,7 +106,7 @@ class Tokenizer:
             "bos_id": self.bos_id,
             "vocab_size": self.vocab_size,
         }
-        (out_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        atomic_write_text(out_dir / META_FILE, json.dumps(meta, indent=2) + "\n")
         return written + [out_dir / META_FILE]
 
     def __repr__(self) -> str:
@@ -277,7 +277,5 @@ def train_sentencepiece(
         ) from e
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_suffix(".tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, out_file)
+    atomic_write_bytes(out_file, lambda f: f.write(buf.getvalue()))
     return _load_sentencepiece(out_file)

@@ -30,7 +30,7 @@ from pipeline.data import load_manifest, load_tokenizer
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import ConfigError
 from pipeline.io_utils import atomic_write_text
-from pipeline.train.checkpoint import rng_state, set_rng_state
+from pipeline.train.checkpoint.manager import rng_state, set_rng_state
 from pipeline.train.config import EvalConfig, resolve_path
 
 # Likelihood request types PipelineLM implements; multiple_choice tasks issue loglikelihood requests.

@@ -14,7 +14,7 @@ architecture; `create_gpt_oss_20b()` is the second document's small dense GPT (s
 from pipeline.model.attention import Attention, KVCache
 from pipeline.model.config import GPTOSSConfig, YaRNScaling
 from pipeline.model.gpt_oss import GPTOSS, Block, RMSNorm
-from pipeline.model.hf_convert import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
+from pipeline.model.hf import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
 from pipeline.model.mlp import MLP
 from pipeline.model.moe import GroupedExperts, MoE, MoEStats, RouterOutput, TopKRouter
 from pipeline.model.params import count_module_parameters, count_parameters

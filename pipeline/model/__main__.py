@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from pipeline.cli import user_errors_exit_2
 from pipeline.errors import ConfigError
 from pipeline.model.gpt_oss import GPTOSS
 from pipeline.model.params import count_module_parameters, count_parameters
@@ -38,19 +39,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@user_errors_exit_2
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        config = get_preset(args.preset)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    config = get_preset(args.preset)
     if not (1 <= args.seq_len <= config.block_size and PROMPT_LEN + args.max_new_tokens <= config.block_size
             and args.batch_size >= 1):
-        print(f"error: --seq-len ({args.seq_len}) and {PROMPT_LEN} prompt tokens + --max-new-tokens "
-              f"({args.max_new_tokens}) must fit the preset's block_size ({config.block_size}); --batch-size >= 1",
-              file=sys.stderr)
-        return 2
+        raise ConfigError(f"--seq-len ({args.seq_len}) and {PROMPT_LEN} prompt tokens + --max-new-tokens "
+                          f"({args.max_new_tokens}) must fit the preset's block_size ({config.block_size}); "
+                          "--batch-size >= 1")
     torch.manual_seed(args.seed)
 
     for name in RELEASED:

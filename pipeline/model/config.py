@@ -311,3 +311,28 @@ class GPTOSSConfig:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 0")
         if self.expert_hidden < 1 or self.dense_hidden < 1:
             raise ConfigError("intermediate_size and dense_intermediate_size must be >= 1")
+
+
+# Fields that decide the weights' shapes or meaning (properties resolve the derived ones);
+# training-only settings (dropout, loss weights, context length, init) are not among them.
+ARCHITECTURE_FIELDS = (
+    "vocab_size", "n_layer", "n_head", "kv_heads", "n_embd", "head_size", "n_experts", "top_k", "expert_hidden",
+    "num_moe_layers", "tie_word_embeddings", "attention_bias", "router_bias", "expert_bias", "bias",
+    "use_rms_norm", "norm_eps", "use_swiglu", "gpt_oss_swiglu", "swiglu_limit", "swiglu_alpha",
+    "use_attention_sinks", "sliding_window", "resolved_layer_types", "position_embedding", "rope_theta",
+    "rope_scaling",
+)
+
+
+def architecture(config: GPTOSSConfig) -> dict:
+    """The values of ARCHITECTURE_FIELDS: two configs with equal architectures hold the same weights."""
+    return {name: getattr(config, name) for name in ARCHITECTURE_FIELDS}
+
+
+def differing_fields(saved: dict, current: dict) -> list[str]:
+    """The one definition of "same model": the keys whose values differ between two model dicts
+    (config fields, or `architecture(...)`), in order of `current`. A key one side lacks, e.g. a
+    field added to GPTOSSConfig after a checkpoint was written, reads as its default."""
+    defaults = dataclasses.asdict(GPTOSSConfig())
+    keys = list(current) + [k for k in saved if k not in current]
+    return [k for k in keys if saved.get(k, defaults.get(k)) != current.get(k, defaults.get(k))]

@@ -25,7 +25,7 @@ from pipeline.model.init import new_init_seed, seeded_normal_
 from pipeline.model.loss import LMHead
 from pipeline.model.masks import attention_mask, block_mask, document_ids, document_positions
 from pipeline.model.mlp import MLP
-from pipeline.model.moe import GroupedExperts, MoE, TopKRouter
+from pipeline.model.moe import GroupedExperts, MoE, RouterStats, TopKRouter
 from pipeline.model.rope import RotaryEmbedding
 
 
@@ -226,6 +226,13 @@ class GPTOSS(nn.Module):
         )
         return self.norm(x), aux_loss
 
+    def router_stats(self) -> RouterStats | None:
+        """Statistics of every MoE layer in the latest forward (load balance, z-loss, tokens per
+        expert, dropped tokens), stacked in layer order; None for a dense model. Under activation
+        checkpointing the recomputation in backward writes the same values again."""
+        stats = [m.last_stats for m in self.modules() if isinstance(m, MoE)]
+        return RouterStats.stack(stats) if stats else None
+
     def attention_backend(self, device: torch.device) -> str:
         """The backend this model runs on `device` now: "flex" or "sdpa" (ConfigError if impossible)."""
         training = self.training and torch.is_grad_enabled()
@@ -291,14 +298,14 @@ class GPTOSS(nn.Module):
     # --- transformers interop --------------------------------------------------------------------
     @classmethod
     def from_hf(cls, directory: str | Path, **config_overrides) -> GPTOSS:
-        """Load a local transformers GPT-OSS folder (config.json + safetensors)."""
-        from pipeline.model.hf_convert import load_hf
+        """Load a local transformers GPT-OSS folder (config.json + safetensors), or a native export."""
+        from pipeline.model.hf import load_folder  # conversion lives beside the model, not in it
 
-        return load_hf(directory, **config_overrides)
+        return load_folder(cls, directory, **config_overrides)
 
     def save_hf(self, directory: str | Path) -> None:
         """Write a folder that `GptOssForCausalLM.from_pretrained` loads."""
-        from pipeline.model.hf_convert import save_hf
+        from pipeline.model.hf import save_hf
 
         save_hf(self, directory)
 

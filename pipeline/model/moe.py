@@ -279,6 +279,19 @@ class MoEStats(NamedTuple):
     """(token, slot) pairs dropped for exceeding expert capacity (0 when dropless)."""
 
 
+class RouterStats(NamedTuple):
+    """MoEStats of every MoE layer of one forward, stacked in layer order (detached)."""
+
+    load_balance_loss_L: torch.Tensor
+    z_loss_L: torch.Tensor
+    tokens_per_expert_LE: torch.Tensor
+    dropped_tokens_L: torch.Tensor
+
+    @staticmethod
+    def stack(per_layer: list[MoEStats]) -> RouterStats:
+        return RouterStats(*(torch.stack(values) for values in zip(*per_layer, strict=True)))
+
+
 class MoE(nn.Module):
     """Top-k routed experts. Returns (y, router loss already weighted by the config)."""
 
@@ -291,6 +304,7 @@ class MoE(nn.Module):
         self.router = TopKRouter(config)
         self.experts = GroupedExperts(config)
         self.dropout = nn.Dropout(config.dropout)
+        # The statistics of the latest forward; read through GPTOSS.router_stats().
         self.last_stats: MoEStats | None = None
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,9 @@ _GPT_OSS_COMMON = dict(
     moe_layers=None,
     capacity_factor=None,
     use_aux_loss=True,
-    aux_loss_weight=0.001,  # transformers' router_aux_loss_coef default for GptOss
+    # On our scale (moe.py): transformers' default router_aux_loss_coef 0.001 would be 0.004 at top_k=4;
+    # kept at 0.001 so existing runs train as before (exports carry 0.001 / top_k, see hf.py).
+    aux_loss_weight=0.001,
     router_bias=True,
     expert_bias=True,
     attention_bias=True,

@@ -8,8 +8,9 @@
     report.py       text and JSON output
 """
 
+from pipeline.hardware import GPUS, GPUSpec, get_gpu
 from pipeline.planning.activations import ActivationMemory, activation_memory
-from pipeline.planning.planner import GPUS, GPUSpec, Plan, Planner, get_gpu, model_config
+from pipeline.planning.planner import Plan, Planner, model_config
 from pipeline.planning.zero import (
     ParamTensor,
     RankElements,

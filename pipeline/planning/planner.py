@@ -11,8 +11,9 @@ import dataclasses
 from dataclasses import dataclass
 
 from pipeline.errors import ConfigError
-from pipeline.flops import flops_per_token
-from pipeline.model import GPTOSSConfig, count_parameters, get_preset
+from pipeline.hardware import GPUS, GPUSpec
+from pipeline.model import GPTOSSConfig, count_parameters
+from pipeline.model.flops import flops_per_token
 from pipeline.planning.activations import ActivationMemory, activation_memory, attention_kernel
 from pipeline.planning.comm import Communication, Links, StartupMemory, communication, startup_memory
 from pipeline.planning.zero import (
@@ -24,7 +25,7 @@ from pipeline.planning.zero import (
     rank_elements,
     state_memory,
 )
-from pipeline.train.config import RunConfig
+from pipeline.train.config import RunConfig, resolve_model_config
 from pipeline.train.ds_config import build_ds_config
 from pipeline.train.expert_parallel import check_expert_parallel_size
 
@@ -36,44 +37,9 @@ Megatron-Bridge reports ~16% for gpt-oss-120b across nodes). Those end-to-end fi
 own exposed communication, so as a compute-only efficiency 28% is on the safe side for one node."""
 
 
-@dataclass(frozen=True)
-class GPUSpec:
-    name: str
-    memory_bytes: int
-    """Total device memory as nvidia-smi reports it."""
-    peak_bf16: float
-    """Dense (no sparsity) bf16 tensor-core peak, FLOP/s."""
-    peak_fp32: float
-    """Non-tensor-core fp32 peak, FLOP/s (PyTorch does not use TF32 for matmuls by default)."""
-
-    def peak(self, precision: str) -> float:
-        return self.peak_bf16 if precision == "bf16" else self.peak_fp32
-
-
-MiB = 1024**2
-GPUS = {
-    "h100-80gb": GPUSpec("h100-80gb", 81559 * MiB, 989.4e12, 66.9e12),  # SXM5 datasheet
-    "h200-141gb": GPUSpec("h200-141gb", 143771 * MiB, 989.4e12, 66.9e12),
-    "a100-80gb": GPUSpec("a100-80gb", 81920 * MiB, 312e12, 19.5e12),
-    "a100-40gb": GPUSpec("a100-40gb", 40960 * MiB, 312e12, 19.5e12),
-}
-
-
-def get_gpu(name: str) -> GPUSpec:
-    if name not in GPUS:
-        raise ConfigError(f"unknown --gpu {name!r}; choose one of {', '.join(sorted(GPUS))}")
-    return GPUS[name]
-
-
 def model_config(run: RunConfig) -> GPTOSSConfig:
     """The model the trainer builds (vocab_size from the preset unless model.vocab_size is set)."""
-    cfg = get_preset(run.model["preset"], **run.model_overrides)
-    if run.data.seq_len > cfg.block_size:
-        raise ConfigError(
-            f"data.seq_len ({run.data.seq_len}) is longer than the model's block_size ({cfg.block_size}); "
-            "lower data.seq_len or raise model.block_size"
-        )
-    return cfg
+    return resolve_model_config(run, from_data=False)
 
 
 _TABLES: dict[str, tuple[list[ParamTensor], dict]] = {}

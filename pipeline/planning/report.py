@@ -31,7 +31,7 @@ assumptions:
     plus the loss peak.
   - fits: GPU total <= (1 - headroom) x device memory; the headroom covers the CUDA context, NCCL
     buffers and allocator fragmentation.
-  - compute: model FLOPs (pipeline/flops.py: 6 x active matmul params incl. the LM head, plus causal,
+  - compute: model FLOPs (pipeline/model/flops.py: 6 x active matmul params incl. the LM head, plus causal,
     window-limited attention; recomputation not counted) at the stated MFU of the dense peak. Default
     MFU 28%: NeMo AutoModel's gpt-oss-20b on 8 x H100 (Megatron-Bridge reports ~16% for gpt-oss-120b).
   - communication: bytes per collective as DeepSpeed 0.19.8 and our EP layer issue them (measured in

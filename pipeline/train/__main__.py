@@ -12,12 +12,11 @@ every rank exits on its own and none waits in a collective for a rank that has g
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from pipeline.errors import ConfigError, DataError
+from pipeline.cli import fail, user_errors_exit_2
 
-EXIT_CONFIG, EXIT_DIVERGED = 2, 3
+EXIT_DIVERGED = 3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,28 +29,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def fail(message: str, code: int) -> int:
-    """One line per node, then leave the process group without waiting for peers (they fail alike)."""
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        print(f"error: {message}", file=sys.stderr, flush=True)
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return code
-
-
+@user_errors_exit_2  # at start-up: bad config or data
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pipeline.train.config import load_run_config
+    from pipeline.train.trainer import Trainer
 
-    try:
-        cfg = load_run_config(args.config, args.overrides)
-        from pipeline.train.trainer import Trainer
-
-        trainer = Trainer(cfg)
-    except (ConfigError, DataError) as e:
-        return fail(str(e), EXIT_CONFIG)
+    trainer = Trainer(load_run_config(args.config, args.overrides))
     from pipeline.train.health import TrainingDiverged
 
     try:

@@ -208,7 +208,7 @@ class RunConfig:
     """Output dir: checkpoints/, tensorboard/, config.yaml, ds_config.json."""
     model: dict = field(default_factory=lambda: {"preset": "debug"})
     """`preset` plus any GPTOSSConfig field to override, and optionally `init_from: PATH` (weights to
-    start from, see pipeline/train/weights.py). vocab_size defaults to the data's tokenizer."""
+    start from, see pipeline/train/checkpoint/init_from.py). vocab_size defaults to the data's tokenizer."""
     data: DataConfig
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -240,6 +240,29 @@ class RunConfig:
     def init_from(self) -> str | None:
         """`model.init_from`: a weights folder to start from (ignored when the run dir has a checkpoint)."""
         return self.model.get("init_from")
+
+
+def resolve_model_config(cfg: RunConfig, from_data: bool = True) -> GPTOSSConfig:
+    """The model a run builds: the preset plus overrides; vocabulary and EOS come from the data's
+    tokenizer unless set (`from_data`; the planner runs without the data, on the preset's)."""
+    from pipeline.data import load_manifest, source_paths
+    from pipeline.model.presets import get_preset
+
+    overrides = dict(cfg.model_overrides)
+    if from_data:
+        manifest = load_manifest(source_paths(cfg.data.train)[0])
+        overrides.setdefault("vocab_size", manifest.vocab_size)
+        overrides.setdefault("eos_token_id", manifest.eos_id)
+    try:
+        model_cfg = get_preset(cfg.model["preset"], **overrides)
+    except TypeError as e:  # an unknown field name
+        raise ConfigError(f"model section: {e}; see GPTOSSConfig for valid fields") from e
+    if cfg.data.seq_len > model_cfg.block_size:
+        raise ConfigError(
+            f"data.seq_len ({cfg.data.seq_len}) exceeds model.block_size ({model_cfg.block_size}); "
+            f"lower data.seq_len or set model.block_size={cfg.data.seq_len}"
+        )
+    return model_cfg
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

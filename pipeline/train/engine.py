@@ -1,4 +1,4 @@
-"""Model -> DeepSpeed engine, the one way the trainer and the exporter both build it.
+"""Model -> DeepSpeed engine, the one way the trainer (and the benchmarks) build it.
 
 Order matters: expert-parallel groups exist before the model; every rank builds the *same* model
 structure on the meta device from the same seed, so each rank's expert slice is a slice of one
@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.model import GPTOSS, GPTOSSConfig
+from pipeline.model import GPTOSS, GPTOSSConfig, TopKRouter
 from pipeline.train.config import RunConfig
 from pipeline.train.expert_parallel import (
     ExpertParallelExperts,
@@ -106,7 +106,7 @@ def materialize_partitioned(model: GPTOSS, ds_config: dict) -> None:
 
     For each module's own parameters: allocate them on this rank's device in the training dtype,
     draw their seeded init, tag expert slices for their expert-data-parallel partition group (the
-    tags must be on the parameter before ZeRO partitions it, DESIGN.md §4), and hand them to
+    tags must be on the parameter before ZeRO partitions it, see expert_parallel.py), and hand them to
     `deepspeed.zero.Init(module=...)`, which keeps this rank's partition and frees the rest. This is
     what `deepspeed.initialize` would do to an already-built model (same `zero.Init`, same dtype), so
     the engine sees a zero.Init model and neither casts nor moves it. Peak memory: the partitions so
@@ -145,4 +145,7 @@ def build_engine(cfg: RunConfig, model_cfg: GPTOSSConfig, ds_config: dict, world
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config
     )
+    for m in engine.module.modules():  # bf16 DeepSpeed casts buffers; +-rate steps need fp32
+        if isinstance(m, TopKRouter) and m.expert_bias is not None:
+            m.expert_bias = m.expert_bias.float()
     return engine

@@ -8,7 +8,7 @@ rank owning their expert with a differentiable all-to-all over the expert-parall
 ZeRO-3 must then partition each rank's expert slice over the *expert-data-parallel* (EDP) group
 (the ranks holding the same experts), not over all ranks. DeepSpeed 0.19.8 does that for
 parameters tagged with its AutoEP placement attributes. Those are private names, so they live
-here and nowhere else (see ../shared/DESIGN.md §4): leaving out any one of them trains with
+here and nowhere else: leaving out any one of them trains with
 wrong losses and no error, which `tests/train/test_expert_parallel.py` guards against.
 
 Rank layout (DeepSpeed's legacy ordering): EP groups are consecutive ranks ([0,1], [2,3] for
@@ -73,7 +73,7 @@ def create_expert_groups(ep_size: int) -> ExpertGroups:
 
 def tag_expert_parameters(module: nn.Module, groups: ExpertGroups) -> None:
     """Mark parameters so ZeRO-3 partitions them over the EDP group and never all-reduces them
-    over the full data-parallel group. All five attributes are required (DESIGN.md §4)."""
+    over the full data-parallel group. All five attributes are required (see the module docstring)."""
     for p in module.parameters():
         p.allreduce = False
         p.group_name = groups.name

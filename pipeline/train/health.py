@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 from collections import deque
 from dataclasses import dataclass
 
@@ -152,12 +153,12 @@ class FaultInjection:
     def active(self, step: int, kind: str) -> bool:
         return any(k == kind and step in steps for k, steps in self.faults)
 
-    def inject(self, step: int, parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """The loss parts (a NamedTuple) this rank reports at `step`: NaN for `loss`, x1000 for `spike`."""
-        if self.active(step, "loss"):
-            return type(parts)(*(poison(t) for t in parts))
-        if self.active(step, "spike"):
-            return type(parts)(*(t * 1000.0 for t in parts))
+    def inject(self, step: int, parts: tuple) -> tuple:
+        """The loss parts (a NamedTuple) this rank reports at `step`: each loss tensor NaN for `loss`,
+        x1000 for `spike` (statistics beside them are left alone)."""
+        for kind, change in (("loss", poison), ("spike", lambda t: t * 1000.0)):
+            if self.active(step, kind):
+                return type(parts)(*(change(t) if isinstance(t, torch.Tensor) else t for t in parts))
         return parts
 
 
@@ -182,3 +183,23 @@ def local_params_finite(engine) -> bool:
             break
     dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return not bool(bad.item())
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (SLURM preemption, `scancel`, `--signal=USR1@120`) -> stop after the current
+    step with a checkpoint. Ranks receive the signal at different moments, so `agreed()` all-reduces
+    the flag (MAX) once per step: every rank stops after the same step and the save cannot deadlock."""
+
+    def __init__(self, device: torch.device):
+        self.received: str | None = None
+        self.device = device
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1 if self.received else 0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())

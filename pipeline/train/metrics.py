@@ -1,4 +1,5 @@
-"""What a user watches: one console line per log interval, TensorBoard and W&B (rank 0).
+"""What a user watches: one console line per log interval, TensorBoard and W&B (rank 0), and the
+aggregation that feeds them: a step's typed result, its means over ranks and steps, throughput and MFU.
 
 DeepSpeed's own "tensorboard" config section logs only the learning rate, never the loss, so the
 trainer computes and writes everything here. Scalars are grouped by tag prefix so TensorBoard
@@ -8,11 +9,14 @@ section `wandb`, see WandbConfig) receives the same scalars and expert-load hist
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import string
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -20,17 +24,67 @@ import torch
 
 from pipeline.errors import ConfigError
 from pipeline.io_utils import atomic_write_text
+from pipeline.model.flops import model_flops_utilization
 from pipeline.train.config import WandbConfig
 
-# Dense bf16 peak per GPU, for MFU. Users on other parts set train.peak_tflops.
-PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+LOSS_KEYS = ("loss/total", "loss/lm", "loss/aux", "moe/load_balance_loss", "moe/z_loss")
 
 
-def detect_peak_tflops() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_TFLOPS_BF16.items() if k in name), None)
+@dataclass
+class StepResult:
+    """One optimizer step, as `Trainer.train_step` returns it. Tensors stay on the device and are
+    read once per log interval (an .item() per micro-batch would stall the GPU)."""
+
+    losses: torch.Tensor
+    """[len(LOSS_KEYS)] float64: this rank's means over the step's micro-batches."""
+    tokens_per_expert_LE: torch.Tensor
+    """[MoE layers, experts] float64: routed slots summed over the step's micro-batches."""
+    lr: float
+    grad_norm: float
+    loss: float
+    """The loss every rank agreed on (mean over ranks) for the health checks."""
+    skipped: str | None
+    """Why the update was skipped, or None if it was applied."""
+
+    @property
+    def healthy(self) -> bool:
+        return self.skipped is None
+
+    def finite_or_none(self) -> dict[str, float | None]:
+        """loss and grad_norm for metrics.jsonl, where JSON has no NaN."""
+        return {k: v if math.isfinite(v) else None for k, v in (("loss", self.loss), ("grad_norm", self.grad_norm))}
+
+
+@dataclass
+class Interval:
+    """A log interval's aggregate over its applied steps and all ranks."""
+
+    losses: dict[str, float]
+    tokens_per_expert_LE: torch.Tensor  # [L, E] summed over steps and ranks
+    lr: float
+    grad_norm: float
+
+
+def aggregate(window: list[StepResult], all_reduce: Callable[[torch.Tensor, bool], torch.Tensor]) -> Interval:
+    """Means of the losses over the window's steps and over ranks, expert loads summed;
+    `all_reduce(t, mean)` reduces over ranks and returns a CPU tensor."""
+    means = all_reduce(torch.stack([w.losses for w in window]).mean(0), True)
+    tokens_LE = torch.stack([w.tokens_per_expert_LE for w in window]).sum(0)
+    if tokens_LE.numel():
+        tokens_LE = all_reduce(tokens_LE, False)
+    return Interval(dict(zip(LOSS_KEYS, means.tolist(), strict=True)), tokens_LE, window[-1].lr, window[-1].grad_norm)
+
+
+def throughput(tokens: int, elapsed: float, flops_per_token: float, world: int,
+               peak_tflops: float | None) -> dict[str, float]:
+    """perf/ scalars of `tokens` processed by `world` ranks in `elapsed` seconds; MFU if the per-rank
+    peak is known."""
+    tokens_per_s = tokens / max(elapsed, 1e-9)
+    values = {"perf/tokens_per_s": tokens_per_s,
+              "perf/model_tflops_per_rank": tokens_per_s * flops_per_token / world / 1e12}
+    if peak_tflops:
+        values["perf/mfu"] = model_flops_utilization(tokens_per_s, flops_per_token, world * peak_tflops * 1e12)
+    return values
 
 
 def memory_stats() -> dict[str, float]:
@@ -162,12 +216,14 @@ class MetricsLogger:
         """Mark where this process began training, for the ETA."""
         self._start_step, self._start = step, time.perf_counter()
 
-    def console(self, step: int, loss: float, lr: float, tokens_per_s: float, extra: str = "") -> None:
+    def console(self, step: int, loss: float, lr: float, tokens_per_s: float, mfu: float | None = None) -> None:
+        """The interval line."""
         if not self.enabled:
             return
         done = step - self._start_step
         per_step = (time.perf_counter() - self._start) / max(1, done)
         eta = format_eta(per_step * (self.total_steps - step))
+        extra = "" if mfu is None else f" | mfu {mfu:.1%}"
         print(
             f"step {step:>6}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | "
             f"{tokens_per_s:,.0f} tok/s{extra} | eta {eta}",

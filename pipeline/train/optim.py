@@ -1,14 +1,13 @@
-"""Pieces every training path shares: parameter groups, the LR schedule and the loss.
+"""Pieces every training path shares: parameter groups, the LR schedule, AdamW (the loss is in loss.py).
 
 The DeepSpeed trainer, the plain-PyTorch `train_model` API, the single-process reference the
 equivalence tests compare against, and the benchmark all call these, so "the same run" means
-the same decay groups, the same learning rate at every step and the same objective.
+the same decay groups and the same learning rate at every step.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -44,22 +43,6 @@ def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
     decay_steps = optim.decay_steps or max(1, total_steps - optim.warmup_steps)
     progress = min(1.0, (step - optim.warmup_steps) / decay_steps)
     return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-class LossParts(NamedTuple):
-    total: torch.Tensor  # lm + router loss: what backward runs on
-    lm: torch.Tensor
-    router: torch.Tensor  # aux (load-balance) + z-loss, already weighted by the model config
-
-
-def compute_loss(model: nn.Module, batch_BT1: torch.Tensor) -> LossParts:
-    """batch [B, T + 1] token ids -> next-token loss on the first T positions.
-
-    return_logits=False: the model computes the loss chunk by chunk and never builds the
-    [B, T, vocab] logits (3.3 GB in fp32 per 4k-token sample at GPT-OSS's vocabulary)."""
-    inputs, targets = batch_BT1[:, :-1], batch_BT1[:, 1:]
-    _, lm_loss, router_loss = model(inputs, targets, return_logits=False)
-    return LossParts(lm_loss + router_loss, lm_loss, router_loss)
 
 
 def make_torch_adamw(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:

@@ -21,9 +21,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.cli import user_errors_exit_2
+from pipeline.errors import ConfigError
 from pipeline.model import create_gpt_oss_20b
 from pipeline.train.config import OptimConfig
-from pipeline.train.optim import compute_loss, lr_at, make_torch_adamw
+from pipeline.train.loss import compute_loss
+from pipeline.train.optim import lr_at, make_torch_adamw
 
 
 def plain_train_step(
@@ -154,26 +157,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@user_errors_exit_2
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not 0 < args.val_fraction < 1:
-        print(f"error: --val-fraction ({args.val_fraction}) must be in (0, 1)", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--val-fraction ({args.val_fraction}) must be in (0, 1)")
     torch.manual_seed(args.seed)
     # Bytes are the tokens (vocabulary 256): no tokenizer to train or download.
     tokens = list(builtin_text(args.max_bytes))
     split = int(len(tokens) * (1 - args.val_fraction))
     train_tokens, val_tokens = tokens[:split], tokens[split:]
     if min(len(train_tokens), len(val_tokens)) <= args.seq_len + 1:
-        print(f"error: --max-bytes ({args.max_bytes}) leaves fewer than --seq-len + 2 ({args.seq_len + 2}) tokens "
-              "for training or validation; raise --max-bytes or lower --seq-len", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--max-bytes ({args.max_bytes}) leaves fewer than --seq-len + 2 ({args.seq_len + 2}) "
+                          "tokens for training or validation; raise --max-bytes or lower --seq-len")
     prompt = list(args.prompt.encode())
     if not prompt or len(prompt) + args.max_new_tokens > args.seq_len:
-        print(f"error: the prompt ({len(prompt)} bytes) + --max-new-tokens ({args.max_new_tokens}) must fit "
-              f"--seq-len ({args.seq_len}), the positions the model is trained on; give a non-empty --prompt",
-              file=sys.stderr)
-        return 2
+        raise ConfigError(f"the prompt ({len(prompt)} bytes) + --max-new-tokens ({args.max_new_tokens}) must fit "
+                          f"--seq-len ({args.seq_len}), the positions the model is trained on; give a non-empty "
+                          "--prompt")
     model = create_gpt_oss_20b(vocab_size=256, max_seq_len=args.seq_len, d_model=args.d_model,
                                num_layers=args.num_layers, num_heads=args.num_heads, dropout=args.dropout)
     n_params = sum(p.numel() for p in model.parameters())

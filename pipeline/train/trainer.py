@@ -12,8 +12,6 @@ resume -> data iterators at the resumed sample position.
 from __future__ import annotations
 
 import json
-import math
-import signal
 import time
 from pathlib import Path
 
@@ -22,86 +20,31 @@ import torch.distributed as dist
 import yaml
 
 from pipeline.config_utils import to_dict
-from pipeline.data import MicroBatchIterator, build_dataset, check_vocab_compatible, load_manifest
-from pipeline.errors import ConfigError
+from pipeline.data import MicroBatchIterator, build_dataset, check_vocab_compatible, source_paths
 from pipeline.evaluation.downstream import DownstreamEvaluator
-from pipeline.flops import flops_per_token
-from pipeline.model import GPTOSSConfig, MoE, get_preset
+from pipeline.hardware import detect_peak_tflops
+from pipeline.model import MoE
 from pipeline.model.flex_attention import resolve_attention_backend
+from pipeline.model.flops import flops_per_token
 from pipeline.train import health
-from pipeline.train.checkpoint import CheckpointManager, read_latest
-from pipeline.train.config import RunConfig, TrainConfig, run_config_to_dict
+from pipeline.train.checkpoint.init_from import WeightsFolder, load_initial_weights
+from pipeline.train.checkpoint.manager import CheckpointManager, read_latest
+from pipeline.train.config import RunConfig, resolve_model_config, run_config_to_dict
 from pipeline.train.ds_config import build_ds_config
 from pipeline.train.engine import build_engine, init_distributed
 from pipeline.train.expert_parallel import check_expert_parallel_size
-from pipeline.train.metrics import MetricsLogger, detect_peak_tflops, expert_load_stats, memory_stats
-from pipeline.train.optim import compute_loss, lr_at
-from pipeline.train.weights import WeightsFolder, load_initial_weights
-
-
-class StopSignal:
-    """SIGTERM / SIGUSR1 (SLURM preemption, `scancel`, `--signal=USR1@120`) -> stop after the current
-    step with a checkpoint. Ranks receive the signal at different moments, so `agreed()` all-reduces
-    the flag (MAX) once per step: every rank stops after the same step and the save cannot deadlock."""
-
-    def __init__(self, device: torch.device):
-        self.received: str | None = None
-        self.device = device
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, _frame) -> None:
-        self.received = signal.Signals(signum).name
-
-    def agreed(self) -> bool:
-        flag = torch.tensor([1 if self.received else 0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-def data_sources(sources: list) -> list[str]:
-    """Directories named by `data.train` / `data.valid` in either form ([dir] or [[w, dir]])."""
-    return [str(s[1]) if isinstance(s, (list, tuple)) else str(s) for s in sources]
-
-
-def resolve_model_config(cfg: RunConfig) -> GPTOSSConfig:
-    """The preset plus overrides; vocabulary and EOS come from the data's tokenizer unless set."""
-    overrides = dict(cfg.model_overrides)
-    manifest = load_manifest(data_sources(cfg.data.train)[0])
-    overrides.setdefault("vocab_size", manifest.vocab_size)
-    overrides.setdefault("eos_token_id", manifest.eos_id)
-    try:
-        model_cfg = get_preset(cfg.model["preset"], **overrides)
-    except TypeError as e:  # an unknown field name
-        raise ConfigError(f"model section: {e}; see GPTOSSConfig for valid fields") from e
-    if cfg.data.seq_len > model_cfg.block_size:
-        raise ConfigError(
-            f"data.seq_len ({cfg.data.seq_len}) exceeds model.block_size ({model_cfg.block_size}); "
-            f"lower data.seq_len or set model.block_size={cfg.data.seq_len}"
-        )
-    return model_cfg
-
-
-def check_global_batch(saved_train: dict, saved_world: int, train: TrainConfig, world: int, where: Path) -> None:
-    """A resume must keep samples per optimizer step (the LR schedule and the data position are in
-    steps and samples) unless train.allow_batch_change says otherwise."""
-    old = int(saved_train["micro_batch_size"]) * int(saved_train["grad_accum_steps"]) * saved_world
-    new = train.micro_batch_size * train.grad_accum_steps * world
-    if old == new or train.allow_batch_change:
-        return
-    per_accum = train.micro_batch_size * world
-    if old % per_accum == 0:
-        fix = f"train.grad_accum_steps={old // per_accum}"
-    elif old % world == 0:
-        fix = f"train.micro_batch_size x train.grad_accum_steps = {old // world}"
-    else:
-        fix = f"a number of ranks that divides {old}"
-    raise ConfigError(
-        f"{where} was trained with a global batch of {old} samples (micro_batch_size x grad_accum_steps x ranks = "
-        f"{saved_train['micro_batch_size']} x {saved_train['grad_accum_steps']} x {saved_world}) but this run has "
-        f"{new} ({train.micro_batch_size} x {train.grad_accum_steps} x {world}); "
-        f"keep it with {fix}, or set train.allow_batch_change=true"
-    )
+from pipeline.train.loss import compute_loss
+from pipeline.train.metrics import (
+    LOSS_KEYS,
+    MetricsLogger,
+    StepResult,
+    aggregate,
+    expert_load_stats,
+    memory_stats,
+    throughput,
+)
+from pipeline.train.optim import lr_at
+from pipeline.train.policy import LoopPolicy
 
 
 class Trainer:
@@ -111,7 +54,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.model_cfg = resolve_model_config(cfg)
         check_vocab_compatible(
-            data_sources(cfg.data.train + (cfg.data.valid or [])), self.model_cfg.vocab_size
+            source_paths(cfg.data.train) + source_paths(cfg.data.valid or []), self.model_cfg.vocab_size
         )
         check_expert_parallel_size(cfg.parallel.expert_parallel_size, self.world, self.model_cfg.n_experts)
         # At start, not at the first forward: e.g. `flex` cannot train on CPU (no backward there).
@@ -119,20 +62,17 @@ class Trainer:
                                   else "cpu"), training=True, dropout=self.model_cfg.dropout)
         self.ds_config = build_ds_config(cfg, self.world)
         # Tasks are checked now (one line, exit 2), before the engine is built or a step is trained.
-        self.downstream = DownstreamEvaluator.for_data(cfg.eval, data_sources(cfg.data.train)[0],
+        self.downstream = DownstreamEvaluator.for_data(cfg.eval, source_paths(cfg.data.train)[0],
                                                        self.model_cfg.block_size, self.rank, self.world)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last)
-        self._check_resume_compatible()
+        self.ckpt.check_resume(self.resolved_model(), cfg.train, self.run_dir)
         init_folder = None
-        if cfg.init_from and read_latest(self.ckpt.dir) is None:
+        if cfg.init_from and self.ckpt.latest() is None:
             init_folder = WeightsFolder(cfg.init_from)
             init_folder.check_matches(self.model_cfg)  # before the (slow) engine build
 
         self.engine = build_engine(cfg, self.model_cfg, self.ds_config, self.world)
         self.moe_layers = [m for m in self.engine.module.modules() if isinstance(m, MoE)]
-        for m in self.moe_layers:  # bf16 DeepSpeed cast buffers; +-rate steps need fp32 (before resume loads them)
-            if m.router.expert_bias is not None:
-                m.router.expert_bias = m.router.expert_bias.float()
         torch.manual_seed(cfg.train.seed + 1000 + self.rank)  # dropout differs per rank
 
         self.step, consumed, self.eval_history = 0, 0, []
@@ -155,10 +95,10 @@ class Trainer:
         self.peak_tflops = t.peak_tflops or detect_peak_tflops()
         self.log = MetricsLogger(self.run_dir, self.rank == 0, cfg.tensorboard, t.steps, wandb=cfg.wandb,
                                  run_config=yaml.safe_load(self.run_files()["config.yaml"]))
-        self.stop = StopSignal(self.engine.device)
+        self.stop = health.StopSignal(self.engine.device)
         self.fault = health.FaultInjection.from_env(self.rank)
         self.spikes = health.SpikeDetector(t.spike_sigma, t.spike_window)
-        self.bad_steps = 0  # consecutive skipped steps
+        self.policy = LoopPolicy(t)
         self.skipped_total = state.get("skipped_steps", 0) if state else 0  # TensorBoard's running count
         self.collapse = health.CollapseMonitor(t.collapse_warn_ratio, t.collapse_warn_intervals, len(self.moe_layers))
         self.bias_rate = self.model_cfg.load_balance_bias_rate
@@ -166,7 +106,7 @@ class Trainer:
         if init_folder is not None:
             self.log.message(f"initialised {n} tensors from {init_folder.path} (model.init_from)")
         if state is not None:
-            where = self.ckpt.dir / read_latest(self.ckpt.dir)
+            where = self.ckpt.latest()
             self.log.message(f"resumed from {where} at step {self.step}"
                              + ("" if state["same_shape"] else
                                 f" (written by {state.get('world_size')} ranks, ep "
@@ -175,11 +115,15 @@ class Trainer:
                 self.log.message(f"model.init_from={cfg.init_from} ignored: the run dir has a checkpoint")
 
     # --- set-up helpers -----------------------------------------------------------------------
-    def run_files(self) -> dict[str, str]:
-        resolved = run_config_to_dict(self.cfg)
-        resolved["model"] = {"preset": self.cfg.model["preset"], **to_dict(self.model_cfg)}
+    def resolved_model(self) -> dict:
+        """The model section as saved with every checkpoint: preset, every field, init_from."""
+        model = {"preset": self.cfg.model["preset"], **to_dict(self.model_cfg)}
         if self.cfg.init_from:
-            resolved["model"]["init_from"] = self.cfg.init_from
+            model["init_from"] = self.cfg.init_from
+        return model
+
+    def run_files(self) -> dict[str, str]:
+        resolved = {**run_config_to_dict(self.cfg), "model": self.resolved_model()}
         return {
             "config.yaml": yaml.safe_dump(resolved, sort_keys=False),
             "ds_config.json": json.dumps(self.ds_config, indent=2),
@@ -192,28 +136,9 @@ class Trainer:
         for name, text in self.run_files().items():
             (self.run_dir / name).write_text(text)
 
-    def _check_resume_compatible(self) -> None:
-        """A run dir with checkpoints of a different model must not be resumed into."""
-        tag = read_latest(self.ckpt.dir)
-        if tag is None:
-            return
-        saved_cfg = yaml.safe_load((self.ckpt.dir / tag / "config.yaml").read_text())
-        saved = {k: v for k, v in saved_cfg["model"].items() if k != "init_from"}
-        current = {"preset": self.cfg.model["preset"], **to_dict(self.model_cfg)}
-        # A field added to GPTOSSConfig after the checkpoint was written reads as its default there.
-        defaults = to_dict(GPTOSSConfig())
-        diff = sorted(k for k in set(saved) | set(current) if saved.get(k, defaults.get(k)) != current.get(k))
-        if diff:
-            raise ConfigError(
-                f"{self.run_dir} holds checkpoints of a different model (fields differ: {', '.join(diff)}); "
-                "use a new run_dir, or the same model settings to resume"
-            )
-        written_by = json.loads((self.ckpt.dir / tag / "trainer_state.json").read_text())["world_size"]
-        check_global_batch(saved_cfg["train"], written_by, self.cfg.train, self.world, self.ckpt.dir / tag)
-
     # --- training -----------------------------------------------------------------------------
-    def train_step(self) -> dict:
-        """One optimizer step over grad_accum_steps micro-batches; returns detached sums.
+    def train_step(self) -> StepResult:
+        """One optimizer step over grad_accum_steps micro-batches.
 
         Before the last backward every rank agrees (`health.agree`) whether the step is healthy; if
         not, that backward is poisoned and DeepSpeed skips the update on every rank (health.py).
@@ -225,7 +150,7 @@ class Trainer:
         # layer here would stall the GPU pipeline dozens of times per micro-batch.
         device = self.engine.device
         gas, step = self.cfg.train.grad_accum_steps, self.step + 1
-        sums = torch.zeros(5, dtype=torch.float64, device=device)  # total, lm, router, load-balance, z
+        sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=device)
         tokens_LE = torch.zeros(len(self.moe_layers), self.model_cfg.n_experts, dtype=torch.float64, device=device)
         skipped_before = health.skipped_steps(self.engine)
         verdict = None
@@ -240,11 +165,10 @@ class Trainer:
                     loss = health.poison(loss)
             self.engine.backward(loss)
             self.engine.step()
-            if self.moe_layers:
-                stats = [m.last_stats for m in self.moe_layers]
-                sums[3] += torch.stack([st.load_balance_loss for st in stats]).double().mean()
-                sums[4] += torch.stack([st.z_loss for st in stats]).double().mean()
-                tokens_LE += torch.stack([st.tokens_per_expert for st in stats]).double()
+            if parts.router_stats is not None:
+                sums[3] += parts.router_stats.load_balance_loss_L.double().mean()
+                sums[4] += parts.router_stats.z_loss_L.double().mean()
+                tokens_LE += parts.router_stats.tokens_per_expert_LE.double()
         sums /= gas
         skipped = verdict.reason
         if health.skipped_steps(self.engine) == skipped_before:
@@ -254,14 +178,9 @@ class Trainer:
         elif not skipped:
             skipped = "non-finite gradient norm"
         grad_norm = self.engine.get_global_grad_norm()
-        return {
-            "sums": sums,
-            "tokens_per_expert": tokens_LE,
-            "lr": lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "loss": verdict.loss,
-            "skipped": skipped,
-        }
+        return StepResult(losses=sums, tokens_per_expert_LE=tokens_LE, lr=lr,
+                          grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                          loss=verdict.loss, skipped=skipped)
 
     def _all_reduce(self, t: torch.Tensor, mean: bool) -> torch.Tensor:
         """Sum (or mean) over ranks of a small tensor, returned on the CPU; reduced on the engine's
@@ -311,32 +230,19 @@ class Trainer:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def _log_interval(self, window: list[dict], elapsed: float, steps: int) -> None:
-        sums = self._all_reduce(torch.stack([w["sums"] for w in window]).mean(0), mean=True)
-        total, lm, router, lb, z = sums.tolist()
-        tokens_LE = torch.stack([w["tokens_per_expert"] for w in window]).sum(0)
-        if tokens_LE.numel():
-            tokens_LE = self._all_reduce(tokens_LE, mean=False)
-        last = window[-1]
-        tokens_per_s = self.tokens_per_step * steps / max(elapsed, 1e-9)  # skipped steps read data too
-        tflops = tokens_per_s * self.flops_per_token / self.world / 1e12
+    def _log_interval(self, window: list[StepResult], elapsed: float, steps: int) -> None:
+        interval = aggregate(window, self._all_reduce)
+        tokens_LE = interval.tokens_per_expert_LE
+        # skipped steps read data too: `steps` counts them
+        perf = throughput(self.tokens_per_step * steps, elapsed, self.flops_per_token, self.world, self.peak_tflops)
         values = {
-            "loss/total": total,
-            "loss/lm": lm,
-            "loss/aux": router,
-            "moe/load_balance_loss": lb,
-            "moe/z_loss": z,
-            "optim/lr": last["lr"],
-            "optim/grad_norm": last["grad_norm"],
-            "perf/tokens_per_s": tokens_per_s,
-            "perf/model_tflops_per_rank": tflops,
+            **interval.losses,
+            "optim/lr": interval.lr,
+            "optim/grad_norm": interval.grad_norm,
+            **perf,
             "perf/consumed_samples": self.train_iter.consumed_samples,
             **memory_stats(),
         }
-        extra = ""
-        if self.peak_tflops:
-            values["perf/mfu"] = tflops / self.peak_tflops
-            extra = f" | mfu {values['perf/mfu']:.1%}"
         if tokens_LE.numel():
             values.update(expert_load_stats(tokens_LE))
             self.log.expert_counts(self.step, tokens_LE)
@@ -347,7 +253,7 @@ class Trainer:
             values[f"moe/expert_bias_absmax/layer_{layer}"] = float(bias.abs().max())
         values["train/skipped_steps"] = self.skipped_total
         self.log.scalars(self.step, values)
-        self.log.console(self.step, lm, last["lr"], tokens_per_s, extra)
+        self.log.console(self.step, values["loss/lm"], interval.lr, perf["perf/tokens_per_s"], perf.get("perf/mfu"))
         record = {"step": self.step, **values}
         if tokens_LE.numel():
             record["moe/tokens_per_expert"] = tokens_LE.long().tolist()  # [layer][expert]
@@ -367,71 +273,62 @@ class Trainer:
         )
         self.log.start(self.step)
         window, window_steps, tick = [], 0, time.perf_counter()
-        evaluated = saved = False
-        save_due = False
         while self.step < t.steps:
             out = self.train_step()
             self.step += 1
             window_steps += 1
-            evaluated = saved = False
-            healthy = out["skipped"] is None
-            if healthy:
-                self.bad_steps = 0
-                self.spikes.accept(out["loss"])
-                self._update_router_bias(out["tokens_per_expert"])
+            todo = self.policy.after_step(self.step, out.healthy)
+            if out.healthy:
+                self.spikes.accept(out.loss)
+                self._update_router_bias(out.tokens_per_expert_LE)
                 window.append(out)
             else:
                 self._record_skip(out)
-            if (self.step % t.log_interval == 0 or self.step == t.steps) and window:
+            if todo.log and window:
                 self._log_interval(window, time.perf_counter() - tick, window_steps)
                 window, window_steps, tick = [], 0, time.perf_counter()
-            if t.eval_interval and self.step % t.eval_interval == 0:
+            if todo.evaluate:
                 self.evaluate()
-                evaluated = True
+                self.policy.done(evaluated=True)
             if self.downstream is not None:
                 self.downstream.maybe_run(self.step, t.steps, self.engine, self.log, self._append_metrics, self.run_dir)
-            save_due = save_due or bool(t.save_interval and self.step % t.save_interval == 0)
-            if save_due and healthy:
-                saved = self.save_if_finite()
-                save_due = False
+            if todo.save:
+                self.policy.done(saved=self.save_if_finite())
             if self.stop.agreed():
-                if not saved and healthy:
+                if self.policy.save_on_stop():
                     self.save_if_finite()
                 self.log.message(f"stopped at step {self.step} on {self.stop.received or 'a signal to another rank'}; "
                                  "run the same command again to resume")
                 self.log.flush()
                 return
-        if not evaluated:
+        end = self.policy.at_end()
+        if end.evaluate:
             self.evaluate()
-        if not saved and self.bad_steps == 0:
+        if end.save:
             self.save_if_finite()
-        elif not saved:
+        elif not self.policy.saved:
             self.log.message(f"no checkpoint at the last step {self.step}: it was skipped; "
                              f"the newest good one is {read_latest(self.ckpt.dir)}")
         self.log.flush()
 
     # --- step health ----------------------------------------------------------------------------
-    def _record_skip(self, out: dict) -> None:
+    def _record_skip(self, out: StepResult) -> None:
         """Console line, TensorBoard train/skipped_steps and a metrics.jsonl record per skipped step;
         raises TrainingDiverged after train.max_bad_steps in a row."""
-        self.bad_steps += 1
+        bad = self.policy.bad_steps
         self.skipped_total += 1
-        self.log.message(f"skipped step {self.step}: {out['skipped']} (loss {out['loss']:.4g}, grad norm "
-                         f"{out['grad_norm']:.4g}); weights and optimizer state unchanged, "
-                         f"{self.bad_steps} in a row")
+        self.log.message(f"skipped step {self.step}: {out.skipped} (loss {out.loss:.4g}, grad norm "
+                         f"{out.grad_norm:.4g}); weights and optimizer state unchanged, {bad} in a row")
         self.log.scalars(self.step, {"train/skipped_steps": self.skipped_total})
-        finite_or_none = {k: v if math.isfinite(v) else None for k, v in (("loss", out["loss"]),
-                                                                             ("grad_norm", out["grad_norm"]))}
-        self._append_metrics({"step": self.step, "skipped": out["skipped"], **finite_or_none,
-                              "consecutive_skips": self.bad_steps,
-                              "train/skipped_steps": self.skipped_total})
-        if self.bad_steps >= self.cfg.train.max_bad_steps:
-            last = read_latest(self.ckpt.dir)
-            good = f"last good checkpoint: {self.ckpt.dir / last}" if last else "no checkpoint was written yet"
+        self._append_metrics({"step": self.step, "skipped": out.skipped, **out.finite_or_none(),
+                              "consecutive_skips": bad, "train/skipped_steps": self.skipped_total})
+        if self.policy.diverged:
+            last = self.ckpt.latest()
+            good = f"last good checkpoint: {last}" if last else "no checkpoint was written yet"
             self.log.flush()
             raise health.TrainingDiverged(
-                f"training stopped at step {self.step}: {self.bad_steps} consecutive steps skipped "
-                f"(train.max_bad_steps={self.cfg.train.max_bad_steps}; last: {out['skipped']}); {good}. "
+                f"training stopped at step {self.step}: {bad} consecutive steps skipped "
+                f"(train.max_bad_steps={self.cfg.train.max_bad_steps}; last: {out.skipped}); {good}. "
                 "Lower optim.lr or raise optim.warmup_steps, then resume from that checkpoint"
             )
 

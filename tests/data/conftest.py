@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data.cli import main as prepare_main
 from pipeline.data.tokenizer import train_sentencepiece
+from pipeline.prepare import main as prepare_main
 
 
 def _stdlib_snippets(n: int, rng: random.Random) -> list[str]:

@@ -14,9 +14,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.flops import active_matmul_params, flops_per_token, mean_keys_per_query, model_flops_utilization
 from pipeline.model import GPTOSS, GroupedExperts, count_parameters, get_preset, list_presets
 from pipeline.model.attention import attention_mask
+from pipeline.model.flops import active_matmul_params, flops_per_token, mean_keys_per_query, model_flops_utilization
 from pipeline.plan import main
 from pipeline.planning import ZeroSettings, model_param_tensors, rank_elements, state_memory
 from pipeline.planning.zero import DS_DEFAULTS

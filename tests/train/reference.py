@@ -7,10 +7,9 @@ import torch
 
 from pipeline.data import MicroBatchIterator, build_dataset
 from pipeline.model import GPTOSS, MoE
-from pipeline.train.config import load_run_config
+from pipeline.train.config import load_run_config, resolve_model_config
 from pipeline.train.optim import lr_at, make_torch_adamw
 from pipeline.train.simple import plain_train_step
-from pipeline.train.trainer import resolve_model_config
 
 
 def reference_run(config_path, world: int, overrides: list[str] = ()) -> tuple[dict[int, dict], GPTOSS]:

@@ -18,24 +18,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from pipeline.config_utils import from_dict
 from pipeline.errors import CheckpointError, ConfigError
-from pipeline.export import NATIVE_FORMAT
 from pipeline.model import GPTOSSConfig
-from pipeline.model.hf_convert import _KEY_TABLE, _rename, config_from_hf
+from pipeline.model.config import architecture, differing_fields
+from pipeline.model.hf import key_to_hf, read_folder_config
 from pipeline.model.mxfp4 import dequantize_mxfp4
-from pipeline.train.universal_ckpt import entries
-from pipeline.train.zero_state import set_full_state
-
-# Fields that decide the weights' shapes or meaning; training-only settings (dropout, loss weights,
-# context length, init) may differ from the folder's.
-ARCHITECTURE_FIELDS = (
-    "vocab_size", "n_layer", "n_head", "kv_heads", "n_embd", "head_size", "n_experts", "top_k", "expert_hidden",
-    "num_moe_layers", "tie_word_embeddings", "attention_bias", "router_bias", "expert_bias", "bias",
-    "use_rms_norm", "norm_eps", "use_swiglu", "gpt_oss_swiglu", "swiglu_limit", "swiglu_alpha",
-    "use_attention_sinks", "sliding_window", "resolved_layer_types", "position_embedding", "rope_theta",
-    "rope_scaling",
-)
+from pipeline.train.checkpoint.format import entries
+from pipeline.train.checkpoint.zero_state import set_full_state
 
 
 class WeightsFolder:
@@ -43,19 +32,10 @@ class WeightsFolder:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        config_path = self.path / "config.json"
-        if not config_path.is_file():
-            raise ConfigError(f"model.init_from: {config_path} does not exist; point model.init_from at a "
-                              "transformers GPT-OSS folder or a `python -m pipeline.export` output")
-        raw = json.loads(config_path.read_text())
-        self.native = raw.get("format") == NATIVE_FORMAT
-        try:  # config_from_hf also refuses quantizations other than MXFP4
-            if self.native:
-                self.config = from_dict(GPTOSSConfig, {k: v for k, v in raw.items() if k != "format"})
-            else:
-                self.config = config_from_hf(raw)
+        try:
+            self.config, self.native = read_folder_config(self.path)
         except ConfigError as e:
-            raise ConfigError(f"model.init_from: {config_path}: {e}") from None
+            raise ConfigError(f"model.init_from: {e}") from None
         self.key_file = self._index()
 
     def _index(self) -> dict[str, Path]:
@@ -80,17 +60,18 @@ class WeightsFolder:
 
     def check_matches(self, model_cfg: GPTOSSConfig) -> None:
         """ConfigError naming the first architecture field where the run's model differs."""
-        for name in ARCHITECTURE_FIELDS:
-            ours, theirs = getattr(model_cfg, name), getattr(self.config, name)
-            if ours != theirs:
-                key = {"kv_heads": "n_kv_head", "head_size": "head_dim", "expert_hidden": "intermediate_size",
-                       "resolved_layer_types": "layer_types", "num_moe_layers": "moe_layers"}.get(name, name)
-                raise ConfigError(f"model.init_from: {self.path} has {name}={theirs!r} but the run's model has "
-                                  f"{ours!r}; set model.{key} to match, or use another preset")
+        diff = differing_fields(architecture(self.config), architecture(model_cfg))
+        if diff:
+            name = diff[0]
+            key = {"kv_heads": "n_kv_head", "head_size": "head_dim", "expert_hidden": "intermediate_size",
+                   "resolved_layer_types": "layer_types", "num_moe_layers": "moe_layers"}.get(name, name)
+            theirs, ours = getattr(self.config, name), getattr(model_cfg, name)
+            raise ConfigError(f"model.init_from: {self.path} has {name}={theirs!r} but the run's model has "
+                              f"{ours!r}; set model.{key} to match, or use another preset")
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Our parameter `name` (plain-model naming), or only rows [first, last) of an expert tensor."""
-        key = name if self.native else _rename(name, _KEY_TABLE)
+        key = name if self.native else key_to_hf(name)
         if key in self.key_file:
             with self._open(self.key_file[key]) as f:
                 sl = f.get_slice(key)

@@ -153,3 +153,30 @@ def test_incompatible_configs_are_refused_with_reasons(tmp_path):
     quantized["quantization_config"] = {"quant_method": "bitsandbytes"}
     with pytest.raises(ConfigError, match="quantized .bitsandbytes.; only unquantized and MXFP4"):
         config_from_hf(quantized)
+
+
+@pytest.mark.parametrize("n_layer", [1, 2])
+def test_aux_loss_coefficient_crosses_on_transformers_scale(n_layer):
+    """After conversion our weighted load-balancing term equals transformers' on the same batch: for
+    one MoE layer exactly; for several it equals the mean of transformers' term per layer, the one
+    difference left being that transformers pools all layers' router statistics before the product."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import load_balancing_loss_func
+
+    torch.manual_seed(0)
+    cfg = tiny_gpt_oss(n_layer=n_layer, layer_types=["full_attention"] * n_layer, aux_loss_weight=0.02,
+                       router_z_loss_weight=0.0)
+    ours = randomize_(GPTOSS(cfg)).eval()
+    hf_cfg = config_to_hf(cfg)
+    assert hf_cfg.router_aux_loss_coef == pytest.approx(0.02 / cfg.top_k)
+    assert config_from_hf(hf_cfg).aux_loss_weight == pytest.approx(0.02)
+    hf = GptOssForCausalLM._from_config(hf_cfg, attn_implementation="eager").eval()
+    hf.load_state_dict(state_dict_to_hf(ours.state_dict(), cfg))
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        _, _, aux = ours(x, x)
+        out = hf(x, labels=x, output_router_logits=True)
+    per_layer = [load_balancing_loss_func((logits,), cfg.n_experts, cfg.top_k) for logits in out.router_logits]
+    theirs = hf_cfg.router_aux_loss_coef * torch.stack(per_layer).mean()
+    torch.testing.assert_close(aux, theirs, rtol=1e-5, atol=0)
+    if n_layer == 1:
+        torch.testing.assert_close(aux, hf_cfg.router_aux_loss_coef * out.aux_loss, rtol=1e-5, atol=0)

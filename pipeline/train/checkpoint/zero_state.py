@@ -22,10 +22,6 @@ import torch.distributed as dist
 OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
-def zero_stage(engine) -> int:
-    return int(engine.zero_optimization_stage())
-
-
 def inner_optimizer(engine) -> torch.optim.Optimizer:
     """The torch optimizer over DeepSpeed's flat fp32 partitions."""
     return engine.optimizer.optimizer
@@ -52,7 +48,7 @@ def set_full_state(param: torch.nn.Parameter, full: torch.Tensor, key: str | Non
         opt = param._z3_optimizer
         group, offset, numel = opt.grad_position[opt.get_param_id(param)]
         if opt._swappable_optimizer_subgroup(group):
-            raise NotImplementedError("loading moveable checkpoints with NVMe optimizer offload is not supported")
+            raise NotImplementedError("loading reshardable checkpoints with NVMe optimizer offload is not supported")
         flat = opt.fp32_partitioned_groups_flat[group]
         target = (flat if key is None else opt.optimizer.state[flat][key]).narrow(0, offset, numel)
         rank = dist.get_rank(group=opt._get_param_partition_group(param))

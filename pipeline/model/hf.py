@@ -1,4 +1,8 @@
-"""Conversion between our GPTOSS and transformers' GptOssForCausalLM (config, state dict, folders).
+"""Conversion between our GPTOSS and transformers' GptOssForCausalLM (config, state dict, folders),
+and the one reader of a weights folder's config.json (export, `model.init_from`, `GPTOSS.from_hf`).
+
+This module never imports the model class: `GPTOSS.from_hf` / `save_hf` pass themselves in, so
+the model package has no import circle.
 
 Our parameter layouts were chosen to equal transformers' (nn.Linear [out, in]; experts input-major
 `gate_up_proj` [E, D, 2F] with gate/up interleaved, `down_proj` [E, F, D]), so conversion is a
@@ -15,53 +19,82 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.config_utils import from_dict
 from pipeline.errors import ConfigError
 from pipeline.model.config import GPTOSSConfig, YaRNScaling
-from pipeline.model.gpt_oss import GPTOSS
 from pipeline.model.mxfp4 import dequantize_mxfp4
 
-# (pattern, template) pairs in each direction; {i} is the block index, {rest} the leaf name.
-_KEY_TABLE = [
-    (r"embed_tokens\.weight", "model.embed_tokens.weight"),
-    (r"norm\.weight", "model.norm.weight"),
-    (r"lm_head\.weight", "lm_head.weight"),
-    (r"blocks\.(\d+)\.attn_norm\.weight", "model.layers.{i}.input_layernorm.weight"),
-    (r"blocks\.(\d+)\.ffn_norm\.weight", "model.layers.{i}.post_attention_layernorm.weight"),
-    (r"blocks\.(\d+)\.attn\.([qkvo]_proj)\.(weight|bias)", "model.layers.{i}.self_attn.{rest}"),
-    (r"blocks\.(\d+)\.attn\.(sinks)", "model.layers.{i}.self_attn.{rest}"),
-    (r"blocks\.(\d+)\.ffn\.router\.gate\.(weight|bias)", "model.layers.{i}.mlp.router.{rest}"),
-    (
-        r"blocks\.(\d+)\.ffn\.experts\.((?:gate_up|down)_proj(?:_bias)?)",
-        "model.layers.{i}.mlp.experts.{rest}",
-    ),
-]
-_HF_TO_OURS_TABLE = [
-    (r"model\.embed_tokens\.weight", "embed_tokens.weight"),
-    (r"model\.norm\.weight", "norm.weight"),
-    (r"lm_head\.weight", "lm_head.weight"),
-    (r"model\.layers\.(\d+)\.input_layernorm\.weight", "blocks.{i}.attn_norm.weight"),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blocks.{i}.ffn_norm.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.([qkvo]_proj)\.(weight|bias)", "blocks.{i}.attn.{rest}"),
-    (r"model\.layers\.(\d+)\.self_attn\.(sinks)", "blocks.{i}.attn.{rest}"),
-    (r"model\.layers\.(\d+)\.mlp\.router\.(weight|bias)", "blocks.{i}.ffn.router.gate.{rest}"),
-    (
-        r"model\.layers\.(\d+)\.mlp\.experts\.((?:gate_up|down)_proj(?:_bias)?)",
-        "blocks.{i}.ffn.experts.{rest}",
-    ),
+# config.json "format" of `python -m pipeline.export`'s own output (models transformers cannot represent).
+NATIVE_FORMAT = "gpt-oss-pipeline/native-state-dict"
+
+# The one key map, ours <-> transformers'. `{i}` is the block index; `{leaf}` matches the regex
+# beside it and is copied as is. The inverse is the same table read right to left.
+_KEY_MAP = [
+    ("embed_tokens.weight", "model.embed_tokens.weight", None),
+    ("norm.weight", "model.norm.weight", None),
+    ("lm_head.weight", "lm_head.weight", None),
+    ("blocks.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight", None),
+    ("blocks.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight", None),
+    ("blocks.{i}.attn.{leaf}", "model.layers.{i}.self_attn.{leaf}", r"[qkvo]_proj\.(?:weight|bias)|sinks"),
+    ("blocks.{i}.ffn.router.gate.{leaf}", "model.layers.{i}.mlp.router.{leaf}", r"weight|bias"),
+    ("blocks.{i}.ffn.experts.{leaf}", "model.layers.{i}.mlp.experts.{leaf}", r"(?:gate_up|down)_proj(?:_bias)?"),
 ]
 
 
-def _rename(name: str, table: list[tuple[str, str]]) -> str:
+def _compile(template: str, leaf: str | None) -> re.Pattern:
+    pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)")
+    return re.compile(pattern.replace(r"\{leaf\}", f"(?P<leaf>{leaf})") if leaf else pattern)
+
+
+_TO_HF = [(_compile(ours, leaf), hf) for ours, hf, leaf in _KEY_MAP]
+_FROM_HF = [(_compile(hf, leaf), ours) for ours, hf, leaf in _KEY_MAP]
+
+
+def _rename(name: str, table: list[tuple[re.Pattern, str]]) -> str:
     for pattern, template in table:
-        m = re.fullmatch(pattern, name)
+        m = pattern.fullmatch(name)
         if m:
-            groups = m.groups()
-            rest = ".".join(g for g in groups[1:] if g is not None)
-            return template.format(i=groups[0] if groups else "", rest=rest)
+            return template.format(**m.groupdict())
     raise KeyError(name)
 
 
+def key_to_hf(name: str) -> str:
+    """Our parameter name (plain, non-expert-parallel model) -> transformers' GptOss key."""
+    return _rename(name, _TO_HF)
+
+
+def key_from_hf(name: str) -> str:
+    """transformers' GptOss key -> our parameter name; KeyError for a key we do not know."""
+    return _rename(name, _FROM_HF)
+
+
 # --- configs -------------------------------------------------------------------------------------
+# Fields copied as they are, both ways: (our field, the property that resolves it, transformers' name).
+_CONFIG_MAP = [
+    ("vocab_size", "vocab_size", "vocab_size"),
+    ("block_size", "block_size", "max_position_embeddings"),
+    ("n_layer", "n_layer", "num_hidden_layers"),
+    ("n_head", "n_head", "num_attention_heads"),
+    ("n_kv_head", "kv_heads", "num_key_value_heads"),
+    ("n_embd", "n_embd", "hidden_size"),
+    ("head_dim", "head_size", "head_dim"),
+    ("n_experts", "n_experts", "num_local_experts"),
+    ("top_k", "top_k", "num_experts_per_tok"),
+    ("intermediate_size", "expert_hidden", "intermediate_size"),
+    ("sliding_window", "sliding_window", "sliding_window"),
+    ("norm_eps", "norm_eps", "rms_norm_eps"),
+    ("attention_bias", "attention_bias", "attention_bias"),
+    ("swiglu_alpha", "swiglu_alpha", "swiglu_alpha"),
+    ("swiglu_limit", "swiglu_limit", "swiglu_limit"),
+    ("tie_word_embeddings", "tie_word_embeddings", "tie_word_embeddings"),
+    ("init_std", "init_std", "initializer_range"),
+    ("pad_token_id", "pad_token_id", "pad_token_id"),
+]
+# What every transformers GptOss is (hf_incompatibilities refuses the rest on the way out).
+_GPT_OSS_FIXED = dict(
+    moe_layers=None, capacity_factor=None, router_bias=True, expert_bias=True, bias=True, use_rms_norm=True,
+    use_swiglu=True, gpt_oss_swiglu=True, use_attention_sinks=True, position_embedding="rope",
+)
 def hf_incompatibilities(config: GPTOSSConfig) -> list[str]:
     """Settings transformers' GptOss cannot represent (empty list = convertible)."""
     problems = []
@@ -90,6 +123,19 @@ def _check_convertible(config: GPTOSSConfig) -> None:
         )
 
 
+def aux_coef_to_hf(aux_loss_weight: float, top_k: int) -> float:
+    """transformers' `router_aux_loss_coef` giving the same balancing pressure as our weight: its
+    load-balancing term is k times ours (moe.py, RouterOutput.load_balance_loss), so its coefficient
+    is ours / k. What stays different: transformers pools the router statistics of all layers
+    before the product, we average the per-layer products (equal for one MoE layer)."""
+    return aux_loss_weight / top_k
+
+
+def aux_coef_from_hf(router_aux_loss_coef: float, top_k: int) -> float:
+    """Our `aux_loss_weight` for transformers' `router_aux_loss_coef` (the inverse of aux_coef_to_hf)."""
+    return router_aux_loss_coef * top_k
+
+
 def config_to_hf(config: GPTOSSConfig):
     """transformers `GptOssConfig` equal to `config` (ConfigError if not representable)."""
     from transformers import GptOssConfig
@@ -110,28 +156,11 @@ def config_to_hf(config: GPTOSSConfig):
         if s.attention_factor is not None:
             rope["attention_factor"] = s.attention_factor
     return GptOssConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.n_embd,
-        intermediate_size=config.expert_hidden,
-        num_hidden_layers=config.n_layer,
-        num_attention_heads=config.n_head,
-        num_key_value_heads=config.kv_heads,
-        head_dim=config.head_size,
-        num_local_experts=config.n_experts,
-        num_experts_per_tok=config.top_k,
-        sliding_window=config.sliding_window,
+        **{theirs: getattr(config, resolved) for _, resolved, theirs in _CONFIG_MAP},
         layer_types=config.resolved_layer_types,
-        max_position_embeddings=config.block_size,
-        rms_norm_eps=config.norm_eps,
         rope_parameters=rope,
-        attention_bias=config.attention_bias,
         attention_dropout=config.dropout,
-        swiglu_alpha=config.swiglu_alpha,
-        swiglu_limit=config.swiglu_limit,
-        router_aux_loss_coef=config.aux_loss_weight,
-        tie_word_embeddings=config.tie_word_embeddings,
-        initializer_range=config.init_std,
-        pad_token_id=config.pad_token_id,
+        router_aux_loss_coef=aux_coef_to_hf(config.aux_loss_weight, config.top_k),
         eos_token_id=config.eos_token_id,
     )
 
@@ -171,39 +200,13 @@ def config_from_hf(hf_config) -> GPTOSSConfig:
         raise ConfigError(f"rope_type {rope.get('rope_type')!r} is not supported (use 'default' or 'yarn')")
     eos = hf_config.eos_token_id
     return GPTOSSConfig(
-        vocab_size=hf_config.vocab_size,
-        block_size=hf_config.max_position_embeddings,
-        n_layer=hf_config.num_hidden_layers,
-        n_head=hf_config.num_attention_heads,
-        n_kv_head=hf_config.num_key_value_heads,
-        n_embd=hf_config.hidden_size,
-        head_dim=hf_config.head_dim,
-        n_experts=hf_config.num_local_experts,
-        top_k=hf_config.num_experts_per_tok,
-        moe_layers=None,
-        capacity_factor=None,
-        intermediate_size=hf_config.intermediate_size,
-        aux_loss_weight=hf_config.router_aux_loss_coef,
-        router_bias=True,
-        expert_bias=True,
+        **{ours: getattr(hf_config, theirs) for ours, _, theirs in _CONFIG_MAP},
+        **_GPT_OSS_FIXED,
+        aux_loss_weight=aux_coef_from_hf(hf_config.router_aux_loss_coef, hf_config.num_experts_per_tok),
         dropout=float(hf_config.attention_dropout),
-        bias=True,
-        attention_bias=hf_config.attention_bias,
-        use_rms_norm=True,
-        norm_eps=hf_config.rms_norm_eps,
-        use_swiglu=True,
-        gpt_oss_swiglu=True,
-        swiglu_limit=hf_config.swiglu_limit,
-        swiglu_alpha=hf_config.swiglu_alpha,
-        sliding_window=hf_config.sliding_window,
         layer_types=list(hf_config.layer_types),
-        use_attention_sinks=True,
-        position_embedding="rope",
         rope_theta=rope["rope_theta"],
         rope_scaling=scaling,
-        tie_word_embeddings=hf_config.tie_word_embeddings,
-        init_std=hf_config.initializer_range,
-        pad_token_id=hf_config.pad_token_id,
         eos_token_id=eos[0] if isinstance(eos, list) else eos,  # we keep one stop token
     )
 
@@ -216,7 +219,7 @@ def state_dict_to_hf(state_dict: dict[str, torch.Tensor], config: GPTOSSConfig) 
     for name, tensor in state_dict.items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        out[_rename(name, _KEY_TABLE)] = tensor
+        out[key_to_hf(name)] = tensor
     return out
 
 
@@ -231,7 +234,7 @@ def state_dict_from_hf(state_dict: dict[str, torch.Tensor], config: GPTOSSConfig
     out, unknown = {}, []
     for name, tensor in state_dict.items():
         try:
-            out[_rename(name, _HF_TO_OURS_TABLE)] = tensor
+            out[key_from_hf(name)] = tensor
         except KeyError:
             unknown.append(name)
     if unknown:
@@ -242,6 +245,26 @@ def state_dict_from_hf(state_dict: dict[str, torch.Tensor], config: GPTOSSConfig
 
 
 # --- folders ---------------------------------------------------------------------------------------
+def read_folder_config(directory: str | Path) -> tuple[GPTOSSConfig, bool]:
+    """(model config, native) of a weights folder: a transformers GPT-OSS folder, or a native export
+    of ours (`native` True). ConfigError naming the folder's config.json if it is absent or refused."""
+    config_path = Path(directory) / "config.json"
+    if not config_path.is_file():
+        raise ConfigError(f"{config_path} does not exist; expected a transformers GPT-OSS folder "
+                          "or a `python -m pipeline.export` output")
+    try:
+        raw = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{config_path} is not valid JSON ({e})") from None
+    native = raw.get("format") == NATIVE_FORMAT
+    try:  # config_from_hf also refuses quantizations other than MXFP4
+        if native:
+            return from_dict(GPTOSSConfig, {k: v for k, v in raw.items() if k != "format"}), True
+        return config_from_hf(raw), False
+    except ConfigError as e:
+        raise ConfigError(f"{config_path}: {e}") from None
+
+
 def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
@@ -256,28 +279,33 @@ def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_hf(directory: str | Path, dtype: torch.dtype | None = None, **config_overrides) -> GPTOSS:
-    """GPTOSS from a local transformers GPT-OSS folder; weights keep their stored dtype unless `dtype`."""
+def load_folder(model_cls, directory: str | Path, dtype: torch.dtype | None = None, **config_overrides):
+    """`model_cls` (GPTOSS) built from a weights folder of either kind; weights keep their stored
+    dtype unless `dtype`."""
     directory = Path(directory)
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise ConfigError(f"{config_path} does not exist; expected a transformers model folder")
-    config = config_from_hf(json.loads(config_path.read_text()))
+    config, native = read_folder_config(directory)
     if config_overrides:
         config = config.replace(**config_overrides)
-    state = state_dict_from_hf(_read_safetensors(directory), config)
+    state = _read_safetensors(directory)
+    if not native:
+        state = state_dict_from_hf(state, config)
+    elif config.tie_word_embeddings:
+        state.setdefault("lm_head.weight", state["embed_tokens.weight"])
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     with torch.device("meta"):  # no random init of weights that are overwritten right away
-        model = GPTOSS(config)
-    model.load_state_dict(state, strict=True, assign=True)
+        model = model_cls(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise ConfigError(f"{directory}: weights do not match config.json (missing {sorted(missing)[:8]}, "
+                          f"unexpected {sorted(unexpected)[:8]})")
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight  # assign=True replaced the shared Parameter
     return model
 
 
-def save_hf(model: GPTOSS, directory: str | Path) -> None:
-    """config.json + model.safetensors that GptOssForCausalLM.from_pretrained loads."""
+def save_hf(model, directory: str | Path) -> None:
+    """config.json + model.safetensors of a GPTOSS `model` that GptOssForCausalLM.from_pretrained loads."""
     directory = Path(directory)
     hf_config = config_to_hf(model.config)
     directory.mkdir(parents=True, exist_ok=True)

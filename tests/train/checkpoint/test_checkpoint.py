@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.train.checkpoint import checkpoint_steps, read_latest
+from pipeline.train.checkpoint.manager import checkpoint_steps, read_latest
 from tests.conftest import REPO_ROOT
 from tests.train.conftest import losses, rank_env, train, write_run_config
 

@@ -1,6 +1,7 @@
-"""The moveable training state: per-parameter fp32 weights and Adam moments, experts split per
+"""The reshardable checkpoint format: per-parameter fp32 weights and Adam moments, experts split per
 *global* expert id, so a checkpoint written by any number of ranks, any expert-parallel size and
-either ZeRO stage is read back by any other.
+either ZeRO stage is read back by any other. (Not DeepSpeed's "universal checkpoint": ours is written
+directly by every rank during training, with no conversion step.)
 
 Layout inside `step_N/`::
 
@@ -32,15 +33,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from pipeline.errors import CheckpointError
-from pipeline.io_utils import atomic_write_text
+from pipeline.io_utils import atomic_path, atomic_write_text
 from pipeline.model.moe import GroupedExperts
-from pipeline.train.zero_state import OPTIM_KEYS, ensure_optimizer_state, get_full_state, set_full_state
+from pipeline.train.checkpoint.zero_state import OPTIM_KEYS, ensure_optimizer_state, get_full_state, set_full_state
 
-FORMAT = "gpt-oss-pipeline/universal-v1"
+FORMAT = "gpt-oss-pipeline/reshardable-v1"
+# The same format under the name checkpoints were written with before it was renamed.
+READABLE_FORMATS = (FORMAT, "gpt-oss-pipeline/universal-v1")
 INDEX = "index.json"
 FILE_LIMIT_BYTES = 2 << 30
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 @dataclass(frozen=True)
@@ -113,12 +114,12 @@ class _ShardWriter:
         if not self.pending:
             return
         name = f"state-r{self.rank:05d}-{len(self.files):03d}.safetensors"
-        tmp = self.tag_dir / f".{name}.tmp"
-        save_file(self.pending, str(tmp))
-        os.chmod(tmp, 0o666 & ~_UMASK)  # safetensors creates 0600: others in the project could not read it
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.tag_dir / name)
+        with atomic_path(self.tag_dir / name) as tmp:
+            save_file(self.pending, str(tmp))
+            # safetensors creates 0600, so others in the project could not read it: give the file the
+            # permissions a plain file gets in this directory (its own, less the execute bits). Reading
+            # the umask would need os.umask, which changes process-wide state.
+            os.chmod(tmp, self.tag_dir.stat().st_mode & 0o666)
         self.files[name] = list(self.pending)
         self.pending, self.pending_bytes = {}, 0
 
@@ -156,7 +157,7 @@ def save_state(module: nn.Module, tag_dir: Path) -> None:
 
 
 class StateReader:
-    """Lazy reader of a moveable checkpoint: checks every file is there and whole, then opens only
+    """Lazy reader of a reshardable checkpoint: checks every file is there and whole, then opens only
     the files that hold the requested keys."""
 
     def __init__(self, tag_dir: Path):
@@ -170,7 +171,7 @@ class StateReader:
             index = json.loads(index_path.read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{index_path} is not valid JSON ({e}); {fix}") from None
-        if index.get("format") != FORMAT:
+        if index.get("format") not in READABLE_FORMATS:
             raise CheckpointError(f"{index_path}: format {index.get('format')!r} is not {FORMAT!r}; {fix}")
         for fname, size in index["files"].items():
             path = self.tag_dir / fname

@@ -20,11 +20,10 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 from pipeline.data import build_dataset
 from pipeline.errors import ConfigError
 from pipeline.model import GPTOSS, get_preset
-from pipeline.model.hf_convert import config_to_hf
+from pipeline.model.hf import config_to_hf
 from pipeline.model.mxfp4 import dequantize_mxfp4, quantize_mxfp4
-from pipeline.train.config import load_run_config
-from pipeline.train.trainer import resolve_model_config
-from pipeline.train.weights import WeightsFolder
+from pipeline.train.checkpoint.init_from import WeightsFolder
+from pipeline.train.config import load_run_config, resolve_model_config
 from tests.conftest import REPO_ROOT
 from tests.train.conftest import losses, rank_env, train, write_run_config
 
