@@ -4,7 +4,8 @@
 
 On CUDA (bf16): the gpt-oss-20b architecture (hidden 2880, 64 q / 8 kv heads, head_dim 64, 32
 experts top-4, vocab 201,088, window 128 on even layers, sinks) cut to --layers blocks, trained
-through the real DeepSpeed ZeRO-3 engine on one rank (the trainer's `build_engine`, torch AdamW).
+through the real DeepSpeed ZeRO-3 engine on one rank (the trainer's `build_engine`; optim.implementation
+=auto: torch's fused AdamW).
 For attention_backend=flex and =sdpa it prints tokens/s, model TFLOP/s and MFU (FLOPs from
 pipeline/model/flops.py, peak from the GPU name), peak memory and the attention kernel that ran, then
 the ratio flex / sdpa. Then the attention layer alone, forward + backward, on a full and a sliding
@@ -41,7 +42,7 @@ from pipeline.model.flops import flops_per_token
 from pipeline.model.masks import attention_mask, block_mask
 from pipeline.train.config import RunConfig
 from pipeline.train.ds_config import build_ds_config
-from pipeline.train.engine import build_engine, init_distributed
+from pipeline.train.engine import build_engine, init_distributed, release_engine
 from pipeline.train.loss import compute_loss
 
 CUDA = torch.cuda.is_available()
@@ -92,12 +93,21 @@ def train_run(args, backend: str, world: int) -> dict:
     run = from_dict(RunConfig, {
         "model": {"preset": "gpt-oss-20b"},
         "data": {"train": ["unused"], "seq_len": args.seq},
-        "optim": {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 0, "implementation": "torch"},
+        "optim": {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 0, "implementation": "auto"},
         "train": {"steps": args.warmup + args.steps, "micro_batch_size": args.batch, "seed": 0},
         "parallel": {"activation_checkpointing": args.checkpointing},
         "precision": "bf16" if CUDA else "fp32",
     })
     engine = build_engine(run, model_cfg, build_ds_config(run, world), world)
+    try:
+        return measure(args, engine, model_cfg, backend)
+    finally:
+        # DeepSpeed 0.19.8 would keep this engine (~50 GB for the 20b slice) alive after `del`, and
+        # the next backend's engine would not fit next to it; also after a failed run.
+        release_engine(engine)
+
+
+def measure(args, engine, model_cfg, backend: str) -> dict:
     device = engine.device
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, model_cfg.vocab_size, (args.batch, args.seq + 1), generator=gen) for _ in range(2)]
@@ -128,11 +138,13 @@ def train_run(args, backend: str, world: int) -> dict:
         "loss": float(loss.detach()), "params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                                            for p in engine.module.parameters()),
     }
-    del engine, parts
+    return result
+
+
+def release_engine_memory() -> None:
     gc.collect()
     if CUDA:
         torch.cuda.empty_cache()
-    return result
 
 
 def time_ms(fn, reps: int) -> float:
@@ -201,29 +213,42 @@ def main() -> None:
         raise SystemExit("bench_gpu.py measures one rank: run it with plain python")
 
     backends = ("flex", "sdpa") if CUDA else ("sdpa",)
-    results = [train_run(args, b, world) for b in backends]
     cfg = slice_config(args, "sdpa")
     device = torch.device("cuda" if CUDA else "cpu")
     where = torch.cuda.get_device_name() if CUDA else f"CPU, {torch.get_num_threads()} threads"
     print(f"model: {'gpt-oss-20b slice' if CUDA else 'tiny GPT-OSS (CPU)'}, {cfg.n_layer} layers, hidden {cfg.n_embd}, "
           f"{cfg.n_head}q/{cfg.kv_heads}kv heads x {cfg.head_size}, {cfg.n_experts} experts top-{cfg.top_k}, "
-          f"vocab {cfg.vocab_size:,}, window {cfg.sliding_window}, sinks; {results[0]['params'] / 1e6:,.1f} M params")
+          f"vocab {cfg.vocab_size:,}, window {cfg.sliding_window}, sinks")
     print(f"DeepSpeed ZeRO-3, 1 rank, {'bf16' if CUDA else 'fp32'}, batch {args.batch} x seq {args.seq}, "
           f"median of {args.steps} steps after {args.warmup} warm-up; activation checkpointing "
           f"{'on' if args.checkpointing else 'off'}; {where}")
     if not CUDA:
         print("CPU: FlexAttention has no CPU backward in torch 2.13, so only attention_backend=sdpa trains here")
     print()
-    header = f"{'backend':<9}{'tokens/s':>11}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}{'loss':>9}  attention kernel"
+    header = (f"{'backend':<9}{'tokens/s':>11}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}{'loss':>9}{'M params':>10}"
+              "  attention kernel")
     print(header)
-    print("-" * len(header))
-    for r in results:
+    print("-" * len(header), flush=True)
+    # Each backend's row is printed as soon as it is measured: a later failure (out of memory, a
+    # timeout) keeps the figures already printed.
+    results = []
+    for backend in backends:
+        try:
+            r = train_run(args, backend, world)
+        except Exception as e:  # noqa: BLE001 (report it, measure the rest)
+            print(f"{backend:<9}FAILED {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+                  flush=True)
+            r = None
+        release_engine_memory()  # after the except block: its traceback held the failed run's tensors
+        if r is None:
+            continue
+        results.append(r)
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         mem = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "n/a"
         print(f"{r['backend']:<9}{r['tokens_per_s']:>11,.0f}{r['tflops']:>10.3g}{mfu:>8}{mem:>10}"
-              f"{r['loss']:>9.4f}  {r['kernel']}")
+              f"{r['loss']:>9.4f}{r['params'] / 1e6:>10,.1f}  {r['kernel']}", flush=True)
     if len(results) == 2:
-        print(f"\nflex / sdpa tokens/s: {results[0]['tokens_per_s'] / results[1]['tokens_per_s']:.2f}x")
+        print(f"\nflex / sdpa tokens/s: {results[0]['tokens_per_s'] / results[1]['tokens_per_s']:.2f}x", flush=True)
 
     what = "forward + backward" if CUDA else "forward only (no CPU FlexAttention backward)"
     print(f"\nattention layer alone, batch {args.batch} x seq {args.seq}, {what}, median of {args.reps}:")
@@ -232,8 +257,10 @@ def main() -> None:
         mine = [r for r in rows if r[0] == kind]
         flash_ms = mine[1][2]
         for _, name, ms in mine:
-            print(f"  {kind:<8}{name:<36}{ms:>10.2f} ms  {ms / flash_ms:>6.2f}x flash")
-    if not math.isfinite(results[0]["loss"]):
+            print(f"  {kind:<8}{name:<36}{ms:>10.2f} ms  {ms / flash_ms:>6.2f}x flash", flush=True)
+    if len(results) < len(backends):
+        raise SystemExit(f"{len(backends) - len(results)} backend(s) failed (see above)")
+    if not all(math.isfinite(r["loss"]) for r in results):
         raise SystemExit("non-finite loss")
 
 

@@ -83,7 +83,10 @@ def load_from_run_dir(run_dir: Path, step: int | None, world: int, device: torch
     from pipeline.train.ds_config import build_ds_config
     from pipeline.train.engine import build_engine
 
-    cfg = from_dict(RunConfig, {k: v for k, v in saved.items() if k != "wandb"})
+    # No sequence parallelism (it adds no parameters): scoring deals whole requests to ranks.
+    saved_run = {k: v for k, v in saved.items() if k not in ("wandb", "eval")}
+    saved_run["parallel"] = {**saved_run.get("parallel", {}), "sequence_parallel_size": 1}
+    cfg = from_dict(RunConfig, saved_run)
     ds_config = build_ds_config(cfg, world)
     engine = build_engine(cfg, model_cfg, ds_config, world)
     load_state(engine, ckpt, with_optimizer=False)

@@ -10,24 +10,39 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+class PendingPath:
+    """`PATH.tmp` beside `path`, to write by any writer (a file or a folder). `commit()` fsyncs it (a
+    file) and renames it over `path`, so readers see the old or the new one, never a half-written
+    one; `discard()` removes it. `atomic_path` is the with-block form; this one is for a writer that
+    outlives a block (a streamed shard)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        _remove(self.tmp)  # leftovers of a writer that was killed
+
+    def commit(self) -> None:
+        if self.tmp.is_file():
+            with open(self.tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        if self.tmp.is_dir() and self.path.is_dir():  # a folder cannot be renamed over a non-empty one
+            shutil.rmtree(self.path)
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        _remove(self.tmp)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yields `PATH.tmp` beside `path` to write (a file or a folder, by any writer); when the block
-    ends it is fsynced (a file) and renamed over `path`, so readers see the old or the new one, never
-    a half-written one. If the block raises, the temporary is removed."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    _remove(tmp)  # leftovers of a writer that was killed
+    ends it is committed (see PendingPath). If the block raises, the temporary is removed."""
+    pending = PendingPath(path)
     try:
-        yield tmp
-        if tmp.is_file():
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        if tmp.is_dir() and path.is_dir():  # a folder cannot be renamed over a non-empty one
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        yield pending.tmp
+        pending.commit()
     except BaseException:
-        _remove(tmp)
+        pending.discard()
         raise
 
 

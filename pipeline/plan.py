@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--network-gbps", type=float, default=Links.network / 1e9,
                    help="GB/s per GPU between nodes (default: one 400 Gb/s NIC per GPU)")
     p.add_argument("--search", action="store_true",
-                   help="try every EP size, micro-batch and checkpointing choice on the first --nodes; "
+                   help="try every EP size, SP size, micro-batch and checkpointing choice on the first --nodes; "
                    "print the fastest layouts that fit")
     p.add_argument("--top", type=int, default=10, help="rows --search prints")
     p.add_argument("--headroom", type=float, default=0.10, help="fraction of GPU memory kept free")
@@ -73,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--micro-batch", type=int, help="train.micro_batch_size")
     g.add_argument("--grad-accum", type=int, help="train.grad_accum_steps")
     g.add_argument("--ep", type=int, help="parallel.expert_parallel_size")
+    g.add_argument("--sp", type=int, help="parallel.sequence_parallel_size")
     g.add_argument("--precision", choices=["fp32", "bf16"], help="precision")
     g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="parallel.activation_checkpointing")
@@ -87,6 +88,7 @@ def load_run(args: argparse.Namespace, tmpdir: Path) -> tuple[RunConfig, str]:
         "train.micro_batch_size": args.micro_batch,
         "train.grad_accum_steps": args.grad_accum,
         "parallel.expert_parallel_size": args.ep,
+        "parallel.sequence_parallel_size": args.sp,
         "precision": args.precision,
         "parallel.activation_checkpointing": args.activation_checkpointing,
     }

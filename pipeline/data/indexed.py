@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import DataError
+from pipeline.io_utils import PendingPath
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -68,19 +69,20 @@ def encode_index(dtype: np.dtype, sizes: np.ndarray) -> bytes:
 
 
 class IndexedDatasetWriter:
-    """Streams sequences into `PREFIX.bin.tmp` / `PREFIX.idx.tmp`; `finalize()` renames them.
+    """Streams sequences into `PREFIX.bin.tmp`; `finalize()` writes `PREFIX.idx.tmp` and commits both
+    (pipeline.io_utils.PendingPath: fsync, then rename).
 
-    The rename happens only after both files are complete and fsynced, so a crash never leaves a
-    file under its final name that is shorter than what the index (or manifest) claims.
+    .bin is renamed only once complete and fsynced, and .idx after it, so a crash never leaves a file
+    under its final name that is shorter than what the index (or manifest) claims.
     Returns sha256 digests computed while writing, so finalising costs no second read of .bin.
     """
 
     def __init__(self, prefix: str | Path, dtype: np.dtype):
         self.prefix = Path(prefix)
         self.dtype = np.dtype(dtype)
-        self._bin_tmp = Path(f"{self.prefix}.bin.tmp")
-        self._idx_tmp = Path(f"{self.prefix}.idx.tmp")
-        self._file = open(self._bin_tmp, "wb")  # noqa: SIM115 - closed in finalize()/abort()
+        self._bin = PendingPath(bin_path(self.prefix))
+        self._idx = PendingPath(idx_path(self.prefix))
+        self._file = open(self._bin.tmp, "wb")  # noqa: SIM115 - closed in finalize()/abort()
         self._sha = hashlib.sha256()
         self._sizes: list[np.ndarray] = []
         self.num_docs = 0
@@ -96,17 +98,12 @@ class IndexedDatasetWriter:
         self.num_tokens += int(len(tokens))
 
     def finalize(self) -> dict:
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
         sizes = np.concatenate(self._sizes) if self._sizes else np.zeros(0, np.int32)
         index = encode_index(self.dtype, sizes)
-        with open(self._idx_tmp, "wb") as f:
-            f.write(index)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(self._bin_tmp, bin_path(self.prefix))
-        os.replace(self._idx_tmp, idx_path(self.prefix))
+        self._idx.tmp.write_bytes(index)
+        self._bin.commit()
+        self._idx.commit()
         return {
             "bin_sha256": self._sha.hexdigest(),
             "idx_sha256": hashlib.sha256(index).hexdigest(),
@@ -116,8 +113,8 @@ class IndexedDatasetWriter:
 
     def abort(self) -> None:
         self._file.close()
-        for p in (self._bin_tmp, self._idx_tmp):
-            p.unlink(missing_ok=True)
+        self._bin.discard()
+        self._idx.discard()
 
 
 class MMapIndexedDataset:

@@ -15,6 +15,11 @@ With scale 1/sqrt(d), q'.k'_j * scale is the ordinary logit and q'.k'_sink * sca
 softmax is exactly transformers' `softmax([logits, sink])[..., :-1]` and autograd reaches the sinks
 through q'. The sink key is the same for every kv head, which keeps GQA intact. Masks are explicit
 booleans (the sink column always visible); the `is_causal` fast path is used whenever no mask is needed.
+
+The seam for sequence parallelism: projections and RoPE stay in `Attention`, the softmax part runs in
+`Attention.core` (an `AttentionCore`: q/k/v/mask/sinks -> output, both backends). pipeline/train swaps
+`core` for a module that exchanges sequence shards for head shards around the same local core, so
+the model itself never imports torch.distributed.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from pipeline.model.flex_attention import flex_attention_with_sinks
 from pipeline.model.masks import attention_mask
 from pipeline.model.rope import apply_rope
 
-__all__ = ["Attention", "KVCache", "attention_mask"]
+__all__ = ["Attention", "AttentionCore", "KVCache", "attention_mask"]
 
 
 class KVCache:
@@ -69,6 +74,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * self.head_dim, d, bias=bias)
         self.sinks = nn.Parameter(torch.zeros(self.n_head)) if config.use_attention_sinks else None
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.core: nn.Module = AttentionCore()  # replaced by sequence parallelism (pipeline/train)
 
     def forward(
         self,
@@ -91,13 +97,23 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)  # [B, Hkv, T_past + T, d]
         scale = 1.0 / math.sqrt(self.head_dim)
-        if isinstance(mask, BlockMask):
-            y = flex_attention_with_sinks(q, k, v, mask, self.sinks, scale)  # [B, H, T, d]
-        else:
-            dropout = self.dropout if self.training else 0.0
-            y = sdpa_attention_with_sinks(q, k, v, mask, self.sinks, scale, dropout)  # [B, H, T, d]
+        dropout = self.dropout if self.training else 0.0
+        y = self.core(q, k, v, mask, self.sinks, scale, dropout)  # [B, H, T, d]
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # [B, T, H * d]
         return self.resid_dropout(self.o_proj(y))
+
+
+class AttentionCore(nn.Module):
+    """softmax(q k^T * scale + mask, with sinks) v for q [B, H, T, d], k/v [B, Hkv, S, d] -> [B, H, T, d].
+
+    A `BlockMask` selects FlexAttention, a boolean mask or None selects SDPA. Holds no parameters:
+    the sinks [H] are passed in by the owning `Attention`, so a replacement core may take a slice
+    of them (the heads it runs) without changing the state dict."""
+
+    def forward(self, q, k, v, mask, sinks_H, scale: float, dropout: float = 0.0) -> torch.Tensor:
+        if isinstance(mask, BlockMask):
+            return flex_attention_with_sinks(q, k, v, mask, sinks_H, scale)
+        return sdpa_attention_with_sinks(q, k, v, mask, sinks_H, scale, dropout)
 
 
 def sdpa_attention_with_sinks(

@@ -53,11 +53,17 @@ def resolve_attention_backend(requested: str, device: torch.device, training: bo
 
 
 @functools.cache
-def _compiled_flex_attention():
-    # Compiled once per process: dynamic=False gives one specialised kernel per shape, and every
-    # layer of a run shares the same shapes, so a run compiles a handful of variants (full,
-    # sliding, with or without documents) and reuses them.
-    return torch.compile(flex_attention, dynamic=False)
+def compiled_flex_attention(backend: str = "inductor"):
+    """flex_attention compiled once per process (per dynamo backend; tests count graphs with "eager").
+
+    dynamic=None (automatic dynamic shapes): the first shape gets a kernel specialised to it, which
+    is what a training run, all of one length, uses; the first call at another length recompiles
+    once into a kernel for any length. Generation prefills and evaluations at many lengths therefore
+    add one graph per mask kind (full, sliding, with or without documents), where dynamic=False
+    compiled one per length until dynamo's recompile limit (8) sent every later call to the slow
+    eager flex_attention.
+    """
+    return torch.compile(flex_attention, dynamic=None, backend=backend)
 
 
 def _flex(q, k, v, block_mask, scale, return_lse):
@@ -68,7 +74,7 @@ def _flex(q, k, v, block_mask, scale, return_lse):
         return_aux=AuxRequest(lse=True) if return_lse else None,
     )
     if q.device.type == "cuda":
-        return _compiled_flex_attention()(q, k, v, **kwargs)
+        return compiled_flex_attention()(q, k, v, **kwargs)
     with warnings.catch_warnings():
         # Off CUDA the unfused eager kernel is the only one (forward only): its performance warning
         # says to compile, which CPU cannot do with lse.

@@ -14,7 +14,8 @@ Per token, forward + backward (backward = 2 x forward: gradients w.r.t. inputs a
                query at position p (1-based) sees p keys; on sliding-window blocks min(window, p).
                The mean over p = 1..T is what a causal/window-aware kernel (flash attention) computes.
 
-The trainer reports MFU with `flops_per_token(config, seq_len)["total"]`; keep that API.
+The trainer reports MFU with `flops_per_token(config, seq_len)["total"]` and `model_flops_utilization`;
+the planner turns an assumed MFU into step compute time with its inverse, `seconds_at_mfu`.
 """
 
 from __future__ import annotations
@@ -77,6 +78,15 @@ def flops_per_token(config: GPTOSSConfig, seq_len: int) -> dict[str, float]:
     }
 
 
+def _per_token(flops_per_token: float | Mapping[str, float]) -> float:
+    return flops_per_token["total"] if isinstance(flops_per_token, Mapping) else flops_per_token
+
+
+def achieved_flops(tokens_per_s: float, flops_per_token: float | Mapping[str, float]) -> float:
+    """Model FLOP/s of a throughput: tokens_per_s x flops_per_token."""
+    return tokens_per_s * _per_token(flops_per_token)
+
+
 def model_flops_utilization(
     tokens_per_s: float, flops_per_token: float | Mapping[str, float], peak_flops: float
 ) -> float:
@@ -84,9 +94,18 @@ def model_flops_utilization(
 
     `peak_flops` is the peak of the devices that produced `tokens_per_s` (per-GPU peak x number of
     GPUs for a global throughput). `flops_per_token` may be the dict `flops_per_token` returns.
+    The trainer's perf/mfu; `seconds_at_mfu` is its inverse, the planner's compute time.
     """
-    if isinstance(flops_per_token, Mapping):
-        flops_per_token = flops_per_token["total"]
     if peak_flops <= 0:
         raise ValueError(f"peak_flops ({peak_flops}) must be > 0")
-    return tokens_per_s * flops_per_token / peak_flops
+    return achieved_flops(tokens_per_s, flops_per_token) / peak_flops
+
+
+def seconds_at_mfu(
+    tokens: float, flops_per_token: float | Mapping[str, float], peak_flops: float, mfu: float
+) -> float:
+    """Seconds to process `tokens` at utilization `mfu` of `peak_flops`: the inverse of
+    `model_flops_utilization` (tokens x flops_per_token / (peak_flops x mfu))."""
+    if peak_flops <= 0 or mfu <= 0:
+        raise ValueError(f"peak_flops ({peak_flops}) and mfu ({mfu}) must be > 0")
+    return achieved_flops(tokens, flops_per_token) / (peak_flops * mfu)

@@ -4,13 +4,15 @@
 `loss + aux_loss`. Trainers pass `return_logits=False` to get the loss from the chunked LM head
 (pipeline/model/loss.py) without materialising [B, T, V] logits. Infrastructure is applied from
 outside: `pipeline/train` may set
-`model.checkpoint_fn` (activation checkpointing) and swap `block.ffn.experts` (expert parallelism).
+`model.checkpoint_fn` (activation checkpointing), swap `block.ffn.experts` (expert parallelism), and
+set `model.sequence_shard` plus every `block.attn.core` (sequence parallelism, see `SequenceShard`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +29,28 @@ from pipeline.model.masks import attention_mask, block_mask, document_ids, docum
 from pipeline.model.mlp import MLP
 from pipeline.model.moe import GroupedExperts, MoE, RouterStats, TopKRouter
 from pipeline.model.rope import RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class SequenceShard:
+    """This model instance computes shard `index` of `count` equal contiguous shards of every sequence.
+
+    The forward still receives whole sequences (input_ids and targets [B, T]): document ids, RoPE
+    positions and attention masks are derived from the whole sequence, then only tokens
+    [index * T / count, (index + 1) * T / count) are embedded and run through the blocks. Attention
+    needs every position, so each `Attention.core` must then be one that gathers the sequence (the
+    Ulysses core of pipeline/train/sequence_parallel.py). The returned LM loss is this shard's
+    share, scaled so that the mean over the `count` shards equals the loss of the whole sequence.
+    """
+
+    index: int
+    count: int
+
+    def slice(self, T: int) -> slice:
+        if T % self.count:
+            raise ValueError(f"sequence length {T} is not divisible into {self.count} sequence-parallel shards")
+        n = T // self.count
+        return slice(self.index * n, (self.index + 1) * n)
 
 
 class RMSNorm(nn.Module):
@@ -79,6 +103,9 @@ class GPTOSS(nn.Module):
         # Drawn before any submodule exists: their constructors consume the global RNG on a real
         # device but not on meta, and the seed must not depend on where the model is built.
         self.init_seed = new_init_seed()
+        # Where init_weights draws (None: on each tensor's own device). The trainer sets its GPU, so
+        # weights are drawn there fast, also those that live on the CPU until DeepSpeed moves them.
+        self.init_device: torch.device | None = None
         self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos_embed = (
             nn.Embedding(config.block_size, config.n_embd) if config.position_embedding == "learned" else None
@@ -97,6 +124,8 @@ class GPTOSS(nn.Module):
         # Set by the trainer, e.g. functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False);
         # called as checkpoint_fn(block, x, cos, sin, mask) for every block while training.
         self.checkpoint_fn: Callable | None = None
+        # Set by sequence parallelism (pipeline/train/sequence_parallel.py); None = whole sequences.
+        self.sequence_shard: SequenceShard | None = None
         self.init_weights()
 
     # --- init / counting -----------------------------------------------------------------------
@@ -117,11 +146,12 @@ class GPTOSS(nn.Module):
             if only is not None and module not in only:
                 continue
             if isinstance(module, nn.Linear):
-                seeded_normal_(module.weight, resid_std if id(module) in residual else std, self.init_seed, name)
+                std_ = resid_std if id(module) in residual else std
+                seeded_normal_(module.weight, std_, self.init_seed, name, self.init_device)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
-                seeded_normal_(module.weight, std, self.init_seed, name)
+                seeded_normal_(module.weight, std, self.init_seed, name, self.init_device)
             elif isinstance(module, (RMSNorm, nn.LayerNorm)):
                 nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
@@ -134,7 +164,7 @@ class GPTOSS(nn.Module):
         for i, block in enumerate(self.blocks):
             for module in block.modules():
                 if isinstance(module, GroupedExperts) and (only is None or module in only):
-                    module.reset_parameters(self.init_seed, f"blocks.{i}.experts")
+                    module.reset_parameters(self.init_seed, f"blocks.{i}.experts", self.init_device)
 
     def materialize(self, device: torch.device | str = "cpu") -> GPTOSS:
         """Allocate a model built under `torch.device("meta")` on `device` and initialise it exactly as
@@ -169,14 +199,22 @@ class GPTOSS(nn.Module):
         cross-entropy (same value and gradients, no [B*T, V] fp32 tensor).
         """
         x, aux_loss = self._trunk(input_ids, caches=None, documents=self.config.document_masking)
+        denominator = None  # the number of valid targets the loss is averaged over; None = this call's
+        if targets is not None and self.sequence_shard is not None:
+            # A shard's loss sum over the whole sequence's valid targets, times the shard count:
+            # its mean over the shards is the whole sequence's mean, masked targets included.
+            denominator = (targets != -100).sum() / self.sequence_shard.count
+            targets = targets[:, self.sequence_shard.slice(targets.shape[1])]  # [B, T / count]
         if targets is not None and not return_logits:
-            return None, self.lm_head(x, targets), aux_loss
-        logits = self.lm_head(x)  # [B, T, V]
+            return None, self.lm_head(x, targets, denominator), aux_loss
+        logits = self.lm_head(x)  # [B, T, V] (T / count with a sequence shard)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(
-                logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
-            )
+            flat_logits, flat_targets = logits.float().view(-1, logits.shape[-1]), targets.reshape(-1)
+            if denominator is None:
+                loss = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100)
+            else:
+                loss = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100, reduction="sum") / denominator
         return logits, loss, aux_loss
 
     def _trunk(
@@ -193,6 +231,7 @@ class GPTOSS(nn.Module):
                 f"sequence of {past + T} tokens is longer than block_size ({self.config.block_size})"
             )
         device = input_ids.device
+        shard = self.sequence_shard if caches is None else None
         doc_BT = None
         if documents:
             if caches is not None:
@@ -201,6 +240,11 @@ class GPTOSS(nn.Module):
             positions = document_positions(doc_BT)  # [B, T]
         else:
             positions = torch.arange(past, past + T, device=device)  # [T]
+        if shard is not None:
+            # Positions and document ids above are the whole sequence's; only this shard's tokens
+            # are computed. Masks below stay whole-sequence: the attention core sees all positions.
+            local = shard.slice(T)
+            input_ids, positions = input_ids[:, local], positions[..., local]  # [B, T / count]
         x = self.embed_tokens(input_ids)  # [B, T, D]
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)

@@ -33,11 +33,11 @@ def default_chunk_rows(vocab_size: int) -> int:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_ND, w_VD, targets_N, chunk_rows):
+    def forward(ctx, h_ND, w_VD, targets_N, chunk_rows, denominator):
         N = h_ND.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         valid_N = targets_N != IGNORE_INDEX
-        n_valid = valid_N.sum()  # stays on the device: no host sync
+        n_valid = valid_N.sum() if denominator is None else denominator  # stays on the device: no host sync
         loss_sum = torch.zeros((), dtype=torch.float32, device=h_ND.device)
         grad_h_ND = torch.empty_like(h_ND) if need_h else None
         grad_w_VD = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device) if need_w else None
@@ -71,20 +71,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = grad_loss / n_valid  # the loss is the mean over valid rows
         grad_h = (grad_h_ND * scale.to(grad_h_ND.dtype)) if grad_h_ND is not None else None
         grad_w = (grad_w_VD * scale).to(ctx.w_dtype) if grad_w_VD is not None else None
-        return grad_h, grad_w, None, None
+        return grad_h, grad_w, None, None, None
 
 
 def linear_cross_entropy(
-    h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor, chunk_rows: int | None = None
+    h_ND: torch.Tensor,
+    w_VD: torch.Tensor,
+    targets_N: torch.Tensor,
+    chunk_rows: int | None = None,
+    denominator: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """mean cross_entropy(h @ w.T, targets) over targets != -100, equal in value and gradients to
-    the plain computation, without materialising the [N, V] logits (see the module docstring)."""
+    the plain computation, without materialising the [N, V] logits (see the module docstring).
+
+    denominator: divide the loss sum by this instead of the number of valid targets (a sequence
+    shard's share of the whole sequence's mean, see pipeline/model/gpt_oss.py `SequenceShard`)."""
     if h_ND.ndim != 2 or targets_N.shape != h_ND.shape[:1]:
         raise ValueError(f"expected h [N, D] and targets [N], got {tuple(h_ND.shape)} and {tuple(targets_N.shape)}")
     rows = default_chunk_rows(w_VD.shape[0]) if chunk_rows is None else chunk_rows
     if rows < 1:
         raise ValueError(f"chunk_rows ({rows}) must be >= 1")
-    return _LinearCrossEntropy.apply(h_ND, w_VD, targets_N, rows)
+    return _LinearCrossEntropy.apply(h_ND, w_VD, targets_N, rows, denominator)
 
 
 class LMHead(nn.Linear):
@@ -95,7 +102,11 @@ class LMHead(nn.Linear):
         super().__init__(n_embd, vocab_size, bias=False)
         self.chunk_rows: int | None = None  # None = default_chunk_rows(vocab_size)
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, targets: torch.Tensor | None = None, denominator: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if targets is None:
             return F.linear(x, self.weight)
-        return linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.weight, targets.reshape(-1), self.chunk_rows)
+        return linear_cross_entropy(
+            x.reshape(-1, x.shape[-1]), self.weight, targets.reshape(-1), self.chunk_rows, denominator
+        )

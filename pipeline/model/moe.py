@@ -11,6 +11,11 @@ and step 3 is the only one expert parallelism replaces: the trainer swaps `moe.e
 with the same `forward(x_MD, counts_E, padded) -> y_MD` that all-to-alls rows to the ranks owning the
 experts (`GroupedExperts.shard` builds each rank's slice). Everything else stays local and identical.
 
+Long sequences: without a capacity factor, more than `MoE.token_chunk` tokens are routed once and
+then permuted, computed and combined one chunk of tokens at a time, each chunk recomputed in
+backward (`torch.utils.checkpoint`), so no [tokens x top_k, intermediate] tensor of the whole
+(local) sequence is ever held; the result is the same as in one piece.
+
 No step reads a device value on the host: shapes are static (with a capacity factor, dropped slots
 stay as trailing padding rows, `padded=True`, instead of being removed by a data-dependent boolean
 index), so a GPU step runs ahead of the CPU. The one exception is expert parallelism's split
@@ -19,12 +24,16 @@ exchange, which must know the row counts on the host.
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.model.config import GPTOSSConfig
 from pipeline.model.init import new_init_seed, seeded_normal_
@@ -51,6 +60,9 @@ class TopKRouter(nn.Module):
         self.top_k, self.num_experts = config.top_k, config.n_experts
         self.granularity = config.aux_loss_granularity
         self.gate = nn.Linear(config.n_embd, config.n_experts, bias=config.router_bias)
+        # Sums detached expert counts over the ranks that hold shards of the same sequences, so the
+        # load-balancing loss sees the whole sequence (set by sequence parallelism; None = local).
+        self.reduce_counts: Callable[[torch.Tensor], torch.Tensor] | None = None
         # Aux-loss-free balancing (DeepSeek-V3): a persistent fp32 buffer, so checkpoints carry it and
         # it is never trained by the optimizer; moved by `update_expert_bias` after each step.
         self.expert_bias: torch.Tensor | None
@@ -79,8 +91,9 @@ class TopKRouter(nn.Module):
         if self.granularity == "sequence":
             load_balance = self._sequence_load_balance(probs_NE, expert_ids_NK, n_seq)
         else:
-            n_slots = max(expert_ids_NK.numel(), 1)
-            load_balance = self.num_experts * torch.sum(counts_E.float() / n_slots * probs_NE.mean(dim=0))
+            total_E = counts_E if self.reduce_counts is None else self.reduce_counts(counts_E)
+            share_E = total_E.float() / total_E.sum().clamp(min=1)  # sum(counts) = N * k slots
+            load_balance = self.num_experts * torch.sum(share_E * probs_NE.mean(dim=0))
         z_loss = torch.logsumexp(logits32_NE, dim=-1).square().mean()
         return RouterOutput(weights_NK, expert_ids_NK, load_balance, z_loss, counts_E.detach())
 
@@ -92,7 +105,9 @@ class TopKRouter(nn.Module):
         ids_BS = expert_ids_NK.reshape(n_seq, -1)  # [B, T*K]
         counts_BE = torch.zeros(n_seq, E, dtype=probs_NE.dtype, device=probs_NE.device)
         counts_BE.scatter_add_(1, ids_BS, torch.ones_like(ids_BS, dtype=probs_NE.dtype))
-        share_BE = counts_BE / max(ids_BS.shape[1], 1)
+        if self.reduce_counts is not None:
+            counts_BE = self.reduce_counts(counts_BE)
+        share_BE = counts_BE / counts_BE.sum(dim=1, keepdim=True).clamp(min=1)  # sum = T * k slots
         return E * (share_BE * probs_BTE.mean(dim=1)).sum(dim=1).mean()
 
     @torch.no_grad()
@@ -123,16 +138,42 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def _grouped_mm_supported(x_MD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
-    """grouped_mm needs 16-byte aligned row strides on CPU and bf16 on (sm80+) CUDA."""
-    if not hasattr(F, "grouped_mm") or x_MD.dtype != w_EDF.dtype:
-        return False
+def grouped_mm_problem(x_MD: torch.Tensor, w_EDF: torch.Tensor) -> str | None:
+    """Why `F.grouped_mm(x_MD, w_EDF)` (and its backward) cannot run here, or None if it can.
+
+    Both devices need every row stride of x, w, their gradients and w's transpose to be a
+    multiple of 16 bytes (so the two trailing weight dims, which are also x's and the output's row
+    lengths), and equal dtypes. CUDA also needs bf16 on sm80+ (CUTLASS on sm90/sm100, torch's own
+    per-group loop on sm80, both without host syncs).
+    """
+    if not hasattr(F, "grouped_mm"):
+        return "this torch has no F.grouped_mm"
+    if x_MD.dtype != w_EDF.dtype:
+        return f"input dtype {x_MD.dtype} differs from the weights' {w_EDF.dtype}"
     if x_MD.device.type == "cuda":
-        return x_MD.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x_MD.device) >= (8, 0)
-    if x_MD.device.type != "cpu":
-        return False
+        if x_MD.dtype != torch.bfloat16:
+            return f"CUDA grouped_mm needs bf16, got {x_MD.dtype}"
+        capability = torch.cuda.get_device_capability(x_MD.device)
+        if capability < (8, 0):
+            return f"CUDA grouped_mm needs compute capability 8.0+, this GPU has {capability[0]}.{capability[1]}"
+    elif x_MD.device.type != "cpu":
+        return f"no grouped_mm on {x_MD.device.type}"
     size = x_MD.element_size()
-    return (w_EDF.shape[1] * size) % 16 == 0 and (w_EDF.shape[2] * size) % 16 == 0
+    for dim in w_EDF.shape[1:]:
+        if (dim * size) % 16:
+            return (f"rows of {dim} x {size} bytes are not 16-byte aligned "
+                    f"(make the dimension a multiple of {16 // size})")
+    return None
+
+
+def _grouped_mm_supported(x_MD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
+    return grouped_mm_problem(x_MD, w_EDF) is None
+
+
+@functools.cache
+def _warn_loop_on_cuda(reason: str) -> None:
+    # Once per reason per process: the fallback is correct, only slower (a host sync and E matmuls).
+    warnings.warn(f"MoE experts use the per-expert loop on CUDA, not grouped_mm: {reason}", stacklevel=3)
 
 
 def grouped_linear(
@@ -176,21 +217,23 @@ class GroupedExperts(nn.Module):
         self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self, seed: int | None = None, key: str = "experts") -> None:
+    def reset_parameters(
+        self, seed: int | None = None, key: str = "experts", device: torch.device | None = None
+    ) -> None:
         """GPT-2 init; down_proj writes to the residual stream, hence the 1/sqrt(2 * n_layer).
 
         Each expert is drawn from its own generator keyed by (seed, key, *global* expert id), so a
         shard re-initialised with the same seed and key holds exactly its slice of the full layer:
         an expert-parallel rank can materialise only its experts. seed=None draws one from torch's
-        global RNG (deterministic under torch.manual_seed).
+        global RNG (deterministic under torch.manual_seed). device: where to draw (see `seeded_normal_`).
         """
         seed = new_init_seed() if seed is None else seed
         std = self.config.init_std
         resid_std = std / math.sqrt(2 * self.config.n_layer)
         for e in range(self.num_experts):
             expert = self.expert_offset + e
-            seeded_normal_(self.gate_up_proj[e], std, seed, f"{key}.gate_up_proj.{expert}")
-            seeded_normal_(self.down_proj[e], resid_std, seed, f"{key}.down_proj.{expert}")
+            seeded_normal_(self.gate_up_proj[e], std, seed, f"{key}.gate_up_proj.{expert}", device)
+            seeded_normal_(self.down_proj[e], resid_std, seed, f"{key}.down_proj.{expert}", device)
         for bias in (self.gate_up_proj_bias, self.down_proj_bias):
             if bias is not None:
                 nn.init.zeros_(bias)
@@ -199,16 +242,20 @@ class GroupedExperts(nn.Module):
     def num_experts(self) -> int:
         return self.gate_up_proj.shape[0]
 
-    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor, padded: bool = False) -> torch.Tensor:
+    def forward(
+        self, x_MD: torch.Tensor, counts_E: torch.Tensor, padded: bool = False, host_counts: list[int] | None = None
+    ) -> torch.Tensor:
         """Rows of x_MD grouped by expert 0..E-1, counts_E[e] rows each (zeros allowed, M may be 0).
 
         padded: rows after the last group (sum(counts_E) < M) are padding; their outputs are zero
-        and they pass no gradient.
+        and they pass no gradient. host_counts: counts_E as Python ints when the caller already
+        has them (expert parallelism), so the per-expert loop needs no second host sync.
         """
-        if not (
-            _grouped_mm_supported(x_MD, self.gate_up_proj) and _grouped_mm_supported(x_MD, self.down_proj)
-        ):
-            return self.forward_reference(x_MD, counts_E, padded)
+        problem = grouped_mm_problem(x_MD, self.gate_up_proj) or grouped_mm_problem(x_MD, self.down_proj)
+        if problem is not None:
+            if x_MD.device.type == "cuda":
+                _warn_loop_on_cuda(problem)
+            return self.forward_reference(x_MD, counts_E if host_counts is None else host_counts, padded)
         offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
         M = x_MD.shape[0]
         if not padded:
@@ -230,10 +277,12 @@ class GroupedExperts(nn.Module):
         y = grouped_linear(self.act(h), self.down_proj, self.down_proj_bias, offsets_E, expert_of_row_M)
         return torch.where(valid_M1, y, 0.0)
 
-    def forward_reference(self, x_MD: torch.Tensor, counts_E: torch.Tensor, padded: bool = False) -> torch.Tensor:
+    def forward_reference(
+        self, x_MD: torch.Tensor, counts_E: torch.Tensor | list[int], padded: bool = False
+    ) -> torch.Tensor:
         """Per-expert loop: the numerical reference, and the path for shapes grouped_mm rejects
-        (it reads the counts on the host)."""
-        counts = counts_E.tolist()
+        (it reads the counts on the host: one sync, none when given a list)."""
+        counts = counts_E if isinstance(counts_E, list) else counts_E.tolist()
         padding = x_MD.shape[0] - sum(counts)
         if padding and not padded:
             raise ValueError(f"{x_MD.shape[0]} rows but counts_E sums to {sum(counts)}")
@@ -292,6 +341,11 @@ class RouterStats(NamedTuple):
         return RouterStats(*(torch.stack(values) for values in zip(*per_layer, strict=True)))
 
 
+DEFAULT_TOKEN_CHUNK = 16384
+"""Tokens per expert chunk for long sequences: gpt-oss's gate/up output of one chunk is 16,384 x 4
+slots x 5,760 bf16 = 0.75 GB, big enough to keep grouped_mm efficient."""
+
+
 class MoE(nn.Module):
     """Top-k routed experts. Returns (y, router loss already weighted by the config)."""
 
@@ -306,6 +360,7 @@ class MoE(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         # The statistics of the latest forward; read through GPTOSS.router_stats().
         self.last_stats: MoEStats | None = None
+        self.token_chunk = DEFAULT_TOKEN_CHUNK  # dropless layers with more tokens compute in chunks
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, D = x_BTD.shape
@@ -314,6 +369,9 @@ class MoE(nn.Module):
 
         # 1 route
         route = self.router(x_ND, n_seq=B)
+        if self.capacity_factor is None and N > self.token_chunk:
+            y_ND = torch.cat([self._tile(x_ND, route, start) for start in range(0, N, self.token_chunk)])
+            return self._finish(y_ND.view(B, T, D), route, torch.zeros((), dtype=torch.long, device=x_ND.device))
         # 2 permute: slot s = n*K + k; a stable sort keeps token order within each expert, so
         # capacity drop keeps the earliest tokens and the result is deterministic.
         slot_expert_S = route.expert_ids_NK.reshape(-1)  # [S = N*K]
@@ -338,8 +396,28 @@ class MoE(nn.Module):
         # deterministic), then sum the K slots of every token; dropped slots stay zero.
         weights_M = route.weights_NK.reshape(-1)[order_S]
         y_SD = y_MD.new_zeros(N * K, D).index_copy(0, order_S, y_MD * weights_M[:, None].to(y_MD.dtype))
-        y_BTD = y_SD.view(N, K, D).sum(dim=1).view(B, T, D)
+        return self._finish(y_SD.view(N, K, D).sum(dim=1).view(B, T, D), route, dropped)
 
+    def _tile(self, x_ND: torch.Tensor, route: RouterOutput, start: int) -> torch.Tensor:
+        """Steps 2-4 (dropless) for tokens [start, start + token_chunk) -> [n, D], recomputed in backward."""
+        end = start + self.token_chunk
+        args = (x_ND[start:end], route.expert_ids_NK[start:end], route.weights_NK[start:end])
+        if torch.is_grad_enabled():
+            return checkpoint(self._dropless_chunk, *args, use_reentrant=False)
+        return self._dropless_chunk(*args)
+
+    def _dropless_chunk(self, x_nD: torch.Tensor, ids_nK: torch.Tensor, weights_nK: torch.Tensor) -> torch.Tensor:
+        n, K = ids_nK.shape
+        slot_expert_S = ids_nK.reshape(-1)  # [S = n*K]
+        order_S = torch.argsort(slot_expert_S, stable=True)
+        counts_E = torch.zeros(self.num_experts, dtype=torch.long, device=x_nD.device)
+        counts_E.scatter_add_(0, slot_expert_S, torch.ones_like(slot_expert_S))
+        y_MD = self.experts(x_nD.index_select(0, order_S // K), counts_E)
+        weights_M = weights_nK.reshape(-1)[order_S]
+        y_SD = y_MD.new_zeros(n * K, x_nD.shape[1]).index_copy(0, order_S, y_MD * weights_M[:, None].to(y_MD.dtype))
+        return y_SD.view(n, K, -1).sum(dim=1)  # [n, D]
+
+    def _finish(self, y_BTD: torch.Tensor, route: RouterOutput, dropped: torch.Tensor):
         router_loss = self.aux_weight * route.load_balance_loss + self.z_weight * route.z_loss
         self.last_stats = MoEStats(
             route.load_balance_loss.detach(), route.z_loss.detach(), route.tokens_per_expert_E, dropped

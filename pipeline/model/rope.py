@@ -64,10 +64,19 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float, scaling: YaRNScaling | None):
         super().__init__()
         self.inv_freq, self.attention_factor = rope_frequencies(head_dim, theta, scaling)
+        # One copy per device: a host-to-device copy every forward would be a sync per micro-batch.
+        self._inv_freq_on: dict[torch.device, torch.Tensor] = {self.inv_freq.device: self.inv_freq}
+
+    def inv_freq_on(self, device: torch.device) -> torch.Tensor:
+        """The fp32 inverse frequencies on `device`, copied there once."""
+        cached = self._inv_freq_on.get(device)
+        if cached is None:
+            cached = self._inv_freq_on[device] = self.inv_freq.to(device)
+        return cached
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [..., head_dim/2] in `dtype` for integer positions [...] ([T] or [B, T])."""
-        inv_freq = self.inv_freq.to(positions.device)
+        inv_freq = self.inv_freq_on(positions.device)
         freqs = positions.float()[..., None] * inv_freq  # [..., hd/2], fp32 like transformers
         cos = freqs.cos() * self.attention_factor
         sin = freqs.sin() * self.attention_factor

@@ -27,7 +27,9 @@ N = micro_batch x seq_len tokens and a = bytes of the compute dtype (bf16 2, fp3
                     per routed slot (N k of them; balanced routing assumed, so the same under expert
                     parallelism) the gathered input, the expert output and its weighted copy (3 D),
                     gate/up output (2F) plus the clamped-SwiGLU intermediates and output (5F), the
-                    combine weight and int64 routing indices.
+                    combine weight and int64 routing indices. A dropless layer over more than
+                    `MoE.token_chunk` tokens computes (and recomputes in backward) one chunk at a
+                    time: the per-slot terms count one chunk's slots, not the whole sequence's.
   dense MLP block   norm, and the FFN intermediates per token.
   head + loss       the final RMSNorm (8 N D). The chunked LM loss (pipeline/model/loss.py, what the
                     trainer runs) computes the gradients in its forward and keeps them for backward:
@@ -39,6 +41,11 @@ N = micro_batch x seq_len tokens and a = bytes of the compute dtype (bf16 2, fp3
 
 With activation checkpointing each block keeps only its input (a N D); in backward one block is
 recomputed at a time, so one block's full activations come back on top.
+
+Sequence parallelism over P ranks (pipeline/train/sequence_parallel.py): N above is the rank's
+T/P tokens; the attention kernel's terms are those of the whole sequence T for H/P query heads and
+max(Hkv/P, 1) KV heads (Ulysses hands each rank whole-sequence q/k/v of its heads; the all-to-alls
+save nothing), so they fall as 1/P too, except the SDPA mask [T, T+1], which stays whole.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ import torch
 from pipeline.model import GPTOSSConfig
 from pipeline.model.flex_attention import resolve_attention_backend
 from pipeline.model.loss import default_chunk_rows
+from pipeline.model.moe import DEFAULT_TOKEN_CHUNK
 
 ATTENTION_KERNELS = ("flex", "sdpa-math", "sdpa-fused")
 
@@ -68,6 +76,8 @@ class ActivationMemory:
     """Bytes kept per micro-batch with checkpointing: every block's input."""
     attention_kernel: str
     """The attention kernel the figures assume (one of ATTENTION_KERNELS)."""
+    sequence_parallel: int = 1
+    """Ranks each sequence is split over; the figures are per rank."""
 
     @property
     def saved_without_checkpointing(self) -> int:
@@ -112,9 +122,12 @@ def _cast(a: int) -> int:
     return 4 + (a if a != 4 else 0)
 
 
-def _attention_kernel_bytes(config: GPTOSSConfig, layer: int, batch: int, seq_len: int, a: int, kernel: str) -> int:
+def _attention_kernel_bytes(
+    config: GPTOSSConfig, layer: int, batch: int, seq_len: int, a: int, kernel: str, sp: int = 1
+) -> int:
+    """The kernel's saved tensors on one rank: the whole sequence for its H/sp heads."""
     N, T = batch * seq_len, seq_len
-    H, Hkv, d = config.n_head, config.kv_heads, config.head_size
+    H, Hkv, d = config.n_head // sp, max(config.kv_heads // sp, 1), config.head_size
     sink = 1 if config.use_attention_sinks else 0
     if kernel == "flex":
         out = a * N * H * d * 2  # q and the output  [B, H, T, d]
@@ -138,11 +151,11 @@ def _attention_kernel_bytes(config: GPTOSSConfig, layer: int, batch: int, seq_le
     return out
 
 
-def _block_bytes(config: GPTOSSConfig, layer: int, batch: int, seq_len: int, a: int, kernel: str) -> int:
-    N, D = batch * seq_len, config.n_embd
+def _block_bytes(config: GPTOSSConfig, layer: int, batch: int, seq_len: int, a: int, kernel: str, sp: int = 1) -> int:
+    N, D = batch * seq_len // sp, config.n_embd  # this rank's tokens
     H, d = config.n_head, config.head_size
     norm = _norm_bytes(config, N, a)
-    attn = norm + _attention_kernel_bytes(config, layer, batch, seq_len, a, kernel)
+    attn = norm + _attention_kernel_bytes(config, layer, batch, seq_len, a, kernel, sp)
     if kernel != "sdpa-fused" or config.use_attention_sinks or config.position_embedding == "rope":
         # o_proj input is a copy unless q came straight from q_proj into a fused SDPA kernel: then the
         # output is laid out [B, T, H, d] (like q) and the reshape for o_proj is a view of it.
@@ -150,9 +163,10 @@ def _block_bytes(config: GPTOSSConfig, layer: int, batch: int, seq_len: int, a: 
     ffn = norm
     if config.is_moe_layer(layer):
         S = N * config.top_k
+        tiled = N if config.capacity_factor is not None else min(N, DEFAULT_TOKEN_CHUNK)
         ffn += (8 + a) * N * config.n_experts  # router logits, fp32 softmax and logsumexp input
-        # per slot: gathered input, expert output and its weighted copy (3 D), FFN intermediates
-        ffn += S * a * (3 * D + _ffn_intermediates(config, config.expert_hidden))
+        # per slot (of one token chunk): gathered input, expert output and its weighted copy (3 D), FFN intermediates
+        ffn += tiled * config.top_k * a * (3 * D + _ffn_intermediates(config, config.expert_hidden))
         ffn += S * (a + 3 * 8)  # combine weights, int64 routing indices
     else:
         ffn += N * a * _ffn_intermediates(config, config.dense_hidden)
@@ -183,17 +197,37 @@ def chunked_loss_bytes(config: GPTOSSConfig, tokens: int, a: int, chunk_rows: in
 
 
 def activation_memory(
-    config: GPTOSSConfig, micro_batch: int, seq_len: int, act_bytes: int, kernel: str | None = None
+    config: GPTOSSConfig, micro_batch: int, seq_len: int, act_bytes: int, kernel: str | None = None, sp: int = 1
 ) -> ActivationMemory:
-    """Activation memory of one micro-batch; `kernel` defaults to what `attention_kernel` picks on CUDA."""
+    """Activation memory of one micro-batch on one rank; `kernel` defaults to what `attention_kernel`
+    picks on CUDA; `sp` = sequence-parallel ranks the sequence is split over."""
     kernel = attention_kernel(config) if kernel is None else kernel
-    N, D, a = micro_batch * seq_len, config.n_embd, act_bytes
+    N, D, a = micro_batch * seq_len // sp, config.n_embd, act_bytes  # this rank's tokens
     loss_saved, loss_peak = chunked_loss_bytes(config, N, a)
     return ActivationMemory(
-        per_block=[_block_bytes(config, i, micro_batch, seq_len, a, kernel) for i in range(config.n_layer)],
+        per_block=[_block_bytes(config, i, micro_batch, seq_len, a, kernel, sp) for i in range(config.n_layer)],
         head=(8 if config.use_rms_norm else a) * N * D,  # the final norm; the loss keeps gradients instead
         loss_saved=loss_saved,
         loss_peak=loss_peak,
         checkpointed_inputs=config.n_layer * a * N * D,
         attention_kernel=kernel,
+        sequence_parallel=sp,
+    )
+
+
+def math_kernel_notice(config: GPTOSSConfig, micro_batch: int, seq_len: int, act_bytes: int) -> str | None:
+    """One line for a CUDA training run whose attention falls to SDPA's math kernel (attention_backend
+    sdpa with sinks, or auto with dropout > 0), with what it costs; None when it does not."""
+    if attention_kernel(config) != "sdpa-math":
+        return None
+    math_ = activation_memory(config, micro_batch, seq_len, act_bytes, kernel="sdpa-math")
+    flex = activation_memory(config, micro_batch, seq_len, act_bytes, kernel="flex")
+    extra = max(m - f for m, f in zip(math_.per_block, flex.per_block, strict=True))
+    why = (f"attention_backend=auto with dropout={config.dropout} (FlexAttention has no dropout)"
+           if config.attention_backend == "auto" else f"attention_backend={config.attention_backend}")
+    return (
+        f"attention runs SDPA's math kernel on CUDA ({why}): fp32 [B, H, T, T+1] = [{micro_batch}, "
+        f"{config.n_head}, {seq_len}, {seq_len + 1}] scores, {extra / 2**30:.2f} GiB more activation memory per "
+        f"layer than FlexAttention (x{config.n_layer} layers without activation checkpointing) and roughly "
+        "30x flash's attention time (estimated); set model.attention_backend=auto and model.dropout=0 for FlexAttention"
     )

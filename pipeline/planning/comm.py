@@ -17,6 +17,13 @@ or 3 with activation checkpointing (the recomputed forward gathers and exchanges
                       (combine) in forward, again in the recompute, and their gradients in backward,
                       plus the per-expert row counts. Summed over the ranks this is exact; per rank
                       it assumes balanced routing.
+  SP all-to-all       sequence parallelism over P ranks (Ulysses): per attention layer and
+                      micro-batch, q, k, v and the output are each exchanged once, every rank passing
+                      its [B, T/P, heads, d] tensors (H query heads; K/V with max(Hkv, P) heads, as KV
+                      heads are repeated when fewer than P) in the activation dtype: forward, the
+                      recompute, and the gradients in backward. Plus one all-reduce of the expert
+                      counts per MoE layer and forward pass (the whole sequence's load-balancing loss).
+                      EP rows are then the rank's T/P tokens.
   ZeRO-2              gradients reduce-scattered per micro-batch, updated parameters all-gathered
                       once per step, whole model each.
 
@@ -58,7 +65,7 @@ class Transfer:
     label: str
     collective: str
     group: str
-    """world | edp | ep"""
+    """world | edp | ep | sp"""
     group_size: int
     bytes: int
     """Bytes this rank passes to the collective per step (all-gather: the gathered output;
@@ -84,11 +91,12 @@ class Communication:
                    if t.collective == collective and (group is None or t.group == group))
 
 
-def _span(group: str, world: int, ep: int, gpus_per_node: int) -> str:
-    """The slowest link a group of DeepSpeed's layout crosses."""
-    if group == "ep":
-        members_per_node = math.gcd(ep, gpus_per_node)
-        return "nvlink" if ep <= gpus_per_node and members_per_node == ep else "network"
+def _span(group: str, world: int, ep: int, gpus_per_node: int, sp: int = 1) -> str:
+    """The slowest link a group of DeepSpeed's layout crosses (EP and SP groups: consecutive ranks)."""
+    if group in ("ep", "sp"):
+        size = ep if group == "ep" else sp
+        members_per_node = math.gcd(size, gpus_per_node)
+        return "nvlink" if size <= gpus_per_node and members_per_node == size else "network"
     size = world if group == "world" else world // ep
     if size == 1:
         return "none"
@@ -108,6 +116,7 @@ def communication(
     grad_accum: int,
     checkpointing: bool,
     links: Links,
+    sp: int = 1,
 ) -> Communication:
     pb = zero.param_bytes
     bw = {"nvlink": links.nvlink, "network": links.network, "none": math.inf}
@@ -115,7 +124,7 @@ def communication(
     out: list[Transfer] = []
 
     def add(label, collective, group, size, nbytes, overlapped, leaving_fraction=None):
-        link = _span(group, world, ep, gpus_per_node)
+        link = _span(group, world, ep, gpus_per_node, sp)
         if leaving_fraction is None:
             leaving_fraction = (size - 1) / size if size > 1 else 0.0
         link_bytes = int(nbytes * leaving_fraction)
@@ -152,7 +161,7 @@ def communication(
         add("ZeRO-2 all-gather updated params after the step", "all_gather", "world", world, flat * pb, True)
 
     if ep > 1 and config.num_moe_layers:
-        rows = micro_batch * seq_len * config.top_k  # token slots each rank sends per layer
+        rows = micro_batch * seq_len // sp * config.top_k  # token slots each rank sends per layer
         exchanges = (4 if checkpointing else 2) + 2  # fwd (+ recompute) dispatch and combine; 2 in backward
         token_bytes = rows * config.n_embd * pb * exchanges * config.num_moe_layers * grad_accum
         counts = ep * (config.n_experts // ep) * 8 * (2 if checkpointing else 1) * config.num_moe_layers * grad_accum
@@ -162,6 +171,18 @@ def communication(
         add(f"EP all-to-all tokens: {exchanges} exchanges x {config.num_moe_layers} MoE layers x "
             f"{grad_accum} micro-batches", "all_to_all", "ep", ep, token_bytes, False, leaving)
         add("EP all-to-all per-expert row counts", "all_to_all", "ep", ep, counts, False, leaving)
+    if sp > 1:
+        passes = 3 if checkpointing else 2  # forward, recompute, backward
+        heads = 2 * config.n_head + 2 * max(config.kv_heads, sp)  # q and output; k and v
+        per_layer = micro_batch * (seq_len // sp) * heads * config.head_size * pb
+        leaving = (sp - 1) / sp if sp <= gpus_per_node else (sp - min(sp, gpus_per_node)) / sp
+        add(f"SP all-to-all q/k/v/out: {passes} passes x {config.n_layer} layers x {grad_accum} micro-batches",
+            "all_to_all", "sp", sp, per_layer * passes * config.n_layer * grad_accum, False, leaving)
+        if config.num_moe_layers:
+            per_seq = micro_batch * 4 if config.aux_loss_granularity == "sequence" else 8  # fp32 [B, E] or int64 [E]
+            forwards = 2 if checkpointing else 1
+            add("SP all-reduce of expert counts (load-balancing loss)", "all_reduce", "sp", sp,
+                per_seq * config.n_experts * forwards * config.num_moe_layers * grad_accum, False)
     return Communication(out)
 
 

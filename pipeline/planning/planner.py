@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pipeline.errors import ConfigError
 from pipeline.hardware import GPUS, GPUSpec
 from pipeline.model import GPTOSSConfig, count_parameters
-from pipeline.model.flops import flops_per_token
+from pipeline.model.flops import flops_per_token, seconds_at_mfu
 from pipeline.planning.activations import ActivationMemory, activation_memory, attention_kernel
 from pipeline.planning.comm import Communication, Links, StartupMemory, communication, startup_memory
 from pipeline.planning.zero import (
@@ -28,6 +28,7 @@ from pipeline.planning.zero import (
 from pipeline.train.config import RunConfig, resolve_model_config
 from pipeline.train.ds_config import build_ds_config
 from pipeline.train.expert_parallel import check_expert_parallel_size
+from pipeline.train.sequence_parallel import check_sequence_parallel_size
 
 GiB = 1024**3
 
@@ -60,6 +61,8 @@ class Plan:
     gpus_per_node: int
     world: int
     ep: int
+    sp: int
+    """Sequence-parallel ranks per sample (1 = off)."""
     zero: ZeroSettings
     elements: RankElements
     state: StateMemory
@@ -98,6 +101,11 @@ class Plan:
         return self.world // self.ep
 
     @property
+    def dp(self) -> int:
+        """Data-parallel ranks: distinct samples per micro-batch step."""
+        return self.world // self.sp
+
+    @property
     def bound(self) -> str:
         """What sets the step time: compute, or the ZeRO traffic that prefetch cannot hide behind it."""
         return "compute" if self.compute_s >= self.comm.seconds(overlapped=True) else "communication"
@@ -129,17 +137,20 @@ class Planner:
             check_expert_parallel_size(self.ep, self.ep, self.config.n_experts)
         elif self.ep != 1:
             raise ConfigError(f"parallel.expert_parallel_size ({self.ep}) must be 1 for a model without MoE layers")
+        self.sp = self.run.parallel.sequence_parallel_size
+        check_sequence_parallel_size(self.sp, self.sp, self.config, self.run.data.seq_len)
         self.params, self.counts = _model_tables(self.config)
         t = self.run.train
         act_bytes = 2 if self.run.precision == "bf16" else 4
-        self.activations = activation_memory(self.config, t.micro_batch_size, self.run.data.seq_len, act_bytes)
+        self.activations = activation_memory(self.config, t.micro_batch_size, self.run.data.seq_len, act_bytes,
+                                             sp=self.sp)
         # The same micro-batch under the other backend, for the report's comparison line.
         other = "sdpa" if self.activations.attention_kernel == "flex" else "flex"
         self.alternative = None
         if other == "sdpa" or self.config.dropout == 0:
             alt_config = dataclasses.replace(self.config, attention_backend=other)
             self.alternative = (other, attention_kernel(alt_config), activation_memory(
-                alt_config, t.micro_batch_size, self.run.data.seq_len, act_bytes))
+                alt_config, t.micro_batch_size, self.run.data.seq_len, act_bytes, sp=self.sp))
         self.flops = flops_per_token(self.config, self.run.data.seq_len)
         build_ds_config(self.run, world_size=self.ep, use_cuda=True)  # refuse bad DeepSpeed JSON up front
 
@@ -149,6 +160,7 @@ class Planner:
         world = nodes * self.gpus_per_node
         if self.config.num_moe_layers:
             check_expert_parallel_size(self.ep, world, self.config.n_experts)
+        check_sequence_parallel_size(self.sp, world, self.config, self.run.data.seq_len)
         ds = build_ds_config(self.run, world_size=world, use_cuda=True)
         zero = ZeroSettings.from_ds_config(ds)
         elements = rank_elements(self.params, zero, world, self.ep)
@@ -160,22 +172,23 @@ class Planner:
             backend, kernel, memory = self.alternative
             alternative = (backend, kernel, memory.total(ckpt))
         t = self.run.train
-        tokens = t.micro_batch_size * t.grad_accum_steps * world * self.run.data.seq_len
+        tokens = t.micro_batch_size * t.grad_accum_steps * (world // self.sp) * self.run.data.seq_len
         peak = self.gpu.peak(self.run.precision)
-        compute = tokens * self.flops["total"] / (world * peak * self.mfu)
+        compute = seconds_at_mfu(tokens, self.flops, world * peak, self.mfu)
         comm = communication(
             self.config, self.params, zero, world=world, ep=self.ep, gpus_per_node=self.gpus_per_node,
             micro_batch=t.micro_batch_size, seq_len=self.run.data.seq_len, grad_accum=t.grad_accum_steps,
-            checkpointing=ckpt, links=self.links,
+            checkpointing=ckpt, links=self.links, sp=self.sp,
         )
-        # ZeRO gathers / reduce-scatters overlap compute (prefetch, overlap_comm); the expert
-        # all-to-all is synchronous inside the MoE layer, so it adds.
+        # ZeRO gathers / reduce-scatters overlap compute (prefetch, overlap_comm); the expert and
+        # sequence-parallel all-to-alls are synchronous inside their layers, so they add.
         step_time = max(compute, comm.seconds(overlapped=True)) + comm.seconds(overlapped=False)
         return Plan(
             nodes=nodes,
             gpus_per_node=self.gpus_per_node,
             world=world,
             ep=self.ep,
+            sp=self.sp,
             zero=zero,
             elements=elements,
             state=state,

@@ -62,11 +62,13 @@ def render_text(planner: Planner, plan: Plan, source: str, table: list[Plan | st
         f"params    total {_b(c['total'])}  active {_b(c['active'])}  expert {_b(c['expert'])}  "
         f"non-expert {_b(c['non_expert'])}  (embedding {_b(c['embedding'])})",
         f"layout    {plan.nodes} node(s) x {plan.gpus_per_node} GPUs = {plan.world} ranks ({plan.gpu.name}), "
-        f"ZeRO-{z.stage}, EP {plan.ep} (expert-data-parallel {plan.edp}), {run.precision}, "
+        f"ZeRO-{z.stage}, EP {plan.ep} (expert-data-parallel {plan.edp}), SP {plan.sp}, {run.precision}, "
         f"optimizer offload {'cpu' if z.offload_optimizer else 'none'}, "
         f"activation checkpointing {'on' if ckpt else 'off'}",
         f"tokens    micro-batch {run.train.micro_batch_size} x seq {run.data.seq_len} x grad-accum "
-        f"{run.train.grad_accum_steps} x {plan.world} ranks = {plan.tokens_per_step:,} tokens/step",
+        f"{run.train.grad_accum_steps} x {plan.dp} data-parallel ranks = {plan.tokens_per_step:,} tokens/step"
+        + (f" (each sequence split over {plan.sp} ranks: {run.data.seq_len // plan.sp:,} tokens per rank)"
+           if plan.sp > 1 else ""),
         "",
         f"per-rank state elements: partition {plan.elements.partition:,} (expert {plan.elements.expert_partition:,}, "
         f"non-expert {plan.elements.non_expert_partition:,}, padding on the last rank {plan.elements.padding:,})",
@@ -102,7 +104,7 @@ def render_text(planner: Planner, plan: Plan, source: str, table: list[Plan | st
         f"{f['attention'] / 1e9:.2f}; forward+backward)",
         f"step      compute {_duration(plan.compute_s)} at {plan.mfu:.0%} MFU of {peak / 1e12:.1f} TFLOP/s "
         f"{run.precision} per {plan.gpu.name}  |  ZeRO communication {_duration(zero_s)} (overlaps compute)  "
-        f"|  EP all-to-all {_duration(a2a_s)} (on the critical path)",
+        f"|  EP/SP all-to-all {_duration(a2a_s)} (on the critical path)",
         f"          -> step {_duration(plan.step_time_s)} = max(compute, ZeRO) + all-to-all, "
         f"{plan.bound}-bound, {plan.tokens_per_s:,.0f} tokens/s",
         "",
@@ -180,6 +182,7 @@ def plan_to_dict(planner: Planner, plan: Plan, smallest: Plan | None, table: lis
             "world": p.world,
             "ep": p.ep,
             "edp": p.edp,
+            "sp": p.sp,
             "zero_stage": p.zero.stage,
             "elements": vars(p.elements),
             "memory_bytes": {label: {"gpu": gpu, "host": host} for label, gpu, host in p.state.rows},

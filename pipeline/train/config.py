@@ -4,7 +4,7 @@
     data:      {train: [[0.7, data/a], [0.3, data/b]], seq_len: 128}
     optim:     {lr: 3e-4, min_lr: 3e-5, warmup_steps: 100, ...}
     train:     {steps: 1000, micro_batch_size: 4, grad_accum_steps: 1, ...}
-    parallel:  {expert_parallel_size: 2, activation_checkpointing: true}
+    parallel:  {expert_parallel_size: 2, activation_checkpointing: true, sequence_parallel_size: 1}
     precision: bf16
     deepspeed_config: ds_configs/zero3.json
     wandb:     {project: my-project, entity: null, name: null, mode: online}   # optional; off when absent
@@ -62,8 +62,9 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables."""
     implementation: str = "auto"
-    """auto | torch | fused: auto = DeepSpeed FusedAdam on GPU, torch.optim.AdamW on CPU
-    (CPU offload always uses DeepSpeedCPUAdam)."""
+    """auto | torch | fused: auto = torch.optim.AdamW (fused=True on GPU: no JIT build), torch =
+    torch.optim.AdamW unfused, fused = DeepSpeed's JIT-built FusedAdam (GPU only; its build is
+    checked at start). CPU offload always uses DeepSpeedCPUAdam."""
 
     def __post_init__(self):
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
@@ -132,6 +133,14 @@ class ParallelConfig:
     """Ranks an MoE layer's experts are split over; must divide the world size and n_experts."""
     activation_checkpointing: bool = False
     """Recompute each block in backward instead of storing its activations."""
+    sequence_parallel_size: int = 1
+    """Ranks each sample's sequence is split over (Ulysses, pipeline/train/sequence_parallel.py); must
+    divide the world size, n_head and seq_len, and divide n_kv_head or be a multiple of it. The global
+    batch is micro_batch_size x grad_accum_steps x world / sequence_parallel_size."""
+
+    def __post_init__(self):
+        if self.sequence_parallel_size < 1:
+            raise ConfigError(f"parallel.sequence_parallel_size ({self.sequence_parallel_size}) must be >= 1")
 
 
 WANDB_MODES = ("online", "offline", "disabled")
@@ -231,6 +240,10 @@ class RunConfig:
         # Typed like every other section: `model.n_experts=three` fails here, naming the key. Keys that
         # are not GPTOSSConfig fields (preset, ...) pass through to their own checks.
         self.model = convert_fields(GPTOSSConfig, self.model, "model")
+        if self.eval.tasks and self.parallel.sequence_parallel_size > 1:
+            # Scoring deals whole requests to ranks; Ulysses needs a group's ranks to share one sequence.
+            raise ConfigError("eval.tasks cannot run in the loop with parallel.sequence_parallel_size > 1 yet; "
+                              "leave eval.tasks empty and run python -m pipeline.evaluate on the checkpoints")
 
     @property
     def model_overrides(self) -> dict[str, Any]:

@@ -104,17 +104,15 @@ def build_ds_config(run: RunConfig, world_size: int, use_cuda: bool | None = Non
     impl = o.implementation
     if impl == "fused" and not use_cuda:
         raise ConfigError("optim.implementation=fused needs a CUDA GPU; use auto or torch on CPU")
-    torch_adam = not offload_opt and (impl == "torch" or (impl == "auto" and not use_cuda))
-    ds["optimizer"] = {
-        "type": "AdamW",
-        "params": {
-            "lr": o.lr,
-            "betas": [o.beta1, o.beta2],
-            "eps": o.eps,
-            "weight_decay": o.weight_decay,
-            "torch_adam": torch_adam,
-        },
-    }
+    # auto = torch.optim.AdamW, fused on CUDA: the same updates as DeepSpeed's FusedAdam to fp32
+    # rounding (tests/train/test_optimizer_choice.py) without FusedAdam's JIT build at the first step
+    # (75 s, and failing on CUDA 13 toolkits laid out as the pip wheels lay them out).
+    torch_adam = not offload_opt and impl in ("torch", "auto")
+    params = {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay,
+              "torch_adam": torch_adam}
+    if torch_adam and impl == "auto" and use_cuda:
+        params["fused"] = True  # DeepSpeed passes it on to torch.optim.AdamW
+    ds["optimizer"] = {"type": "AdamW", "params": params}
     if offload_opt or not torch_adam:
         # DeepSpeed's own Adam kernels are JIT-built on first use; torch AdamW needs no build.
         ds["zero_allow_untested_optimizer"] = True

@@ -11,6 +11,7 @@ never holds its whole share), under ZeRO-2 `deepspeed.initialize` partitions a C
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import warnings
 
@@ -28,7 +29,8 @@ from pipeline.train.expert_parallel import (
     tag_expert_parallel_parameters,
     tag_expert_parameters,
 )
-from pipeline.train.optim import param_groups
+from pipeline.train.optim import check_optimizer_builds, param_groups
+from pipeline.train.sequence_parallel import apply_sequence_parallel, create_sequence_groups
 
 
 def quiet_library_warnings() -> None:
@@ -80,8 +82,12 @@ def build_model(cfg: RunConfig, model_cfg: GPTOSSConfig, world: int, ds_config: 
     torch.manual_seed(cfg.train.seed)  # the same init_seed on every rank
     with torch.device("meta"):
         model = GPTOSS(model_cfg)
+    if torch.cuda.is_available():  # draw initial weights on this rank's GPU (pipeline/model/init.py)
+        model.init_device = torch.device("cuda", torch.cuda.current_device())
     if groups is not None:
         apply_expert_parallel(model, groups)
+    if cfg.parallel.sequence_parallel_size > 1:  # no parameters added: before materialising is fine
+        apply_sequence_parallel(model, create_sequence_groups(cfg.parallel.sequence_parallel_size))
     if is_zero3(ds_config):
         materialize_partitioned(model, ds_config)
     else:
@@ -141,6 +147,7 @@ def build_engine(cfg: RunConfig, model_cfg: GPTOSSConfig, ds_config: dict, world
     """The DeepSpeed engine for `model_cfg` trained as `cfg` describes."""
     import deepspeed
 
+    check_optimizer_builds(ds_config)  # before the (slow) model build
     model = build_model(cfg, model_cfg, world, ds_config)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config
@@ -149,3 +156,27 @@ def build_engine(cfg: RunConfig, model_cfg: GPTOSSConfig, ds_config: dict, world
         if isinstance(m, TopKRouter) and m.expert_bias is not None:
             m.expert_bias = m.expert_bias.float()
     return engine
+
+
+def release_engine(engine) -> None:
+    """Free what DeepSpeed 0.19.8 keeps of a finished ZeRO-3 engine, so a second engine in the same
+    process does not need both memories (bench_gpu.py runs one per attention backend).
+
+    `del engine; gc.collect()` is not enough there: the module stays referenced from
+    `runtime/zero/parameter_offload.FWD_MODULE_STACK` and from the class-level `functools.lru_cache`
+    of `PartitionedParameterCoordinator.__params_to_release`. Clears both after `engine.destroy()`.
+    The caller must drop its own references to the engine (and its module, optimizer, outputs);
+    the memory is returned by the `gc.collect()` here or the caller's next one.
+    """
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    engine.destroy()
+    parameter_offload.FWD_MODULE_STACK.clear()
+    fn = PartitionedParameterCoordinator._PartitionedParameterCoordinator__params_to_release
+    if not hasattr(fn, "cache_clear"):  # wrapped by DeepSpeed's instrument_w_nvtx, which drops __wrapped__
+        fn = next(c.cell_contents for c in fn.__closure__ or () if hasattr(c.cell_contents, "cache_clear"))
+    fn.cache_clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

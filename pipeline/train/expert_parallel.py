@@ -136,9 +136,12 @@ class ExpertParallelExperts(nn.Module):
         # One small exchange tells every rank how many rows each peer sends to each of its
         # experts; the row splits must be known on the host before the token all-to-all.
         dist.all_to_all_single(recv_counts, send_counts, group=group)
-        # The one host sync of an MoE layer: all_to_all needs its splits as Python ints.
-        send_splits = send_counts.sum(1).tolist()
-        recv_splits = recv_counts.sum(1).tolist()
+        # The one host sync of an MoE layer per pass: all_to_all needs its splits as Python ints,
+        # so both count tables come over in one .tolist(); backward reuses them (_AllToAll's ctx),
+        # and the local experts get their counts on the host too (their loop path reads them).
+        send_table, recv_table = torch.stack([send_counts, recv_counts]).tolist()  # 2 x [ep][n_local]
+        send_splits = [sum(row) for row in send_table]
+        recv_splits = [sum(row) for row in recv_table]
         n_send, n_recv = sum(send_splits), sum(recv_splits)
         padding = x_MD.shape[0] - n_send
         if padding and not padded:
@@ -149,12 +152,14 @@ class ExpertParallelExperts(nn.Module):
         # (known from the splits) keeps repeat_interleave from syncing again to learn it.
         expert_of_row = torch.repeat_interleave(
             torch.arange(n_local, device=x_MD.device).repeat(ep),
-            recv_counts.flatten().to(x_MD.device),
+            recv_counts.flatten(),
             output_size=n_recv,
         )
         order = torch.argsort(expert_of_row, stable=True)
-        y_sorted = self.local(x_recv[order], recv_counts.sum(0))
-        y_recv = y_sorted[torch.argsort(order)]  # undo the regrouping (a gather, cheap in backward)
+        local_counts = [sum(col) for col in zip(*recv_table, strict=True)]  # [n_local] rows per local expert
+        # index_select, not x[order]: its backward is index_add_, far faster on CPU than index_put_.
+        y_sorted = self.local(x_recv.index_select(0, order), recv_counts.sum(0), host_counts=local_counts)
+        y_recv = y_sorted.index_select(0, torch.argsort(order))  # undo the regrouping
         y_MD = all_to_all(y_recv, send_splits, recv_splits, group)  # [n_send, D], original row order
         return F.pad(y_MD, (0, 0, 0, padding)) if padding else y_MD  # padding rows output zero
 

@@ -24,7 +24,7 @@ import torch
 
 from pipeline.errors import ConfigError
 from pipeline.io_utils import atomic_write_text
-from pipeline.model.flops import model_flops_utilization
+from pipeline.model.flops import achieved_flops, model_flops_utilization
 from pipeline.train.config import WandbConfig
 
 LOSS_KEYS = ("loss/total", "loss/lm", "loss/aux", "moe/load_balance_loss", "moe/z_loss")
@@ -81,7 +81,7 @@ def throughput(tokens: int, elapsed: float, flops_per_token: float, world: int,
     peak is known."""
     tokens_per_s = tokens / max(elapsed, 1e-9)
     values = {"perf/tokens_per_s": tokens_per_s,
-              "perf/model_tflops_per_rank": tokens_per_s * flops_per_token / world / 1e12}
+              "perf/model_tflops_per_rank": achieved_flops(tokens_per_s, flops_per_token) / world / 1e12}
     if peak_tflops:
         values["perf/mfu"] = model_flops_utilization(tokens_per_s, flops_per_token, world * peak_tflops * 1e12)
     return values

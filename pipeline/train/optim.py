@@ -50,3 +50,36 @@ def make_torch_adamw(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(
         param_groups(model, optim.weight_decay), lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps
     )
+
+
+def cuda_include_hint() -> str:
+    """Where the pip CUDA wheels keep their headers (what a FusedAdam build needs on CPATH), if installed."""
+    import glob
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
+    found = sorted({d for root in roots for d in glob.glob(f"{root}/cu*/include")})
+    return ":".join(found) or "<site-packages>/nvidia/cu13/include"
+
+
+def check_optimizer_builds(ds_config: dict) -> None:
+    """optim.implementation=fused: build (or load) DeepSpeed's FusedAdam now, at start-up, and turn a
+    failed build into one line that says what to set, instead of a compiler log at the first step."""
+    from pipeline.errors import ConfigError
+
+    params = ds_config.get("optimizer", {}).get("params", {})
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if params.get("torch_adam", False) or offload not in ("none", None) or not torch.cuda.is_available():
+        return
+    try:
+        from deepspeed.ops.op_builder import FusedAdamBuilder
+
+        FusedAdamBuilder().load()
+    except Exception as e:  # noqa: BLE001 (any build failure ends in the same advice)
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ConfigError(
+            f"optim.implementation=fused: DeepSpeed could not build FusedAdam ({first[:200]}); on a CUDA 13 "
+            f"toolkit set CPATH={cuda_include_hint()} and DS_SKIP_CUDA_CHECK=1, or use optim.implementation=auto "
+            "(torch's fused AdamW, no build)"
+        ) from e

@@ -26,6 +26,7 @@ from pipeline.hardware import detect_peak_tflops
 from pipeline.model import MoE
 from pipeline.model.flex_attention import resolve_attention_backend
 from pipeline.model.flops import flops_per_token
+from pipeline.planning.activations import math_kernel_notice
 from pipeline.train import health
 from pipeline.train.checkpoint.init_from import WeightsFolder, load_initial_weights
 from pipeline.train.checkpoint.manager import CheckpointManager, read_latest
@@ -45,6 +46,7 @@ from pipeline.train.metrics import (
 )
 from pipeline.train.optim import lr_at
 from pipeline.train.policy import LoopPolicy
+from pipeline.train.sequence_parallel import check_sequence_parallel_size, data_parallel_coords
 
 
 class Trainer:
@@ -57,6 +59,8 @@ class Trainer:
             source_paths(cfg.data.train) + source_paths(cfg.data.valid or []), self.model_cfg.vocab_size
         )
         check_expert_parallel_size(cfg.parallel.expert_parallel_size, self.world, self.model_cfg.n_experts)
+        check_sequence_parallel_size(cfg.parallel.sequence_parallel_size, self.world, self.model_cfg, cfg.data.seq_len)
+        self.dp_rank, self.dp_world = data_parallel_coords(self.rank, self.world, cfg.parallel.sequence_parallel_size)
         # At start, not at the first forward: e.g. `flex` cannot train on CPU (no backward there).
         resolve_attention_backend(self.model_cfg.attention_backend, torch.device("cuda" if torch.cuda.is_available()
                                   else "cpu"), training=True, dropout=self.model_cfg.dropout)
@@ -65,7 +69,7 @@ class Trainer:
         self.downstream = DownstreamEvaluator.for_data(cfg.eval, source_paths(cfg.data.train)[0],
                                                        self.model_cfg.block_size, self.rank, self.world)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last)
-        self.ckpt.check_resume(self.resolved_model(), cfg.train, self.run_dir)
+        self.ckpt.check_resume(self.resolved_model(), cfg.train, self.run_dir, cfg.parallel.sequence_parallel_size)
         init_folder = None
         if cfg.init_from and self.ckpt.latest() is None:
             init_folder = WeightsFolder(cfg.init_from)
@@ -86,15 +90,18 @@ class Trainer:
         t, seed, seq_len = cfg.train, cfg.data.seed, cfg.data.seq_len
         self.train_data = build_dataset(cfg.data.train, "train", seq_len, seed)
         self.train_iter = MicroBatchIterator(
-            self.train_data, t.micro_batch_size, self.rank, self.world, consumed
+            self.train_data, t.micro_batch_size, self.dp_rank, self.dp_world, consumed
         )
         self.valid_data = build_dataset(cfg.data.valid or cfg.data.train, "valid", seq_len, seed)
 
-        self.tokens_per_step = t.micro_batch_size * t.grad_accum_steps * self.world * seq_len
+        self.tokens_per_step = t.micro_batch_size * t.grad_accum_steps * self.dp_world * seq_len
         self.flops_per_token = flops_per_token(self.model_cfg, seq_len)["total"]
         self.peak_tflops = t.peak_tflops or detect_peak_tflops()
         self.log = MetricsLogger(self.run_dir, self.rank == 0, cfg.tensorboard, t.steps, wandb=cfg.wandb,
                                  run_config=yaml.safe_load(self.run_files()["config.yaml"]))
+        if self.engine.device.type == "cuda" and (notice := math_kernel_notice(
+                self.model_cfg, t.micro_batch_size, seq_len, 2 if cfg.precision == "bf16" else 4)):
+            self.log.message(notice)  # once, at start: every step pays it
         self.stop = health.StopSignal(self.engine.device)
         self.fault = health.FaultInjection.from_env(self.rank)
         self.spikes = health.SpikeDetector(t.spike_sigma, t.spike_window)
@@ -196,7 +203,7 @@ class Trainer:
             return None
         self.engine.eval()
         # The same validation samples every time, so evaluations are comparable across steps.
-        it = MicroBatchIterator(self.valid_data, self.cfg.train.micro_batch_size, self.rank, self.world, 0)
+        it = MicroBatchIterator(self.valid_data, self.cfg.train.micro_batch_size, self.dp_rank, self.dp_world, 0)
         total = torch.zeros(1, dtype=torch.float64, device=self.engine.device)
         for _ in range(self.cfg.train.eval_iters):
             total += compute_loss(self.engine, it.next().to(self.engine.device)).lm.detach().double()
@@ -216,7 +223,8 @@ class Trainer:
             "consumed_samples": self.train_iter.consumed_samples,
             "world_size": self.world,
             "expert_parallel_size": self.cfg.parallel.expert_parallel_size,
-            "global_batch_size": self.cfg.train.micro_batch_size * self.cfg.train.grad_accum_steps * self.world,
+            "sequence_parallel_size": self.cfg.parallel.sequence_parallel_size,
+            "global_batch_size": self.cfg.train.micro_batch_size * self.cfg.train.grad_accum_steps * self.dp_world,
             "eval_history": self.eval_history,
             "skipped_steps": self.skipped_total,
         }
@@ -268,7 +276,8 @@ class Trainer:
             return
         self.log.message(
             f"training {self.model_cfg.n_layer}-layer model, world {self.world}, "
-            f"ep {self.cfg.parallel.expert_parallel_size}, {self.tokens_per_step:,} tokens/step, "
+            f"ep {self.cfg.parallel.expert_parallel_size}, sp {self.cfg.parallel.sequence_parallel_size}, "
+            f"{self.tokens_per_step:,} tokens/step, "
             f"steps {self.step} -> {t.steps}; tensorboard --logdir {self.log.tb_dir}"
         )
         self.log.start(self.step)

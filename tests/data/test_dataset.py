@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import struct
 
 import numpy as np
@@ -16,6 +17,7 @@ from pipeline.data import (
     load_manifest,
 )
 from pipeline.data.blending import integer_weights
+from pipeline.data.indexed import IndexedDatasetWriter, encode_index
 from pipeline.errors import DataError
 from tests.data.reader_util import read_split
 
@@ -174,6 +176,31 @@ def test_megatron_prefix_with_multi_sequence_documents(tmp_path):
     windows = sorted(tuple(ds[i].tolist()) for i in range(3))
     stream = sum((list(range(5 + s, 5 + s + n)) for s, n in [(0, 5), (5, 5), (10, 2)]), [])
     assert all(len(w) == 4 and set(w) <= set(stream) for w in windows)
+
+
+def test_streamed_writer_output_and_temporaries(tmp_path):
+    """The streamed .bin/.idx pair is the documents back to back plus `encode_index` of their sizes,
+    under its final names only once finalized; leftovers of a killed writer and aborts leave nothing."""
+    prefix = tmp_path / "train_00000"
+    (tmp_path / "train_00000.bin.tmp").write_bytes(b"killed writer")
+    (tmp_path / "train_00000.idx.tmp").write_bytes(b"killed writer")
+    w = IndexedDatasetWriter(prefix, np.uint16)
+    w.add_documents(np.array([5, 6, 7, 8, 9]), np.array([3, 2]))
+    w.add_documents(np.array([10]), np.array([1]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train_00000.bin.tmp"]
+    info = w.finalize()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train_00000.bin", "train_00000.idx"]
+    assert (tmp_path / "train_00000.bin").read_bytes() == np.arange(5, 11, dtype=np.uint16).tobytes()
+    index = encode_index(np.uint16, np.array([3, 2, 1]))
+    assert (tmp_path / "train_00000.idx").read_bytes() == index
+    assert info["idx_sha256"] == hashlib.sha256(index).hexdigest() and (info["documents"], info["tokens"]) == (3, 6)
+    assert info["bin_sha256"] == hashlib.sha256(np.arange(5, 11, dtype=np.uint16).tobytes()).hexdigest()
+    assert MMapIndexedDataset(prefix)[1].tolist() == [8, 9]
+
+    w = IndexedDatasetWriter(tmp_path / "valid_00000", np.uint16)
+    w.add_documents(np.array([1, 2]), np.array([2]))
+    w.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train_00000.bin", "train_00000.idx"]
 
 
 def test_dataset_errors_are_clear(prepared, tmp_path):

@@ -75,9 +75,11 @@ def test_bad_tasks_are_one_line_errors(tmp_path):
     # The `eval` section is typed and validated like every other section.
     for override, message in (("eval.limit=0", "eval.limit (0) must be >= 1"),
                               ("eval.tasks=hellaswag", "config key eval.tasks = 'hellaswag' must be a list"),
-                              ("eval.num_fewshot=two", "config key eval.num_fewshot = 'two' is not a valid int")):
+                              ("eval.num_fewshot=two", "config key eval.num_fewshot = 'two' is not a valid int"),
+                              ("parallel.sequence_parallel_size=2", "eval.tasks cannot run in the loop with "
+                               "parallel.sequence_parallel_size > 1 yet")):
         with pytest.raises(ConfigError, match=re.escape(message)):
-            load_run_config(None, ["data.train=[d]", override])
+            load_run_config(None, ["data.train=[d]", "eval.tasks=[pycode_tiny]", override])
     assert load_run_config(None, ["data.train=[d]", "eval.downstream_interval=1e3"]).eval.downstream_interval == 1000
     tok_dir = None  # the checks run before any model or tokenizer is used
     cases = {

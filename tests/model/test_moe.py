@@ -267,3 +267,26 @@ def test_reinitialised_shard_holds_its_slice_of_the_full_layer():
     shard.reset_parameters(seed=11, key="blocks.0.experts")
     assert torch.equal(shard.gate_up_proj, full.gate_up_proj[2:4])
     assert torch.equal(shard.down_proj, full.down_proj[2:4])
+
+
+def test_long_sequences_computed_in_token_chunks_equal_one_piece():
+    """Dropless MoE over more than `token_chunk` tokens: chunked (and recomputed in backward) gives the
+    same output, router loss and gradients as one piece, including a short last chunk."""
+    cfg = make_cfg()
+    torch.manual_seed(3)
+    whole = MoE(cfg)
+    tiled = MoE(cfg)
+    tiled.load_state_dict(whole.state_dict())
+    tiled.token_chunk = 7
+    x = torch.randn(2, 25, cfg.n_embd)
+    results = []
+    for moe in (whole, tiled):
+        xi = x.clone().requires_grad_(True)
+        y, router_loss = moe(xi)
+        (y.square().sum() + router_loss).backward()
+        results.append((y.detach(), router_loss.detach(), grads(moe, xi)))
+    (y0, r0, g0), (y1, r1, g1) = results
+    torch.testing.assert_close(y1, y0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(r1, r0, rtol=0, atol=0)
+    for a, b in zip(g1, g0, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

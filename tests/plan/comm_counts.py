@@ -91,7 +91,7 @@ def main() -> None:
     partitioned = all(hasattr(p, "ds_tensor") for p in model.parameters())
 
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.1), config=ds)
-    torch.manual_seed(100 + rank)
+    torch.manual_seed(100 + rank // run.parallel.sequence_parallel_size)  # an SP group shares its samples
     t = run.train
 
     def step():

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,3 +185,28 @@ def test_cli_config_reads_attention_backend(tmp_path, capsys):
     assert runs["auto"]["activations"]["attention_kernel"] == "flex"
     assert runs["sdpa"]["activations"]["attention_kernel"] == "sdpa-math"
     assert runs["sdpa"]["plan"]["activation_bytes"] > runs["auto"]["plan"]["activation_bytes"]
+
+
+def test_sequence_parallel_activations_follow_measured_memory(tmp_path):
+    """Per rank under sequence parallelism 1, 2, 4 at T = 1024 (4 gloo ranks, tests/plan/sp_memory.py):
+    the planner's saved tensors equal autograd's, and its activation figure falls with the SP size as
+    the allocator's measured peaks do (forward, and forward + backward)."""
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "sp.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+                           str(repo / "tests/plan/sp_memory.py"), str(out)],
+                          capture_output=True, text=True, env=env, cwd=repo, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    cfg = get_preset("debug", **report["preset"])
+    measured = {int(sp): r for sp, r in report["results"].items()}
+    planned = {sp: activation_memory(cfg, 1, report["T"], 4, "sdpa-fused", sp=sp) for sp in measured}
+    for sp, r in measured.items():
+        assert planned[sp].saved_without_checkpointing == pytest.approx(r["saved"], rel=0.01), sp
+    for key in ("forward_peak", "peak"):
+        for sp in (2, 4):
+            got = measured[sp][key] / measured[1][key]
+            want = planned[sp].total(False) / planned[1].total(False)
+            assert got == pytest.approx(want, rel=0.07), (key, sp, got, want)
+    assert measured[4]["peak"] < 0.45 * measured[1]["peak"]  # close to 1/N but for the whole-sequence mask

@@ -1,5 +1,6 @@
 """The planner's communication and start-up figures against a real run: 4 gloo ranks, EP 2 with an
-expert-data-parallel group of 2, bf16, activation checkpointing, 2 micro-batches per step. Every
+expert-data-parallel group of 2, sequence parallelism 2 on the same rank pairs, bf16, activation
+checkpointing, 2 micro-batches per step. Every
 collective of one steady-state optimizer step is counted by wrapping torch.distributed
 (tests/plan/comm_counts.py), and the start-up peak RSS of `build_model` is read from the kernel."""
 
@@ -36,7 +37,8 @@ DS_JSON = {
 OVERRIDES = ["model.preset=debug", "model.n_embd=512", "model.intermediate_size=1024", "model.n_experts=8",
              "model.n_layer=8",
              "data.train=[plan-only]", "data.seq_len=32", "precision=bf16", "train.micro_batch_size=2",
-             "train.grad_accum_steps=2", "parallel.expert_parallel_size=2", "parallel.activation_checkpointing=true"]
+             "train.grad_accum_steps=2", "parallel.expert_parallel_size=2", "parallel.activation_checkpointing=true",
+             "parallel.sequence_parallel_size=2"]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,8 @@ def _planned(run):
     zero = ZeroSettings.from_ds_config(build_ds_config(run, world_size=WORLD, use_cuda=False))
     ep, t = run.parallel.expert_parallel_size, run.train
     comm = communication(cfg, params, zero, world=WORLD, ep=ep, gpus_per_node=WORLD, micro_batch=t.micro_batch_size,
-                         seq_len=run.data.seq_len, grad_accum=t.grad_accum_steps, checkpointing=True, links=Links())
+                         seq_len=run.data.seq_len, grad_accum=t.grad_accum_steps, checkpointing=True, links=Links(),
+                         sp=run.parallel.sequence_parallel_size)
     partition = rank_elements(params, zero, WORLD, ep).partition
     return comm, startup_memory(params, zero, partition, ep, cfg.n_experts)
 
@@ -85,8 +88,10 @@ def test_zero3_and_all_to_all_bytes_equal_the_run(measured):
         assert {k.split("/")[1] for k in c if k.startswith("all_gather")} == {"2", str(WORLD)}
     # Routing is uneven, so one rank's all-to-all input varies; summed over the ranks every token
     # slot is sent exactly once each way, which is what the planner's balanced figure adds up to.
+    # The sequence-parallel q/k/v/output exchanges are the same on every rank.
     moved = sum(_total(r["counts"], "all_to_all_single", "in_bytes") for r in results)
-    assert moved == WORLD * comm.bytes_of("all_to_all") > 0
+    assert comm.bytes_of("all_to_all", "sp") > 0 and comm.bytes_of("all_to_all", "ep") > 0
+    assert moved == WORLD * comm.bytes_of("all_to_all")
 
 
 def test_startup_peak_rss_is_within_the_plan(measured):

@@ -16,13 +16,21 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.model import GPTOSS, GroupedExperts, count_parameters, get_preset, list_presets
 from pipeline.model.attention import attention_mask
-from pipeline.model.flops import active_matmul_params, flops_per_token, mean_keys_per_query, model_flops_utilization
+from pipeline.model.flops import (
+    active_matmul_params,
+    flops_per_token,
+    mean_keys_per_query,
+    model_flops_utilization,
+    seconds_at_mfu,
+)
 from pipeline.plan import main
-from pipeline.planning import ZeroSettings, model_param_tensors, rank_elements, state_memory
+from pipeline.planning import Planner, ZeroSettings, model_param_tensors, rank_elements, state_memory
 from pipeline.planning.zero import DS_DEFAULTS
+from pipeline.train.config import load_run_config
 
 REPO = Path(__file__).resolve().parents[2]
-SHIPPED = {"launch/configs/gpt-oss-20b-1node.yaml": 1, "launch/configs/gpt-oss-120b-8node.yaml": 8}
+SHIPPED = {"launch/configs/gpt-oss-20b-1node.yaml": 1, "launch/configs/gpt-oss-120b-8node.yaml": 8,
+           "launch/configs/gpt-oss-20b-1node-128k.yaml": 1, "launch/configs/gpt-oss-120b-8node-64k.yaml": 8}
 
 
 # --- parameter counts -------------------------------------------------------------------------------
@@ -161,6 +169,17 @@ def test_model_flops_utilization():
     f = flops_per_token(get_preset("gpt-oss-20b"), 4096)
     assert model_flops_utilization(1000.0, f, 989.4e12) == pytest.approx(1000 * f["total"] / 989.4e12)
     assert model_flops_utilization(2.0, 3.0, 12.0) == 0.5
+    assert seconds_at_mfu(2.0, 3.0, 12.0, 0.5) == 1.0
+    assert seconds_at_mfu(1000.0, f, 989.4e12, 0.28) == pytest.approx(1000 * f["total"] / (989.4e12 * 0.28))
+
+
+def test_planner_step_compute_is_the_trainers_mfu_inverted():
+    """The trainer's MFU of a step that took the planner's compute time is the planner's --mfu."""
+    run = load_run_config(REPO / "launch/configs/gpt-oss-20b-1node.yaml", [])
+    plan = Planner(run, mfu=0.4).plan(2)
+    peak = plan.world * plan.gpu.peak(run.precision)
+    achieved = model_flops_utilization(plan.tokens_per_step / plan.compute_s, plan.flops_per_token, peak)
+    assert achieved == pytest.approx(0.4, rel=1e-12)
 
 
 # --- CLI ---------------------------------------------------------------------------------------------

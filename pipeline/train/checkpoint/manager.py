@@ -152,10 +152,11 @@ class CheckpointManager:
             dist.barrier()
 
     # --- resume policy ------------------------------------------------------------------------
-    def check_resume(self, model: dict, train: TrainConfig, run_dir: Path) -> None:
+    def check_resume(self, model: dict, train: TrainConfig, run_dir: Path, sequence_parallel_size: int = 1) -> None:
         """ConfigError (before any engine is built) if the latest checkpoint cannot be resumed by
         this run: a different model (`model` is the run's resolved model section), or a different
-        global batch."""
+        global batch (micro-batch x grad-accum x data-parallel ranks = ranks / sequence_parallel_size,
+        for the checkpoint's run and this one)."""
         where = self.latest()
         if where is None:
             return
@@ -168,7 +169,9 @@ class CheckpointManager:
                 "use a new run_dir, or the same model settings to resume"
             )
         written_by = json.loads((where / "trainer_state.json").read_text())["world_size"]
-        check_global_batch(saved_cfg["train"], written_by, train, self.world, where)
+        saved_sp = int(saved_cfg.get("parallel", {}).get("sequence_parallel_size", 1))
+        check_global_batch(saved_cfg["train"], written_by // saved_sp, train, self.world // sequence_parallel_size,
+                           where)
 
     # --- save ---------------------------------------------------------------------------------
     def save(self, engine, step: int, trainer_state: dict, run_files: dict[str, str]) -> Path:

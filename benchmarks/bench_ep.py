@@ -1,0 +1,164 @@
+"""Expert parallelism's step time against no expert parallelism, at equal work, on the same ranks.
+
+    python benchmarks/bench_ep.py [--nproc 2] [--steps 20] [--warmup 3] [--repeats 2] [--profile]
+
+Both runs train the same model (debug preset, fp32) through the real ZeRO-3 engine on the same
+ranks, the same micro-batches and the same global batch; only parallel.expert_parallel_size differs
+(1 vs --nproc). They alternate --repeats times in the same processes (freeing each engine) and keep
+each one's best median step time, so load from other processes on a shared machine moves the ratio
+little. Prints EP / no-EP step time; 1.0 would mean expert parallelism costs nothing beyond the
+work it moves (on CPU the ranks share the cores, so its all-to-all is pure overhead here). With
+--profile it also prints, per run, rank 0's operators by self CPU time (torch profiler).
+
+Run with plain python: it launches the ranks itself (torchrun --standalone).
+
+What the profile showed (2 shared CPU cores, rank 0, per step; EP1 -> EP2): the collectives that
+synchronise the two ranks go from 71 all-gathers + 1 reduce-scatter to 55 all-gathers (the local
+experts need none) + 20 all-to-alls + 9 reduce-scatters. The all-to-alls' autograd functions spend
+~107 ms/step waiting for the other rank (the gloo transfer itself takes 14 ms), and AccumulateGrad,
+where ZeRO-3's gradient hooks run, 0.97 ms per call instead of 0.11: DeepSpeed 0.19.8 flushes its
+gradient bucket whenever the next gradient belongs to another partition group
+(runtime/zero/stage3.py, reduce_independent_p_g_buckets_and_remove_grads), so every MoE layer's
+expert gradients (expert-data-parallel group) force a blocking reduce-scatter of the bucket
+collected so far, mid-backward, over all ranks. Neither depends on a setting (reduce_bucket_size
+does not apply; overlap_comm moves these reduce-scatters to a side stream on GPUs, where they do not
+block the host). What is left is waiting: every sync point lets the slower rank (more routed
+tokens, or descheduled on busy cores) hold the other; capacity_factor=1.0 bounds the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--capacity-factor", type=float, default=None)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+                        help="run-config overrides for both runs, e.g. parallel.activation_checkpointing=true")
+    return parser.parse_args(argv)
+
+
+def run_config(args, ep: int):
+    from pipeline.config_utils import apply_overrides, from_dict
+    from pipeline.train.config import RunConfig
+
+    raw = {
+        "model": {"preset": "debug"}, "data": {"train": ["unused"], "seq_len": args.seq},
+        "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 0},
+        "train": {"steps": args.warmup + args.steps, "micro_batch_size": args.micro_batch, "seed": 0},
+        "parallel": {"expert_parallel_size": ep}, "precision": "fp32",
+    }
+    return from_dict(RunConfig, apply_overrides(raw, args.set))
+
+
+def measure(args, ep: int, world: int, rank: int) -> tuple[float, str | None]:
+    """(median step seconds, profiler table or None) of one engine with expert_parallel_size=ep."""
+    from pipeline.model import get_preset
+    from pipeline.train.ds_config import build_ds_config
+    from pipeline.train.engine import build_engine, release_engine
+    from pipeline.train.loss import compute_loss
+
+    run = run_config(args, ep)
+    model_cfg = get_preset("debug", capacity_factor=args.capacity_factor, block_size=max(128, args.seq))
+    engine = build_engine(run, model_cfg, build_ds_config(run, world), world)
+    gen = torch.Generator().manual_seed(rank)  # each rank its own samples, the same for both runs
+    batches = [torch.randint(0, model_cfg.vocab_size, (args.micro_batch, args.seq + 1), generator=gen)
+               for _ in range(4)]
+    profiler = torch.profiler.profile() if args.profile else None
+    times = []
+    try:
+        for step in range(args.warmup + args.steps):
+            if profiler is not None and step == args.warmup:
+                profiler.__enter__()
+            dist.barrier()  # every step starts together: the time is the step's, not the last one's straggler
+            start = time.perf_counter()
+            loss = compute_loss(engine, batches[step % len(batches)]).total
+            engine.backward(loss)
+            engine.step()
+            if step >= args.warmup:
+                times.append(time.perf_counter() - start)
+    finally:
+        if profiler is not None:
+            profiler.__exit__(None, None, None)
+        release_engine(engine)
+    table = None
+    if profiler is not None:
+        table = profile_summary(profiler, args.steps)
+    return statistics.median(times), table
+
+
+# Where expert parallelism's extra time can go: its all-to-alls (the autograd functions' time is
+# mostly waiting for the other ranks), ZeRO-3's gradient hooks (run inside AccumulateGrad: bucket
+# copies and, when a bucket is flushed, a blocking reduce-scatter), and the collectives themselves.
+WATCHED = ("_AllToAll", "_AllToAllBackward", "torch::autograd::AccumulateGrad", "c10d::alltoall_base_",
+           "c10d::_reduce_scatter_base_", "c10d::_allgather_base_", "c10d::allreduce_", "aten::_grouped_mm",
+           "aten::mm", "aten::index_add_", "aten::index_put_")
+
+
+def profile_summary(profiler, steps: int) -> str:
+    rows = {e.key: e for e in profiler.key_averages()}
+    total = sum(e.self_cpu_time_total for e in rows.values())
+    lines = [f"  {'operator':<34}{'calls/step':>11}{'self ms/step':>14}{'ms/call':>10}",
+             f"  {'(all operators)':<34}{'':>11}{total / 1e3 / steps:>14.1f}"]
+    for name in WATCHED:
+        e = rows.get(name)
+        if e is not None:
+            lines.append(f"  {name:<34}{e.count / steps:>11.1f}{e.self_cpu_time_total / 1e3 / steps:>14.1f}"
+                         f"{e.self_cpu_time_total / 1e3 / max(e.count, 1):>10.2f}")
+    return "\n".join(lines)
+
+
+def rank_main(args) -> None:
+    from pipeline.train.engine import init_distributed
+
+    rank, world = init_distributed()
+    best: dict[int, float] = {}
+    for _ in range(args.repeats):
+        for ep in (1, world):
+            seconds, table = measure(args, ep, world, rank)
+            best[ep] = min(best.get(ep, float("inf")), seconds)
+            if rank == 0 and table is not None:
+                print(f"\n--- profile, expert_parallel_size={ep}, rank 0, {args.steps} steps ---\n{table}", flush=True)
+    if rank == 0:
+        tokens = args.micro_batch * args.seq * world
+        print(f"\ndebug model, fp32, ZeRO-3, {world} ranks, micro-batch {args.micro_batch} x {args.seq} tokens "
+              f"per rank, capacity_factor {args.capacity_factor}, {' '.join(args.set) or 'no overrides'}; "
+              f"best of {args.repeats} medians over {args.steps} steps")
+        for ep in (1, world):
+            print(f"  expert_parallel_size={ep}: {1e3 * best[ep]:7.1f} ms/step  {tokens / best[ep]:9,.0f} tokens/s")
+        print(f"  EP{world} / EP1 step time: {best[world] / best[1]:.2f}x", flush=True)
+
+
+def main() -> None:
+    args = parse_args()
+    if "RANK" in os.environ:
+        rank_main(args)
+        return
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           __file__, *sys.argv[1:]]
+    raise SystemExit(subprocess.run(cmd, env=env, cwd=REPO_ROOT).returncode)
+
+
+if __name__ == "__main__":
+    main()
