@@ -7,7 +7,8 @@
 #    with a SentencePiece BPE tokenizer trained on them      -> data/stdlib/
 # 2. trains the `debug` MoE preset with DeepSpeed ZeRO-3, expert parallelism over 2 ranks,
 #    activation checkpointing and bf16                        -> runs/quickstart/
-# 3. evaluates, checkpoints, writes TensorBoard logs, exports a transformers GptOss folder
+# 3. evaluates (loss, and one downstream score on the tiny lm-eval task tests/evaluation/tasks/pycode_tiny),
+#    checkpoints, writes TensorBoard logs, exports a transformers GptOss folder
 # 4. prints a generated sample and where everything is.
 #
 # Running it again resumes the run (or, once finished, just exports and samples again); it never
@@ -53,6 +54,7 @@ cat <<DONE
 Done. Where everything is:
   prepared data   $DATA_DIR  (manifest.json, tokenizer/, .bin/.idx shards)
   run             $RUN_DIR   (config.yaml, ds_config.json, metrics.jsonl)
+  downstream      $RUN_DIR/downstream  (lm-eval result JSON per evaluated step; the score is the "downstream step" line above)
   checkpoints     $RUN_DIR/checkpoints  (latest -> $(cat "$RUN_DIR/checkpoints/latest"))
   exported model  $RUN_DIR/export  (GptOssForCausalLM.from_pretrained loads it)
   sample          $RUN_DIR/sample.txt

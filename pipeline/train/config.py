@@ -8,6 +8,7 @@
     precision: bf16
     deepspeed_config: ds_configs/zero3.json
     wandb:     {project: my-project, entity: null, name: null, mode: online}   # optional; off when absent
+    eval:      {tasks: [hellaswag], downstream_interval: 1000, limit: 500}      # lm-eval tasks; off when empty
 
 The run config owns batch sizes, precision, optimizer, clipping and the schedule; the DeepSpeed JSON
 owns ZeRO, offload and communication settings. Where a DeepSpeed JSON also sets one of ours to a
@@ -183,6 +184,42 @@ class WandbConfig:
 
 
 @dataclass(kw_only=True)
+class EvalConfig:
+    """Downstream evaluation with lm-evaluation-harness tasks in the training loop (pip install -e .[eval];
+    see pipeline/evaluation/). Off while `tasks` is empty."""
+
+    tasks: list[str] = field(default_factory=list)
+    """lm-eval task or group names, e.g. [hellaswag, arc_easy]; likelihood and multiple-choice tasks only."""
+    task_paths: list[str] = field(default_factory=list)
+    """Folders (or YAML files) of extra task definitions, e.g. ones that read local data files."""
+    downstream_interval: int = 0
+    """Steps between downstream evaluations (0 = only at the end of training)."""
+    limit: int | None = None
+    """Examples per task (null = all of them)."""
+    num_fewshot: int | None = None
+    """Few-shot examples in each prompt (null = the task's own default)."""
+    batch_size: int = 16
+    """Requests per forward on each rank."""
+
+    def __post_init__(self):
+        if self.downstream_interval < 0:
+            raise ConfigError(f"eval.downstream_interval ({self.downstream_interval}) must be >= 0 "
+                              "(0 = only at the end)")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"eval.limit ({self.limit}) must be >= 1, or null for every example")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise ConfigError(f"eval.num_fewshot ({self.num_fewshot}) must be >= 0, or null for the task's default")
+        if self.batch_size < 1:
+            raise ConfigError(f"eval.batch_size ({self.batch_size}) must be >= 1")
+
+    def check_installed(self) -> None:
+        """For runs about to start; find_spec does not import lm_eval (seconds of imports)."""
+        if self.tasks and importlib.util.find_spec("lm_eval") is None:
+            raise ConfigError("eval.tasks is set but lm-evaluation-harness is not installed: pip install -e .[eval] "
+                              "(or leave eval.tasks empty)")
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     run_dir: str = "runs/debug"
     """Output dir: checkpoints/, tensorboard/, config.yaml, ds_config.json."""
@@ -200,6 +237,8 @@ class RunConfig:
     tensorboard: bool = True
     wandb: WandbConfig | None = None
     """Weights & Biases logging (see WandbConfig); off when absent. TensorBoard stays on either way."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Downstream (lm-evaluation-harness) evaluation in the loop (see EvalConfig); off without tasks."""
 
     def __post_init__(self):
         if self.precision not in ("fp32", "bf16"):
@@ -209,6 +248,10 @@ class RunConfig:
         # Typed like every other section: `model.n_experts=three` fails here, naming the key. Keys that
         # are not GPTOSSConfig fields (preset, ...) pass through to their own checks.
         self.model = convert_fields(GPTOSSConfig, self.model, "model")
+        if self.eval.tasks and self.parallel.sequence_parallel_size > 1:
+            # Scoring deals whole requests to ranks; Ulysses needs a group's ranks to share one sequence.
+            raise ConfigError("eval.tasks cannot run in the loop with parallel.sequence_parallel_size > 1 yet; "
+                              "leave eval.tasks empty and run python -m pipeline.evaluate on the checkpoints")
 
     @property
     def model_overrides(self) -> dict[str, Any]:
@@ -262,6 +305,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
     cfg = from_dict(RunConfig, tree)
     if cfg.wandb is not None:  # on every rank, before any engine is built
         cfg.wandb.check_installed()
+    cfg.eval.check_installed()
     return cfg
 
 

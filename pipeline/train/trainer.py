@@ -21,6 +21,7 @@ import yaml
 
 from pipeline.config_utils import to_dict
 from pipeline.data import MicroBatchIterator, build_dataset, check_vocab_compatible, source_paths
+from pipeline.evaluation.downstream import DownstreamEvaluator
 from pipeline.hardware import detect_peak_tflops
 from pipeline.model import MoE
 from pipeline.model.flex_attention import resolve_attention_backend
@@ -68,6 +69,9 @@ class Trainer:
                                   else "cpu"), training=True, dropout=self.model_cfg.dropout)
         self.ds_config = build_ds_config(cfg, self.world)
         self.lock = hold_run_dir(self.run_dir, self.rank)  # released at exit, also on errors
+        # Tasks are checked now (one line, exit 2), before the engine is built or a step is trained.
+        self.downstream = DownstreamEvaluator.for_data(cfg.eval, source_paths(cfg.data.train)[0],
+                                                       self.model_cfg.block_size, self.rank, self.world)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last)
         notes += self.ckpt.check_resume(self.resolved_model(), cfg.train, self.run_dir,
                                         cfg.parallel.sequence_parallel_size, self.data_identity)
@@ -303,6 +307,8 @@ class Trainer:
             if todo.evaluate:
                 self.evaluate()
                 self.policy.done(evaluated=True)
+            if self.downstream is not None:
+                self.downstream.maybe_run(self.step, t.steps, self.engine, self.log, self._append_metrics, self.run_dir)
             if todo.save:
                 self.policy.done(saved=self.save_if_finite())
             if self.stop.agreed():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sysconfig
 
@@ -41,6 +42,9 @@ def test_quickstart_end_to_end_and_rerun(tmp_path):
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_20"
     assert "eval   step     20" in first.stdout
+    # one downstream score on the shipped tiny lm-eval task, at the end of training
+    assert re.search(r"^downstream step +20 \| pycode_tiny/acc [0-9.]+ \| pycode_tiny/acc_norm ", first.stdout, re.M)
+    assert (run_dir / "downstream" / "step_20.json").is_file()
     # 3. TensorBoard has the loss series
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()

@@ -38,6 +38,16 @@ def model_config_from_saved(saved_model: dict) -> GPTOSSConfig:
     return from_dict(GPTOSSConfig, {k: v for k, v in saved_model.items() if k not in ("preset", "init_from")})
 
 
+def model_from_state(model_cfg: GPTOSSConfig, state: dict) -> GPTOSS:
+    """Our model holding a checkpoint's full state dict (`read_full_weights`)."""
+    model = GPTOSS(model_cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if model_cfg.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"gathered state dict does not match the model: missing {missing}, unexpected {unexpected}")
+    return model
+
+
 def write_export(state: dict, model_cfg: GPTOSSConfig, output: Path, tokenizer_dir: Path | None) -> str:
     """Writes the folder atomically (tmp dir, then rename); returns the format written."""
     if model_cfg.load_balance_bias_rate > 0:
@@ -50,11 +60,8 @@ def write_export(state: dict, model_cfg: GPTOSSConfig, output: Path, tokenizer_d
               "logits", file=sys.stderr, flush=True)
         model_cfg = model_cfg.replace(load_balance_bias_rate=0.0)
         state = {k: v for k, v in state.items() if not k.endswith(".router.expert_bias")}
-    model = GPTOSS(model_cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    model = model_from_state(model_cfg, state)
     tied = {"lm_head.weight"} if model_cfg.tie_word_embeddings else set()
-    if unexpected or set(missing) - tied:
-        raise RuntimeError(f"gathered state dict does not match the model: missing {missing}, unexpected {unexpected}")
     with atomic_path(output) as tmp:
         tmp.mkdir(parents=True)
         if not hf_incompatibilities(model_cfg):

@@ -1,0 +1,245 @@
+"""Downstream evaluation: lm-evaluation-harness tasks on the model being trained, or on a checkpoint.
+
+    evaluator = DownstreamEvaluator(cfg.eval, tokenizer, prefix_token_id, max_length, rank, world)
+    results = evaluator.evaluate(forward, device)     # on every rank; the harness's results on rank 0
+
+The trainer calls `maybe_run` once per step; `python -m pipeline.evaluate` calls `evaluate`.
+Tasks are checked when the evaluator is built (before any engine or training): an unknown task,
+a task whose data cannot be loaded and a generation task are each one ConfigError naming the task,
+raised on every rank (rank 0 checks, the others receive its verdict).
+
+Training state is left as it was: the model runs in eval mode without gradients (and goes back to
+train mode), and the process-wide RNGs the harness seeds (Python, NumPy, torch) are restored.
+Metrics are the harness's own, computed once on rank 0 (see harness.py for how requests are split).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from contextlib import contextmanager, redirect_stderr
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pipeline.data import load_manifest, load_tokenizer
+from pipeline.data.tokenizer import Tokenizer
+from pipeline.errors import ConfigError
+from pipeline.io_utils import atomic_write_text
+from pipeline.train.checkpoint.manager import rng_state, set_rng_state
+from pipeline.train.config import EvalConfig, resolve_path
+
+# Likelihood request types PipelineLM implements; multiple_choice tasks issue loglikelihood requests.
+SUPPORTED_OUTPUT_TYPES = ("loglikelihood", "loglikelihood_rolling", "multiple_choice")
+FEWSHOT_SEED = 1234  # lm_eval's default fewshot_random_seed
+RESULTS_DIR = "downstream"
+"""RUN/downstream/step_N.json: the harness's result JSON of each evaluation of a run."""
+
+
+def load_tasks(tasks: list[str], task_paths: list[str], key: str = "eval.tasks") -> dict:
+    """The harness's loaded tasks ({"tasks": {name: Task}, "groups": ...}), data included, so that a
+    missing dataset shows at start, not mid-run; loaded once and reused by every evaluation.
+
+    The harness's ~15,000 built-in task configs take seconds to index; when `task_paths` define
+    every requested task they are not indexed at all."""
+    from lm_eval.tasks import TaskManager
+
+    from pipeline.evaluation.harness import GENERATION_UNSUPPORTED
+
+    paths = []
+    for p in task_paths:
+        path = resolve_path(p)
+        if not path.exists():
+            raise ConfigError(f"eval.task_paths: {p} does not exist; give a folder of task YAMLs")
+        paths.append(str(path))
+    manager = TaskManager(include_path=paths, include_defaults=False) if paths else None
+    if manager is None or not set(tasks) <= set(manager.all_tasks):
+        manager = TaskManager(include_path=paths or None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ConfigError(f"{key}: unknown task(s) {', '.join(unknown)}; `lm_eval ls tasks` lists the built-in "
+                          "ones, and eval.task_paths adds folders of your own task YAMLs")
+    with quiet_harness():
+        try:
+            loaded = manager.load(list(tasks))
+        except Exception:  # datasets raises many kinds (offline, missing file, bad format): find whose
+            for name in tasks:
+                try:
+                    manager.load([name])
+                except Exception as e:
+                    reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+                    raise ConfigError(
+                        f"{key}: task {name} could not load its data ({type(e).__name__}: {reason}); download it "
+                        "on a machine with network first, or point its YAML at local files (README: Downstream "
+                        "evaluation)") from None
+            raise
+    for name, task in loaded["tasks"].items():
+        if task.get_config("output_type") not in SUPPORTED_OUTPUT_TYPES:
+            raise ConfigError(f"{key}: {name} is a generation task; {GENERATION_UNSUPPORTED}")
+    return loaded
+
+
+@contextmanager
+def quiet_harness():
+    """The harness logs several INFO/WARNING lines per task and draws a progress bar per task and
+    request type on every call; inside a training log they would bury the training lines. Its
+    logger is set to ERROR and sys.stderr (where tqdm draws) points at /dev/null until exit; logging
+    handlers keep the stream they were made with, and exceptions still propagate."""
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with open(os.devnull, "w") as devnull, redirect_stderr(devnull):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def run_harness(lm, loaded: dict, cfg: EvalConfig, bootstrap_iters: int, log_samples: bool) -> dict:
+    """What `lm_eval.simple_evaluate` does for a ready model, without its environment report (which
+    runs `git`, `pip` and `nvidia-smi` subprocesses: seconds per evaluation, from inside a training
+    job): the harness's default seeds, the few-shot override, then its `evaluate`."""
+    import random
+
+    import lm_eval
+    import numpy as np
+    from lm_eval.evaluator import evaluate
+
+    random.seed(0)  # simple_evaluate's defaults (random_seed, numpy_random_seed, torch_random_seed)
+    np.random.seed(1234)
+    torch.manual_seed(1234)
+    for task in loaded["tasks"].values():
+        if cfg.num_fewshot is not None and task.get_config("num_fewshot") != 0:  # 0 in a task's YAML is final
+            task.set_config(key="num_fewshot", value=cfg.num_fewshot)
+        elif task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=FEWSHOT_SEED)
+    results = evaluate(lm=lm, task_dict=loaded, limit=cfg.limit, bootstrap_iters=bootstrap_iters,
+                       log_samples=log_samples)
+    results["config"] = {**lm.get_model_info(), "limit": cfg.limit, "num_fewshot": cfg.num_fewshot,
+                         "fewshot_seed": FEWSHOT_SEED, "bootstrap_iters": bootstrap_iters,
+                         "batch_size": cfg.batch_size, "lm_eval_version": lm_eval.__version__}
+    return results
+
+
+def data_tokenizer(data_dir: str | Path) -> tuple[Tokenizer, int]:
+    """A prepared data dir's tokenizer and the token that conditions an empty context: BOS when its
+    documents start with one (prepare --bos), else EOS, the document separator the model saw."""
+    manifest = load_manifest(data_dir)
+    tokenizer = load_tokenizer(data_dir)
+    return tokenizer, tokenizer.bos_id if manifest.raw.get("bos") and tokenizer.bos_id is not None else tokenizer.eos_id
+
+
+def flat_metrics(results: dict) -> dict[str, float]:
+    """The harness's results -> {"downstream/<task>/<metric>": value} (filter suffixes like ",none"
+    dropped, stderr kept as <metric>_stderr when the harness computed one)."""
+    out = {}
+    for task, values in results["results"].items():
+        for key, value in values.items():
+            if key in ("alias", "sample_len") or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            metric, _, filt = key.partition(",")
+            name = metric if filt in ("", "none") else f"{metric}_{filt}"
+            out[f"downstream/{task}/{name}"] = float(value)
+    return out
+
+
+def write_results(path: Path, results: dict) -> None:
+    from lm_eval.utils import handle_non_serializable
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
+
+
+class DownstreamEvaluator:
+    """lm-eval tasks on every rank's model; see the module docstring."""
+
+    def __init__(self, cfg: EvalConfig, tokenizer: Tokenizer, prefix_token_id: int, max_length: int,
+                 rank: int = 0, world: int = 1, bootstrap_iters: int = 0, log_samples: bool = False):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.prefix_token_id = prefix_token_id
+        self.max_length = max_length
+        self.rank, self.world = rank, world
+        self.bootstrap_iters = bootstrap_iters  # 0: no bootstrapped stderr (seconds of CPU per metric)
+        self.log_samples = log_samples
+        self.tasks, error = None, None
+        if rank == 0:  # only rank 0 runs the harness; its verdict is every rank's
+            try:
+                self.tasks = load_tasks(cfg.tasks, cfg.task_paths)
+            except ConfigError as e:
+                error = str(e)
+            except Exception as e:  # e.g. a malformed task YAML: still one line, and no rank left waiting
+                error = f"eval.tasks: the harness could not load {', '.join(cfg.tasks)} ({type(e).__name__}: " \
+                        f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}); check eval.task_paths"
+        if world > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise ConfigError(error)
+
+    @classmethod
+    def for_data(cls, cfg: EvalConfig, data_dir: str | Path, max_length: int, rank: int = 0, world: int = 1,
+                 **kwargs) -> DownstreamEvaluator | None:
+        """The evaluator of a run on prepared data `data_dir` (its tokenizer); None without eval.tasks."""
+        if not cfg.tasks:
+            return None
+        tokenizer, prefix = data_tokenizer(data_dir)
+        return cls(cfg, tokenizer, prefix, max_length, rank, world, **kwargs)
+
+    def due(self, step: int, last_step: int) -> bool:
+        interval = self.cfg.downstream_interval
+        return step == last_step or bool(interval and step % interval == 0)
+
+    def evaluate(self, forward: Callable[[torch.Tensor], torch.Tensor], device: torch.device | str,
+                 name: str = "gpt-oss-pipeline") -> dict | None:
+        """Run the tasks; every rank must call this. `forward(ids [B, T]) -> logits [B, T, V]` with
+        the model already in eval mode. Returns the harness's results on rank 0, None elsewhere."""
+        from pipeline.evaluation.harness import PipelineLM, Scorer
+
+        scorer = Scorer(forward, device, self.cfg.batch_size, pad_id=self.tokenizer.eos_id)
+        if self.rank != 0:
+            scorer.serve()
+            return None
+        lm = PipelineLM(scorer, self.tokenizer, self.max_length, self.prefix_token_id, name=name)
+        saved = rng_state()  # the harness seeds Python's, NumPy's and torch's global RNGs
+        try:
+            with quiet_harness():
+                results = run_harness(lm, self.tasks, self.cfg, self.bootstrap_iters, self.log_samples)
+        except BaseException as e:
+            scorer.stop(error=f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            set_rng_state(saved)
+        scorer.stop()
+        results["config"]["forwards_per_rank"] = scorer.forwards
+        return results
+
+    def maybe_run(self, step: int, last_step: int, engine, log, append_metrics: Callable[[dict], None],
+                  results_dir: Path) -> dict[str, float] | None:
+        """The trainer's one call per step: evaluate when due, log on rank 0 (console, TensorBoard, W&B,
+        metrics.jsonl) and write RUN/downstream/step_N.json. Returns the logged values on rank 0."""
+        if not self.due(step, last_step):
+            return None
+        was_training = engine.module.training
+        engine.eval()
+        start = time.perf_counter()
+        try:
+            results = self.evaluate(lambda ids_BT: engine(ids_BT)[0], engine.device)
+        finally:
+            engine.train(was_training)
+        if results is None:
+            return None
+        values = {**flat_metrics(results), "downstream/seconds": time.perf_counter() - start}
+        log.scalars(step, values)
+        scores = " | ".join(f"{k.removeprefix('downstream/')} {v:.4f}" for k, v in values.items()
+                            if not k.endswith("_stderr") and k != "downstream/seconds")
+        log.message(f"downstream step {step:>6} | {scores} | {values['downstream/seconds']:.1f} s")
+        append_metrics({"step": step, **values})
+        write_results(results_dir / RESULTS_DIR / f"step_{step}.json", results)
+        return values

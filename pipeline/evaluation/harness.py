@@ -1,0 +1,202 @@
+"""lm-evaluation-harness adapter: our model and tokenizer as an `lm_eval` language model.
+
+    lm = PipelineLM(Scorer(forward, device), tokenizer, max_length=model_cfg.block_size)
+    lm_eval.simple_evaluate(model=lm, tasks=[...])
+
+`PipelineLM` implements the harness's likelihood requests (`loglikelihood`, which multiple-choice
+tasks use, and `loglikelihood_rolling`) exactly as the harness's own Hugging Face backend
+(`lm_eval.models.huggingface.HFLM`) does: the same encoding of (context, continuation) pairs (the
+harness's `TemplateLM._encode_pair`), the same left-truncation to `max_length + 1` tokens that
+keeps the continuation, the same rolling windows, log-softmax in fp32. Tests hold the two equal per
+request. Generation (`generate_until`) is refused: see `GENERATION_UNSUPPORTED`.
+
+Distribution (`Scorer`): the harness runs on rank 0 only (it sees one process, so its few-shot
+sampling and metrics are those of a single-process run). Every batch of token requests it asks
+for is broadcast to all ranks; each rank scores every `world`-th request of the length-sorted list
+and all ranks run the same number of forwards (short ranks run a one-token dummy forward), because
+under ZeRO-3 every forward gathers parameters collectively and expert parallelism exchanges tokens
+over all ranks. The other ranks wait in `Scorer.serve()` until rank 0 says it is done.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+
+from pipeline.data.tokenizer import Tokenizer
+
+GENERATION_UNSUPPORTED = (
+    "generation tasks (output_type generate_until) are not supported: only likelihood and "
+    "multiple-choice tasks (loglikelihood, loglikelihood_rolling, multiple_choice)"
+)
+
+# A request as the scorer sees it: the model's input window (at most max_length + 1 tokens, the last
+# one only a target) and how many of its final tokens are the continuation to score.
+TokenRequest = tuple[list[int], int]
+
+
+class Scorer:
+    """Sum of continuation log-probs (fp32) and "is greedy" for token requests, on every rank of
+    the default process group. `forward(ids [B, T]) -> logits [B, T, V]` runs in eval mode, no grad."""
+
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], device: torch.device | str,
+                 batch_size: int = 16, pad_id: int = 0):
+        self.forward = forward
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.pad_id = pad_id
+        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        self.forwards = 0  # run by this rank, dummies included (tests check every rank ran as many)
+
+    # --- rank 0 ---------------------------------------------------------------------------------
+    def score(self, requests: list[TokenRequest]) -> list[tuple[float, bool]]:
+        """On rank 0: the result of every request, in order. The other ranks are in `serve()`."""
+        self._send(("score", requests))
+        return self._score(requests)
+
+    def stop(self, error: str | None = None) -> None:
+        """On rank 0: release the ranks in `serve()`; with `error` they raise it too."""
+        self._send(("error", error) if error else ("stop", None))
+
+    # --- the other ranks --------------------------------------------------------------------------
+    def serve(self) -> None:
+        """On ranks > 0: score what rank 0 sends until it stops; raises if rank 0 failed."""
+        while True:
+            box = [None]
+            dist.broadcast_object_list(box, src=0)
+            command, payload = box[0]
+            if command == "stop":
+                return
+            if command == "error":
+                raise RuntimeError(f"downstream evaluation failed on rank 0: {payload}")
+            self._score(payload)
+
+    # --- every rank -------------------------------------------------------------------------------
+    def _send(self, message: tuple) -> None:
+        if self.distributed:
+            dist.broadcast_object_list([message], src=0)
+
+    @torch.no_grad()
+    def _score(self, requests: list[TokenRequest]) -> list[tuple[float, bool]]:
+        # Longest first (as the HF backend), dealt round-robin: every rank gets a similar share of
+        # tokens, and batches hold requests of similar length (little padding).
+        order = sorted(range(len(requests)), key=lambda i: (-len(requests[i][0]), requests[i][0]))
+        mine = order[self.rank::self.world]
+        n_forwards = math.ceil(math.ceil(len(requests) / self.world) / self.batch_size)  # rank 0's count
+        results: list[tuple[float, bool]] = []
+        for b in range(n_forwards):
+            batch = [requests[i] for i in mine[b * self.batch_size:(b + 1) * self.batch_size]]
+            results += self._score_batch(batch)
+        gathered = [results]
+        if self.distributed:
+            gathered = [None] * self.world if self.rank == 0 else None
+            dist.gather_object(results, gathered, dst=0)
+            if self.rank != 0:
+                return []
+        out: list = [None] * len(requests)
+        for r, part in enumerate(gathered):
+            for k, res in enumerate(part):
+                out[order[r + k * self.world]] = res
+        return out
+
+    def _score_batch(self, batch: list[TokenRequest]) -> list[tuple[float, bool]]:
+        self.forwards += 1
+        if not batch:  # this rank has run out: a one-token forward keeps the collectives in step
+            self.forward(torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device))
+            return []
+        T = max(len(tokens) - 1 for tokens, _ in batch)
+        ids_BT = torch.full((len(batch), T), self.pad_id, dtype=torch.long)
+        for b, (tokens, _) in enumerate(batch):
+            ids_BT[b, :len(tokens) - 1] = torch.tensor(tokens[:-1])  # right padding: causal rows are unaffected
+        logits_BTV = self.forward(ids_BT.to(self.device))
+        out = []
+        for b, (tokens, n_cont) in enumerate(batch):
+            end = len(tokens) - 1
+            logprobs_CV = logits_BTV[b, end - n_cont:end].float().log_softmax(-1)  # [n_cont, V]
+            target_C = torch.tensor(tokens[-n_cont:], device=logprobs_CV.device)
+            picked = logprobs_CV.gather(1, target_C[:, None])[:, 0]
+            out.append((float(picked.sum()), bool((logprobs_CV.argmax(-1) == target_C).all())))
+        return out
+
+
+@register_model("gpt-oss-pipeline")
+class PipelineLM(TemplateLM):
+    """The harness's view of our model: one process (rank 0), likelihood requests only.
+
+    `prefix_token_id` conditions an empty context and starts rolling windows: the harness uses BOS
+    when the tokenizer has one; our documents start with BOS only when the data was prepared with
+    `--bos`, so the caller passes BOS then and EOS (the document separator) otherwise.
+    """
+
+    def __init__(self, scorer: Scorer, tokenizer: Tokenizer, max_length: int, prefix_token_id: int | None = None,
+                 name: str = "gpt-oss-pipeline"):
+        super().__init__()
+        self.scorer = scorer
+        self.tok = tokenizer
+        self._max_length = max_length
+        self._prefix = tokenizer.eos_id if prefix_token_id is None else prefix_token_id
+        self.name = name
+        self.requests_scored = 0
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tok.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self._prefix
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def tokenizer_name(self) -> str:
+        return f"{self.tok.kind}-{self.tok.sha256[:12]}"
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.tok.encode(string)  # never adds BOS/EOS: the prefix token is explicit
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """requests: ((context, continuation) | None, context_enc, continuation_enc) -> (log p, is greedy)."""
+        windows: list[TokenRequest] = []
+        for _, context_enc, continuation_enc in requests:
+            if not context_enc or not continuation_enc or len(continuation_enc) > self.max_length:
+                raise ValueError(f"cannot score a request with {len(context_enc)} context and "
+                                 f"{len(continuation_enc)} continuation tokens (max_length {self.max_length})")
+            # As the HF backend: keep the last max_length + 1 tokens (left truncation keeps the
+            # continuation); the last one is only a target.
+            windows.append(((context_enc + continuation_enc)[-(self.max_length + 1):], len(continuation_enc)))
+        self.requests_scored += len(windows)
+        return self.scorer.score(windows)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Whole-document log-likelihood in disjoint windows of max_length, each with as much context
+        as fits (the harness's `get_rolling_token_windows`, as the HF backend), one scorer call."""
+        windows, counts = [], []
+        for (string,) in [req.args for req in requests]:
+            rolling = [lm_utils.make_disjoint_window(w) for w in lm_utils.get_rolling_token_windows(
+                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1)]
+            windows += [(None, ctx, cont) for ctx, cont in rolling]
+            counts.append(len(rolling))
+        scores = self._loglikelihood_tokens(windows)
+        out, start = [], 0
+        for n in counts:
+            out.append(sum(ll for ll, _ in scores[start:start + n]))
+            start += n
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        raise NotImplementedError(GENERATION_UNSUPPORTED)
+
+    def get_model_info(self) -> dict:
+        return {"model": self.name, "max_length": self.max_length, "tokenizer": self.tok.identity()}

@@ -1,0 +1,95 @@
+"""Our lm-eval adapter against the harness's own Hugging Face backend (HFLM) on the same weights:
+per-request log-likelihoods to 1e-5 in fp32 and identical task metrics, with few-shot prompts
+longer than the context (left truncation) and rolling windows (perplexity task)."""
+
+from __future__ import annotations
+
+import re
+
+import lm_eval
+import pytest
+import torch
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+from transformers import GptOssForCausalLM, PreTrainedTokenizerFast
+
+from pipeline.data import load_tokenizer
+from pipeline.errors import ConfigError
+from pipeline.evaluation.downstream import DownstreamEvaluator
+from pipeline.model import GPTOSS, get_preset
+from pipeline.train.config import EvalConfig, load_run_config
+from tests.evaluation.conftest import TASKS_DIR, TINY_TASKS, write_bad_tasks
+
+MAX_LENGTH = 24  # shorter than a 2-shot prompt: exercises the left truncation and rolling windows
+
+
+def per_request(results: dict, task: str) -> list[float]:
+    """Log-likelihood of every request of `task`, in document and choice order."""
+    out = []
+    for sample in sorted(results["samples"][task], key=lambda s: s["doc_id"]):
+        for resp in sample["resps"]:
+            value = resp[0]
+            out.append(float(value[0] if isinstance(value, (list, tuple)) else value))
+    return out
+
+
+def test_adapter_equals_hf_backend(hf_tokenizer_dir, tmp_path):
+    tok = load_tokenizer(hf_tokenizer_dir)
+    torch.manual_seed(0)
+    model = GPTOSS(get_preset("debug", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, init_std=0.05)).eval()
+    model.save_hf(tmp_path / "hf")
+
+    cfg = EvalConfig(tasks=TINY_TASKS, task_paths=[str(TASKS_DIR)], num_fewshot=2, batch_size=5)
+    ours = DownstreamEvaluator(cfg, tok, tok.eos_id, MAX_LENGTH, log_samples=True).evaluate(
+        lambda ids: model(ids)[0], "cpu")
+
+    hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(hf_tokenizer_dir / "tokenizer.json"), eos_token="<|endoftext|>")
+    hf_model = GptOssForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    hflm = HFLM(pretrained=hf_model, tokenizer=hf_tok, batch_size=3, max_length=MAX_LENGTH,
+                prefix_token_id=tok.eos_id, device="cpu")
+    theirs = lm_eval.simple_evaluate(model=hflm, tasks=TINY_TASKS, num_fewshot=2, bootstrap_iters=0,
+                                     task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False))
+
+    worst = 0.0
+    for task in TINY_TASKS:
+        a, b = per_request(ours, task), per_request(theirs, task)
+        assert len(a) == len(b) == (32 * 4 if task == "pycode_tiny" else 32)
+        diff = max(abs(x - y) for x, y in zip(a, b, strict=True))
+        print(f"{task}: max |log-likelihood difference| {diff:.2e} (largest |value| {max(map(abs, b)):.1f})")
+        worst = max(worst, diff)
+        # 1e-5 plus fp32 rounding of the value: both sides sum per-token log-probs in fp32, and a
+        # document's sum reaches -189, where one fp32 step is 1.5e-5 (2e-7 relative = ~2 steps).
+        for x, y in zip(a, b, strict=True):
+            assert abs(x - y) <= 1e-5 + 2e-7 * abs(y), (task, x, y)
+        for key, value in theirs["results"][task].items():
+            if isinstance(value, float):
+                assert ours["results"][task][key] == pytest.approx(value, rel=1e-6, abs=0), (task, key)
+    print(f"max |log-likelihood difference| = {worst:.2e}")
+    # The prompts really were truncated: a 2-shot prompt alone is longer than MAX_LENGTH tokens.
+    prompt = theirs["samples"]["pycode_tiny"][0]["arguments"][0][0]
+    assert len(tok.encode(prompt)) > MAX_LENGTH
+    assert ours["results"]["pycode_tiny"]["acc,none"] == theirs["results"]["pycode_tiny"]["acc,none"]
+
+
+def test_bad_tasks_are_one_line_errors(tmp_path):
+    # The `eval` section is typed and validated like every other section.
+    for override, message in (("eval.limit=0", "eval.limit (0) must be >= 1"),
+                              ("eval.tasks=hellaswag", "config key eval.tasks = 'hellaswag' must be a list"),
+                              ("eval.num_fewshot=two", "config key eval.num_fewshot = 'two' is not a valid int"),
+                              ("parallel.sequence_parallel_size=2", "eval.tasks cannot run in the loop with "
+                               "parallel.sequence_parallel_size > 1 yet")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_run_config(None, ["data.train=[d]", "eval.tasks=[pycode_tiny]", override])
+    assert load_run_config(None, ["data.train=[d]", "eval.downstream_interval=1e3"]).eval.downstream_interval == 1000
+    tok_dir = None  # the checks run before any model or tokenizer is used
+    cases = {
+        "unknown task(s) no_such_task": EvalConfig(tasks=["no_such_task"], task_paths=[str(TASKS_DIR)]),
+        "eval.task_paths: /nope does not exist": EvalConfig(tasks=["pycode_tiny"], task_paths=["/nope"]),
+    }
+    missing = write_bad_tasks(tmp_path / "tasks")
+    cases["task gone_data could not load its data"] = EvalConfig(tasks=["gone_data"], task_paths=[str(missing)])
+    cases["gen_task is a generation task"] = EvalConfig(tasks=["gen_task"], task_paths=[str(missing)])
+    for expected, cfg in cases.items():
+        with pytest.raises(ConfigError) as e:
+            DownstreamEvaluator(cfg, tok_dir, 0, 16)
+        assert expected in str(e.value) and "\n" not in str(e.value), str(e.value)
