@@ -3,28 +3,11 @@ resume and by --verify, and two prepares into one output dir cannot both run (re
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import time
 
 from tests.data.conftest import make_docs, run_prepare, write_jsonl
-from tests.data.test_resume_verify import _cli
-
-
-def _kill_after_shards(proc, out, n: int) -> None:
-    state = out / ".prepare_state.json"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if len(json.loads(state.read_text())["shards"].get("train", [])) >= n:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "manifest.json").exists(), "killed before the end (make the corpus bigger if not)"
+from tests.data.test_resume_verify import _cli, kill_after_shards
 
 
 def _edit_in_place(path) -> None:
@@ -44,7 +27,7 @@ def test_input_edited_in_place_is_refused_on_resume_and_caught_by_verify(spm_bpe
     out = tmp_path / "out"
     args = ["--input", inp, "--tokenizer", spm_bpe, "--shard-size-tokens", "2000", "--output", out]
     proc = _cli(*args, "--no-progress")
-    _kill_after_shards(proc, out, 2)
+    kill_after_shards(proc, out, 2)
     _edit_in_place(inp)
 
     code, _, err = run_prepare(capsys, *args)
@@ -76,7 +59,7 @@ def test_two_prepares_into_one_dir_cannot_both_run(spm_bpe, tmp_path, capsys):
     assert err.startswith(f"error: {out} is in use by another prepare: pid {first.pid} on ")
     assert "wait for it to finish or stop it, or use another dir" in err
 
-    _kill_after_shards(first, out, 1)  # SIGKILL: its lock stays behind, naming a dead pid
+    kill_after_shards(first, out, 1)  # SIGKILL: its lock stays behind, naming a dead pid
     code, stdout, err = run_prepare(capsys, *args)
     assert code == 0, err
     assert f"took over the stale lock {out / '.lock'} of prepare pid {first.pid}" in stdout

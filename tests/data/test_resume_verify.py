@@ -14,6 +14,22 @@ from tests.conftest import REPO_ROOT
 from tests.data.conftest import make_docs, run_prepare, write_jsonl
 
 
+def kill_after_shards(proc: subprocess.Popen, out, n: int) -> None:
+    """SIGKILL a running prepare once `n` train shards are recorded as finished in its state file."""
+    state = out / ".prepare_state.json"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if len(json.loads(state.read_text())["shards"].get("train", [])) >= n:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "killed before the end (make the corpus bigger if not)"
+
+
 def _cli(*args, **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.Popen(
@@ -47,17 +63,7 @@ def test_sigkill_mid_run_then_rerun_is_byte_identical(spm_bpe, tmp_path, capsys)
     out = tmp_path / "out"
     proc = _cli(*args, "--output", out, "--no-progress")
     state = out / ".prepare_state.json"
-    deadline = time.time() + 60
-    while time.time() < deadline:  # kill once a few shards are recorded as finished
-        try:
-            if len(json.loads(state.read_text())["shards"].get("train", [])) >= 4:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "manifest.json").exists(), "killed before the end (make the corpus bigger if not)"
+    kill_after_shards(proc, out, 4)
     recorded = json.loads(state.read_text())["shards"]["train"]
     assert len(recorded) >= 4
     # Also corrupt the third recorded shard: the rerun must keep shards 0-1 and redo from 2 on.

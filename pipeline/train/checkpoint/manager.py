@@ -259,6 +259,14 @@ class CheckpointManager:
             return box[0]
         return error
 
+    def _first_of_any_rank(self, error: str | None) -> str | None:
+        """The first rank's error, on every rank (collective): each tensor is verified by one reader only."""
+        if dist.is_initialized() and self.world > 1:
+            found: list = [None] * self.world
+            dist.all_gather_object(found, error)
+            return next((e for e in found if e), None)
+        return error
+
     def save(self, engine, step: int, trainer_state: dict, run_files: dict[str, str]) -> Path:
         tag = tag_of(step)
         tag_dir = self.dir / tag
@@ -333,11 +341,7 @@ class CheckpointManager:
                     StateReader(self.dir / tag).verify(self.rank, self.world)
             except CheckpointError as e:
                 problem = str(e)
-            if dist.is_initialized() and self.world > 1:
-                problems: list = [None] * self.world
-                dist.all_gather_object(problems, problem)
-                problem = next((p for p in problems if p), None)
-            if problem is None:
+            if self._first_of_any_rank(problem) is None:
                 return tag
         return None
 
@@ -376,11 +380,7 @@ class CheckpointManager:
             self._check_rng_file(tag_dir, state, expert_parallel_size)
         except CheckpointError as e:
             error = str(e)
-        if dist.is_initialized() and self.world > 1:
-            found: list = [None] * self.world
-            dist.all_gather_object(found, error)
-            error = next((e for e in found if e), None)
-        if error:
+        if error := self._first_of_any_rank(error):
             raise CheckpointError(error)
         if "optimizer_step" in state:
             set_optimizer_step_count(engine, state["optimizer_step"])
