@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         trainer.close()
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # leave gloo / NCCL before interpreter teardown, not during it
+        dist.destroy_process_group()
     return 0
 
 
