@@ -3,7 +3,8 @@
     evaluator = DownstreamEvaluator(cfg.eval, tokenizer, prefix_token_id, max_length, rank, world)
     results = evaluator.evaluate(forward, device)     # on every rank; the harness's results on rank 0
 
-The trainer calls `maybe_run` once per step; `python -m pipeline.evaluate` calls `evaluate`.
+The trainer calls `run` when its LoopPolicy says the tasks are due; `python -m pipeline.evaluate`
+calls `evaluate`.
 Tasks are checked when the evaluator is built (before any engine or training): an unknown task,
 a task whose data cannot be loaded and a generation task are each one ConfigError naming the task,
 raised on every rank (rank 0 checks, the others receive its verdict).
@@ -192,10 +193,6 @@ class DownstreamEvaluator:
         tokenizer, prefix = data_tokenizer(data_dir)
         return cls(cfg, tokenizer, prefix, max_length, rank, world, **kwargs)
 
-    def due(self, step: int, last_step: int) -> bool:
-        interval = self.cfg.downstream_interval
-        return step == last_step or bool(interval and step % interval == 0)
-
     def evaluate(self, forward: Callable[[torch.Tensor], torch.Tensor], device: torch.device | str,
                  name: str = "gpt-oss-pipeline") -> dict | None:
         """Run the tasks; every rank must call this. `forward(ids [B, T]) -> logits [B, T, V]` with
@@ -220,12 +217,11 @@ class DownstreamEvaluator:
         results["config"]["forwards_per_rank"] = scorer.forwards
         return results
 
-    def maybe_run(self, step: int, last_step: int, engine, log, append_metrics: Callable[[dict], None],
-                  results_dir: Path) -> dict[str, float] | None:
-        """The trainer's one call per step: evaluate when due, log on rank 0 (console, TensorBoard, W&B,
-        metrics.jsonl) and write RUN/downstream/step_N.json. Returns the logged values on rank 0."""
-        if not self.due(step, last_step):
-            return None
+    def run(self, step: int, engine, log, append_metrics: Callable[[dict], None],
+            results_dir: Path) -> dict[str, float] | None:
+        """The trainer's call when its LoopPolicy says the tasks are due: evaluate, log on rank 0 (console,
+        TensorBoard, W&B, metrics.jsonl) and write RUN/downstream/step_N.json. Returns the logged values
+        on rank 0."""
         was_training = engine.module.training
         engine.eval()
         start = time.perf_counter()

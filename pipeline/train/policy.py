@@ -6,6 +6,8 @@ policy is tested on its own (tests/train/test_policy.py).
 
 - Log every `log_interval` steps and at the last step.
 - Evaluate every `eval_interval` steps, and at the end unless the last step just did.
+- Run the downstream tasks (lm-evaluation-harness, when `eval.tasks` is set) every
+  `downstream_interval` steps and at the last step (an interval of 0: only at the last step).
 - Save every `save_interval` steps; a save that falls on a skipped step moves to the next applied
   step (a checkpoint is only written from weights a healthy step produced). On a stop signal, save
   unless this step saved or was skipped. At the end, save unless this step saved, or the run ended
@@ -25,11 +27,13 @@ class StepActions:
     log: bool
     evaluate: bool
     save: bool
+    downstream: bool = False
 
 
 class LoopPolicy:
-    def __init__(self, train: TrainConfig):
+    def __init__(self, train: TrainConfig, downstream_interval: int | None = None):
         self.train = train
+        self.downstream_interval = downstream_interval  # None: no downstream tasks in this run
         self.bad_steps = 0  # consecutive skipped steps
         self.save_due = False  # a scheduled save waiting for a healthy step
         self.evaluated = self.saved = False  # by the latest step
@@ -42,8 +46,11 @@ class LoopPolicy:
         save = self.save_due and healthy
         if save:
             self.save_due = False
+        every = self.downstream_interval
+        downstream = every is not None and (step == t.steps or bool(every and step % every == 0))
         return StepActions(log=step % t.log_interval == 0 or step == t.steps,
-                           evaluate=bool(t.eval_interval and step % t.eval_interval == 0), save=save)
+                           evaluate=bool(t.eval_interval and step % t.eval_interval == 0), save=save,
+                           downstream=downstream)
 
     def done(self, evaluated: bool = False, saved: bool = False) -> None:
         """What the trainer did for the latest step (a save can fail: non-finite weights)."""

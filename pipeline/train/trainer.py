@@ -110,7 +110,7 @@ class Trainer:
         self.stop = StopSignal(self.engine.device, self._abort)
         self.fault = health.FaultInjection.from_env(self.rank)
         self.spikes = health.SpikeDetector(t.spike_sigma, t.spike_window)
-        self.policy = LoopPolicy(t)
+        self.policy = LoopPolicy(t, cfg.eval.downstream_interval if self.downstream is not None else None)
         self.skipped_total = state.get("skipped_steps", 0) if state else 0  # TensorBoard's running count
         self.collapse = health.CollapseMonitor(t.collapse_warn_ratio, t.collapse_warn_intervals, len(self.moe_layers))
         self.bias_rate = self.model_cfg.load_balance_bias_rate
@@ -307,8 +307,8 @@ class Trainer:
             if todo.evaluate:
                 self.evaluate()
                 self.policy.done(evaluated=True)
-            if self.downstream is not None:
-                self.downstream.maybe_run(self.step, t.steps, self.engine, self.log, self._append_metrics, self.run_dir)
+            if todo.downstream:
+                self.downstream.run(self.step, self.engine, self.log, self._append_metrics, self.run_dir)
             if todo.save:
                 self.policy.done(saved=self.save_if_finite())
             if self.stop.agreed():

@@ -26,6 +26,14 @@ def test_intervals_and_the_last_step():
     assert not end.evaluate and end.save  # step 10 evaluated but did not save
 
 
+def test_downstream_tasks_run_every_interval_and_at_the_last_step_only_when_configured():
+    train = TrainConfig(steps=10, eval_interval=0)
+    due = lambda policy: [s for s in range(1, 11) if policy.after_step(s, True).downstream]  # noqa: E731
+    assert due(LoopPolicy(train, downstream_interval=4)) == [4, 8, 10]
+    assert due(LoopPolicy(train, downstream_interval=0)) == [10]  # 0: only at the end
+    assert due(LoopPolicy(train)) == []  # no eval.tasks
+
+
 def test_a_save_due_on_a_skipped_step_waits_for_the_next_healthy_one():
     policy = LoopPolicy(TrainConfig(steps=8, save_interval=3, eval_interval=0))
     seen = run(policy, lambda step: step not in (3, 4))
