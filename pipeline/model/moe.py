@@ -346,6 +346,15 @@ DEFAULT_TOKEN_CHUNK = 16384
 slots x 5,760 bf16 = 0.75 GB, big enough to keep grouped_mm efficient."""
 
 
+def _combine(y_MD: torch.Tensor, order_S: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+    """Step 4: place each slot's weighted output back at its slot (index_copy: unique indices,
+    deterministic), then sum the K slots of every token -> [N, D]; dropped (padding) slots stay zero."""
+    N, K = weights_NK.shape
+    weights_M = weights_NK.reshape(-1)[order_S]
+    y_SD = y_MD.new_zeros(N * K, y_MD.shape[1]).index_copy(0, order_S, y_MD * weights_M[:, None].to(y_MD.dtype))
+    return y_SD.view(N, K, -1).sum(dim=1)
+
+
 class MoE(nn.Module):
     """Top-k routed experts. Returns (y, router loss already weighted by the config)."""
 
@@ -369,53 +378,51 @@ class MoE(nn.Module):
 
         # 1 route
         route = self.router(x_ND, n_seq=B)
-        if self.capacity_factor is None and N > self.token_chunk:
-            y_ND = torch.cat([self._tile(x_ND, route, start) for start in range(0, N, self.token_chunk)])
+        if self.capacity_factor is None:
+            if N > self.token_chunk:  # long sequences: one chunk of tokens at a time
+                y_ND = torch.cat([self._tile(x_ND, route, start) for start in range(0, N, self.token_chunk)])
+            else:
+                y_ND = self._dropless(x_ND, route.expert_ids_NK, route.weights_NK, route.tokens_per_expert_E)
             return self._finish(y_ND.view(B, T, D), route, torch.zeros((), dtype=torch.long, device=x_ND.device))
         # 2 permute: slot s = n*K + k; a stable sort keeps token order within each expert, so
         # capacity drop keeps the earliest tokens and the result is deterministic.
         slot_expert_S = route.expert_ids_NK.reshape(-1)  # [S = N*K]
         order_S = torch.argsort(slot_expert_S, stable=True)
         counts_E = route.tokens_per_expert_E
-        dropped = torch.zeros((), dtype=torch.long, device=x_ND.device)
-        padded = self.capacity_factor is not None
-        if padded:
-            capacity = math.ceil(self.capacity_factor * N * K / self.num_experts)
-            starts_E = torch.cumsum(counts_E, 0) - counts_E
-            rank_in_expert_S = torch.arange(N * K, device=x_ND.device) - starts_E[slot_expert_S[order_S]]
-            # Kept slots first (still grouped by expert), dropped ones after them as padding rows:
-            # the shapes stay static, so no host sync (a boolean index would need one).
-            order_S = order_S[torch.argsort((rank_in_expert_S >= capacity).to(torch.uint8), stable=True)]
-            kept_E = counts_E.clamp(max=capacity)
-            dropped = (counts_E - kept_E).sum()
-            counts_E = kept_E
+        capacity = math.ceil(self.capacity_factor * N * K / self.num_experts)
+        starts_E = torch.cumsum(counts_E, 0) - counts_E
+        rank_in_expert_S = torch.arange(N * K, device=x_ND.device) - starts_E[slot_expert_S[order_S]]
+        # Kept slots first (still grouped by expert), dropped ones after them as padding rows:
+        # the shapes stay static, so no host sync (a boolean index would need one).
+        order_S = order_S[torch.argsort((rank_in_expert_S >= capacity).to(torch.uint8), stable=True)]
+        kept_E = counts_E.clamp(max=capacity)
+        dropped = (counts_E - kept_E).sum()
         x_MD = x_ND.index_select(0, order_S // K)  # [M = S, D] (index_select: fast index_add_ backward)
         # 3 compute (the step expert parallelism replaces); padding rows come back as zeros
-        y_MD = self.experts(x_MD, counts_E, padded=padded) if padded else self.experts(x_MD, counts_E)
-        # 4 combine: place each slot's weighted output back at its slot (index_copy: unique indices,
-        # deterministic), then sum the K slots of every token; dropped slots stay zero.
-        weights_M = route.weights_NK.reshape(-1)[order_S]
-        y_SD = y_MD.new_zeros(N * K, D).index_copy(0, order_S, y_MD * weights_M[:, None].to(y_MD.dtype))
-        return self._finish(y_SD.view(N, K, D).sum(dim=1).view(B, T, D), route, dropped)
+        y_MD = self.experts(x_MD, kept_E, padded=True)
+        return self._finish(_combine(y_MD, order_S, route.weights_NK).view(B, T, D), route, dropped)
 
     def _tile(self, x_ND: torch.Tensor, route: RouterOutput, start: int) -> torch.Tensor:
         """Steps 2-4 (dropless) for tokens [start, start + token_chunk) -> [n, D], recomputed in backward."""
         end = start + self.token_chunk
         args = (x_ND[start:end], route.expert_ids_NK[start:end], route.weights_NK[start:end])
         if torch.is_grad_enabled():
-            return checkpoint(self._dropless_chunk, *args, use_reentrant=False)
-        return self._dropless_chunk(*args)
+            return checkpoint(self._dropless, *args, use_reentrant=False)
+        return self._dropless(*args)
 
-    def _dropless_chunk(self, x_nD: torch.Tensor, ids_nK: torch.Tensor, weights_nK: torch.Tensor) -> torch.Tensor:
-        n, K = ids_nK.shape
+    def _dropless(self, x_nD: torch.Tensor, ids_nK: torch.Tensor, weights_nK: torch.Tensor,
+                  counts_E: torch.Tensor | None = None) -> torch.Tensor:
+        """Steps 2-4 without a capacity: permute [n, D] rows by expert, compute, combine -> [n, D].
+        counts_E: the router's tokens per expert when these are all its tokens (else counted here)."""
+        K = ids_nK.shape[1]
         slot_expert_S = ids_nK.reshape(-1)  # [S = n*K]
         order_S = torch.argsort(slot_expert_S, stable=True)
-        counts_E = torch.zeros(self.num_experts, dtype=torch.long, device=x_nD.device)
-        counts_E.scatter_add_(0, slot_expert_S, torch.ones_like(slot_expert_S))
-        y_MD = self.experts(x_nD.index_select(0, order_S // K), counts_E)
-        weights_M = weights_nK.reshape(-1)[order_S]
-        y_SD = y_MD.new_zeros(n * K, x_nD.shape[1]).index_copy(0, order_S, y_MD * weights_M[:, None].to(y_MD.dtype))
-        return y_SD.view(n, K, -1).sum(dim=1)  # [n, D]
+        if counts_E is None:
+            counts_E = torch.zeros(self.num_experts, dtype=torch.long, device=x_nD.device)
+            counts_E.scatter_add_(0, slot_expert_S, torch.ones_like(slot_expert_S))
+        x_MD = x_nD.index_select(0, order_S // K)  # [M = S, D] (index_select: fast index_add_ backward)
+        # 3 compute (the step expert parallelism replaces)
+        return _combine(self.experts(x_MD, counts_E), order_S, weights_nK)
 
     def _finish(self, y_BTD: torch.Tensor, route: RouterOutput, dropped: torch.Tensor):
         router_loss = self.aux_weight * route.load_balance_loss + self.z_weight * route.z_loss
