@@ -161,4 +161,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.cli import run_and_exit
+
+    run_and_exit(main)  # no interpreter teardown with gloo threads alive (see run_and_exit)

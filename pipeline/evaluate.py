@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 import yaml
 
-from pipeline.cli import user_errors_exit_2
+from pipeline.cli import run_and_exit, user_errors_exit_2
 from pipeline.errors import ConfigError
 
 
@@ -157,4 +156,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit(main)

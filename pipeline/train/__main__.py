@@ -15,9 +15,8 @@ corrupt shard it read) is printed by that rank.
 from __future__ import annotations
 
 import argparse
-import sys
 
-from pipeline.cli import fail, user_errors_exit_2
+from pipeline.cli import fail, run_and_exit, user_errors_exit_2
 
 EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PEER_GONE = 3, 130, 1
 # What a collective raises on the ranks left behind when a peer exited (gloo, NCCL): that peer
@@ -60,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         trainer.close()
     import torch.distributed as dist
 
-    if dist.is_initialized():  # leave gloo / NCCL before interpreter teardown, not during it
+    if dist.is_initialized():  # NCCL aborts its communicators here; run_and_exit then skips teardown
         dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit(main)

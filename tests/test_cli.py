@@ -1,0 +1,40 @@
+"""How entry points end (pipeline/cli.py): one line for a user error; no interpreter teardown after
+a process group, with the exit code, traceback, atexit handlers and buffered output a normal exit gives."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO_ROOT
+from tests.train.conftest import rank_env, torchrun
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def test_rank_whose_last_collective_ends_in_teardown_exits_0():
+    proc = torchrun(2, [str(SCRIPTS / "late_collective.py")], timeout=120)
+    assert "terminate called" not in proc.stderr
+    for rank in (0, 1):  # the unflushed last line, then the atexit handler: both before the exit
+        assert f"rank {rank}: main returnedrank {rank}: atexit handlers ran" in proc.stdout
+
+
+def run_and_exit_on(body: str) -> subprocess.CompletedProcess:
+    code = ("import atexit, sys\nfrom pipeline.cli import run_and_exit\n"
+            "atexit.register(print, 'atexit', flush=True)\n"
+            f"def main():\n    {body}\nrun_and_exit(main)\n")
+    return subprocess.run([sys.executable, "-c", code], env=rank_env(), cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_run_and_exit_keeps_what_a_normal_exit_gives():
+    proc = run_and_exit_on("print('done', end=''); return 3")
+    assert (proc.returncode, proc.stdout) == (3, "doneatexit\n")
+    proc = run_and_exit_on("raise RuntimeError('boom')")
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "RuntimeError: boom" in proc.stderr
+    assert proc.stdout == "atexit\n"
+    proc = run_and_exit_on("sys.exit('stopped: reason')")
+    assert (proc.returncode, proc.stderr.strip()) == (1, "stopped: reason")
+    proc = run_and_exit_on("return None")
+    assert proc.returncode == 0
