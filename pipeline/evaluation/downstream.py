@@ -25,7 +25,6 @@ from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from pipeline.data import load_manifest, load_tokenizer
 from pipeline.data.tokenizer import Tokenizer
@@ -33,6 +32,7 @@ from pipeline.errors import ConfigError
 from pipeline.io_utils import atomic_write_text
 from pipeline.train.checkpoint.manager import rng_state, set_rng_state
 from pipeline.train.config import EvalConfig, resolve_path
+from pipeline.train.guards import agree_on_error
 
 # Likelihood request types PipelineLM implements; multiple_choice tasks issue loglikelihood requests.
 SUPPORTED_OUTPUT_TYPES = ("loglikelihood", "loglikelihood_rolling", "multiple_choice")
@@ -156,6 +156,18 @@ def write_results(path: Path, results: dict) -> None:
     atomic_write_text(path, json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
 
 
+def load_tasks_in_one_line(cfg: EvalConfig) -> dict:
+    """load_tasks, where any failure (e.g. a malformed task YAML) is a one-line ConfigError."""
+    try:
+        return load_tasks(cfg.tasks, cfg.task_paths)
+    except ConfigError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise ConfigError(f"eval.tasks: the harness could not load {', '.join(cfg.tasks)} ({type(e).__name__}: "
+                          f"{first}); check eval.task_paths") from None
+
+
 class DownstreamEvaluator:
     """lm-eval tasks on every rank's model; see the module docstring."""
 
@@ -168,21 +180,8 @@ class DownstreamEvaluator:
         self.rank, self.world = rank, world
         self.bootstrap_iters = bootstrap_iters  # 0: no bootstrapped stderr (seconds of CPU per metric)
         self.log_samples = log_samples
-        self.tasks, error = None, None
-        if rank == 0:  # only rank 0 runs the harness; its verdict is every rank's
-            try:
-                self.tasks = load_tasks(cfg.tasks, cfg.task_paths)
-            except ConfigError as e:
-                error = str(e)
-            except Exception as e:  # e.g. a malformed task YAML: still one line, and no rank left waiting
-                error = f"eval.tasks: the harness could not load {', '.join(cfg.tasks)} ({type(e).__name__}: " \
-                        f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}); check eval.task_paths"
-        if world > 1:
-            box = [error]
-            dist.broadcast_object_list(box, src=0)
-            error = box[0]
-        if error:
-            raise ConfigError(error)
+        # Only rank 0 runs the harness; its verdict is every rank's.
+        self.tasks = agree_on_error(lambda: load_tasks_in_one_line(cfg), rank)
 
     @classmethod
     def for_data(cls, cfg: EvalConfig, data_dir: str | Path, max_length: int, rank: int = 0, world: int = 1,

@@ -37,6 +37,15 @@ WATCH_S = 0.5
 SAME_CTRL_C_S = 2.0
 
 
+def from_rank0(value):
+    """Rank 0's `value` (picklable) on every rank: a collective when there are several ranks."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
 def agree_on_error(action: Callable[[], object], rank: int):
     """Run `action` on rank 0; every rank raises the ConfigError it raised (one line each, no rank
     left waiting in a collective). Returns its result on rank 0, None elsewhere."""
@@ -46,11 +55,7 @@ def agree_on_error(action: Callable[[], object], rank: int):
             result = action()
         except ConfigError as e:
             error = str(e)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
+    if error := from_rank0(error):
         raise ConfigError(error)
     return result
 

@@ -93,6 +93,17 @@ def entries(module: nn.Module) -> list[Entry]:
     return out
 
 
+def owned_keys(i: int, e: Entry, prefix: str, rank: int, world: int) -> list[tuple[int | None, str]]:
+    """(local expert index, or None for a whole tensor; key) of the tensors of parameter `i` that this
+    rank writes on save, and verifies on load: non-expert tensors round-robin over all ranks, each
+    expert slice by one rank of the expert-data-parallel group that holds it."""
+    if e.expert_offset is None:
+        return [(None, f"{prefix}/{e.name}")] if i % world == rank else []
+    group_rank = dist.get_rank(group=e.group) if e.group is not None else rank
+    group_size = dist.get_world_size(group=e.group) if e.group is not None else world
+    return [(local, k) for local, k in enumerate(e.keys(prefix)) if local % group_size == group_rank]
+
+
 def persistent_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for mod_name, mod in module.named_modules():
@@ -184,17 +195,10 @@ def save_state(module: nn.Module, tag_dir: Path, extra_files: list[str] = (), er
     writer = _ShardWriter(tag_dir, rank, checksums)
     writer.error = error
     for i, e in enumerate(entries(module)):
-        group_rank = dist.get_rank(group=e.group) if e.group is not None else rank
-        group_size = dist.get_world_size(group=e.group) if e.group is not None else world
         for prefix, key in (("weight", None), *((k, k) for k in OPTIM_KEYS)):
             full = get_full_state(e.param, key)  # collective over e.group
-            if e.expert_offset is None:
-                if i % world == rank:
-                    writer.add(f"{prefix}/{e.name}", full)
-            else:
-                for local, k in enumerate(e.keys(prefix)):
-                    if local % group_size == group_rank:
-                        writer.add(k, full[local].clone())
+            for local, k in owned_keys(i, e, prefix, rank, world):
+                writer.add(k, full if local is None else full[local].clone())
     if rank == 0:
         for name, buf in persistent_buffers(module).items():
             writer.add(f"buffer/{canonical_name(name)}", buf.detach().cpu())
@@ -320,24 +324,18 @@ def verified_by_this_rank(module: nn.Module, with_optimizer: bool) -> set[str]:
     prefixes = ("weight", *OPTIM_KEYS) if with_optimizer else ("weight",)
     mine = {f"buffer/{canonical_name(n)}" for n in persistent_buffers(module)} if rank == 0 else set()
     for i, e in enumerate(entries(module)):
-        if e.expert_offset is None:
-            if i % world == rank:
-                mine.update(f"{p}/{e.name}" for p in prefixes)
-            continue
-        group_rank = dist.get_rank(group=e.group) if e.group is not None else rank
-        group_size = dist.get_world_size(group=e.group) if e.group is not None else world
         for p in prefixes:
-            mine.update(k for local, k in enumerate(e.keys(p)) if local % group_size == group_rank)
+            mine.update(k for _, k in owned_keys(i, e, p, rank, world))
     return mine
 
 
 def load_state(engine, tag_dir: Path, with_optimizer: bool = True, fix: str | None = None,
-               verify: bool = True) -> None:
+               verify: bool = True) -> StateReader:
     """Set this rank's share of the weights (fp32 master and working copy), Adam moments and
     buffers from `tag_dir`. No communication: every rank reads only its own keys. Each tensor is
     verified (checksum, finite) by one of the ranks that read it, the one that would write it: every
     byte is checked once, at 1/world of the checkpoint per rank, and a damaged tensor stops the run
-    from that rank."""
+    from that rank. Returns the reader (its index: e.g. the checksums of the other files)."""
     reader = StateReader(tag_dir, fix, verify)
     reader.verify_only = verified_by_this_rank(engine.module, with_optimizer)
     if with_optimizer:
@@ -351,6 +349,7 @@ def load_state(engine, tag_dir: Path, with_optimizer: bool = True, fix: str | No
         key = f"buffer/{canonical_name(name)}"
         if reader.has(key):
             buf.data.copy_(reader.get(key).view(buf.shape))
+    return reader
 
 
 def read_full_weights(tag_dir: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:

@@ -65,6 +65,7 @@ from pipeline.train.checkpoint.zero_state import (
     set_optimizer_step_count,
 )
 from pipeline.train.config import TrainConfig
+from pipeline.train.guards import from_rank0
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
@@ -251,14 +252,6 @@ class CheckpointManager:
         return notes
 
     # --- save ---------------------------------------------------------------------------------
-    def _agree(self, error: str | None) -> str | None:
-        """Rank 0's verdict (which includes every rank's errors) reaches every rank."""
-        if dist.is_initialized() and self.world > 1:
-            box = [error]
-            dist.broadcast_object_list(box, src=0)
-            return box[0]
-        return error
-
     def _first_of_any_rank(self, error: str | None) -> str | None:
         """The first rank's error, on every rank (collective): each tensor is verified by one reader only."""
         if dist.is_initialized() and self.world > 1:
@@ -282,7 +275,7 @@ class CheckpointManager:
                 tag_dir.mkdir(parents=True)
             except OSError as e:
                 error = f"rank 0: creating {tag_dir} failed ({e.strerror})"
-        error = self._agree(error)
+        error = from_rank0(error)  # rank 0's verdict includes every rank's errors
         if error:
             raise CheckpointError(self._failed(tag_dir, error))
         trainer_state = {**trainer_state, "optimizer_step": optimizer_step_count(engine)}
@@ -306,7 +299,7 @@ class CheckpointManager:
             except OSError as e:
                 error = f"rank 0: writing {tag_dir / TRAINER_STATE} or {self.dir / LATEST} failed ({e.strerror})"
                 (tag_dir / TRAINER_STATE).unlink(missing_ok=True)
-        error = self._agree(error)
+        error = from_rank0(error)
         if error:
             raise CheckpointError(self._failed(tag_dir, error))
         if self.rank == 0:
@@ -353,12 +346,11 @@ class CheckpointManager:
         return f"{'last good' if verified else 'newest complete'} checkpoint: {self.dir / tag}"
 
     # --- load ---------------------------------------------------------------------------------
-    def _check_rng_file(self, tag_dir: Path, state: dict, ep: int) -> None:
-        rng_file = tag_dir / f"rng_rank{self.rank}.pt"
-        same_shape = state.get("world_size") == self.world and state.get("expert_parallel_size", ep) == ep
-        want = StateReader(tag_dir).file_checksums.get(rng_file.name)
-        if same_shape and want is not None and file_checksum(rng_file) != want:
-            raise CheckpointError(f"checkpoint file {rng_file} fails its checksum; {self.resume_fix(tag_dir.name)}")
+    def _check_rng_file(self, rng_file: Path, reader: StateReader) -> None:
+        want = reader.file_checksums.get(rng_file.name)
+        if want is not None and file_checksum(rng_file) != want:
+            raise CheckpointError(f"checkpoint file {rng_file} fails its checksum; "
+                                  f"{self.resume_fix(rng_file.parent.name)}")
 
     def load_latest(self, engine, expert_parallel_size: int, grad_accum_steps: int, seed: int) -> dict | None:
         """Load the newest complete checkpoint into `engine`, whatever shape wrote it; returns its
@@ -374,10 +366,15 @@ class CheckpointManager:
                 "version (its next checkpoint is reshardable), or point "
                 f"{self.dir / LATEST} at an earlier checkpoint"
             )
+        # Per-rank RNG streams are restored only onto the shape that wrote them.
+        written_ep = state.get("expert_parallel_size", expert_parallel_size)
+        state["same_shape"] = state.get("world_size") == self.world and written_ep == expert_parallel_size
+        rng_file = tag_dir / f"rng_rank{self.rank}.pt"
         error = None
         try:  # each tensor is verified by one of its readers: the others must learn of a failure
-            load_state(engine, tag_dir, fix=self.resume_fix(tag_dir.name))
-            self._check_rng_file(tag_dir, state, expert_parallel_size)
+            reader = load_state(engine, tag_dir, fix=self.resume_fix(tag_dir.name))
+            if state["same_shape"]:
+                self._check_rng_file(rng_file, reader)
         except CheckpointError as e:
             error = str(e)
         if error := self._first_of_any_rank(error):
@@ -385,9 +382,6 @@ class CheckpointManager:
         if "optimizer_step" in state:
             set_optimizer_step_count(engine, state["optimizer_step"])
         set_engine_counters(engine, state["step"], state["consumed_samples"], grad_accum_steps)
-        written_ep = state.get("expert_parallel_size", expert_parallel_size)
-        state["same_shape"] = state.get("world_size") == self.world and written_ep == expert_parallel_size
-        rng_file = tag_dir / f"rng_rank{self.rank}.pt"
         if state["same_shape"] and rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=False))
         else:  # per-rank streams cannot be re-dealt to other ranks
