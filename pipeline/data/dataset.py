@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.indexed import MMapIndexedDataset
-from pipeline.data.manifest import MANIFEST, check_vocab_compatible, load_manifest
+from pipeline.data.manifest import MANIFEST, Manifest, check_vocab_compatible, load_manifest
 from pipeline.errors import ConfigError, DataError, rank_local
 
 _DOC_ORDER_SALT = 0xD0C5
@@ -59,7 +59,6 @@ class GPTDataset:
         self.doc_start = np.concatenate(starts) if starts else np.zeros(0, np.int64)  # [D] token offset
         self.doc_len = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)  # [D] tokens
         self.doc_shard = np.concatenate(owner) if owner else np.zeros(0, np.int32)  # [D] shard index
-        self.shard_first_doc = np.cumsum([0] + [len(s) for s in starts])  # [K + 1] global doc id of each shard's first
         self.num_tokens = int(self.doc_len.sum())
         # The last window needs one extra token for its final label.
         self.samples_per_epoch = max(0, (self.num_tokens - 1) // self.seq_len)
@@ -106,26 +105,32 @@ class GPTDataset:
         start = int(window_order[j]) * self.seq_len  # token position in this epoch's concatenation
         k = int(np.searchsorted(cum, start, side="right")) - 1
         out = np.empty(need, dtype=np.int64)  # [seq_len + 1]
+        pieces = []  # (document, its first position in out): names the document of a bad id
         filled = 0
         while filled < need:
             d = int(doc_order[k])
             offset = start + filled - int(cum[k])
             take = min(int(self.doc_len[d]) - offset, need - filled)
             first = int(self.doc_start[d]) + offset
-            chunk = self.shards[self.doc_shard[d]].tokens[first : first + take]
-            if self.vocab_size is not None and take and (int(chunk.max()) >= self.vocab_size or int(chunk.min()) < 0):
-                self._bad_id(d, chunk)
-            out[filled : filled + take] = chunk
+            out[filled : filled + take] = self.shards[self.doc_shard[d]].tokens[first : first + take]
+            pieces.append((d, filled))
             filled += take
             k += 1
+        # Once per sample, not per document: a sample packs many short documents.
+        if self.vocab_size is not None and (int(out.max()) >= self.vocab_size or int(out.min()) < 0):
+            self._bad_id(out, pieces)
         return out
 
-
-    def _bad_id(self, d: int, chunk: np.ndarray) -> None:
+    def _bad_id(self, out: np.ndarray, pieces: list[tuple[int, int]]) -> None:
+        """Raise for the first document piece of `out` holding an id outside [0, vocab_size)."""
+        ends = [at for _, at in pieces[1:]] + [len(out)]
+        d, chunk = next((d, out[at:end]) for (d, at), end in zip(pieces, ends, strict=True)
+                        if end > at and (int(out[at:end].max()) >= self.vocab_size or int(out[at:end].min()) < 0))
         k = int(self.doc_shard[d])
         bad = int(chunk.max()) if int(chunk.max()) >= self.vocab_size else int(chunk.min())
+        first_doc_of_shard = int(np.searchsorted(self.doc_shard, k))  # doc_shard is ascending
         raise rank_local(DataError(
-            f"{self.shards[k].prefix}.bin: sequence {d - int(self.shard_first_doc[k])} holds token id {bad}, outside "
+            f"{self.shards[k].prefix}.bin: sequence {d - first_doc_of_shard} holds token id {bad}, outside "
             f"the tokenizer's [0, {self.vocab_size}): the shard is corrupt; check it with "
             f"`python -m pipeline.prepare --verify {self.shards[k].prefix.parent}` and re-prepare it"
         ))
@@ -148,9 +153,9 @@ def source_paths(sources) -> list[str]:
     return [str(p) for _, p in sources] if is_weighted(sources) else [str(s) for s in sources]
 
 
-def _shards_of(path: str | Path, split: str) -> tuple[list[MMapIndexedDataset], Path | None]:
-    # A bare prefix has no manifest, so no vocab size to check its ids against.
-    """Shards of `split` in a prepared dir, or a bare Megatron prefix (`.../name` with .idx/.bin)."""
+def _shards_of(path: str | Path, split: str) -> tuple[list[MMapIndexedDataset], Manifest | None]:
+    """Shards of `split` in a prepared dir (and its manifest), or of a bare Megatron prefix
+    (`.../name` with .idx/.bin; no manifest, so no vocab size to check its ids against)."""
     path = Path(path)
     if path.is_dir():
         manifest = load_manifest(path)  # raises a clear error for dirs that are not prepared
@@ -170,7 +175,7 @@ def _shards_of(path: str | Path, split: str) -> tuple[list[MMapIndexedDataset], 
                 raise DataError(
                     f"{s.prefix}.idx has dtype {s.dtype} but {path}/{MANIFEST} says {manifest.dtype}"
                 )
-        return shards, path
+        return shards, manifest
     prefix = Path(str(path)[:-4]) if path.suffix in (".bin", ".idx") else path
     if Path(f"{prefix}.idx").is_file():
         return [MMapIndexedDataset(prefix)], None
@@ -191,18 +196,17 @@ def build_dataset(sources, split: str, seq_len: int, seed: int):
     if not sources:
         raise ConfigError(f"no data sources given (data.{split} is empty)")
     weighted = is_weighted(sources)
-    paths = [p for _, p in sources] if weighted else sources
-    dirs = []
+    paths = source_paths(sources)
     per_source = []
-    vocab = []  # per source: its tokenizer's vocab size, None for a bare prefix
+    manifests = []
     for p in paths:
-        shards, d = _shards_of(p, split)
+        shards, manifest = _shards_of(p, split)
         per_source.append(shards)
-        vocab.append(None if d is None else load_manifest(d).vocab_size)
-        if d is not None:
-            dirs.append(d)
+        manifests.append(manifest)
+    vocab = [None if m is None else m.vocab_size for m in manifests]  # per source; None for a bare prefix
+    dirs = [m.path for m in manifests if m is not None]
     if len(dirs) > 1:  # one tokenizer for everything; vocab fit is checked by the trainer
-        check_vocab_compatible(dirs, max(load_manifest(d).vocab_size for d in dirs))
+        check_vocab_compatible(dirs, max(v for v in vocab if v is not None))
     if not weighted:
         return GPTDataset(
             [s for shards in per_source for s in shards],
