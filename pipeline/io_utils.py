@@ -68,20 +68,19 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    """The digest of record (manifests): slow but universal (`sha256sum` checks it)."""
-    h = hashlib.sha256()
+def _digest(path: str | Path, h, chunk: int = 1 << 22):
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()
+    return h
 
 
-def content_hash(path: str | Path, chunk: int = 1 << 22) -> str:
+def sha256_file(path: str | Path) -> str:
+    """The digest of record (manifests): slow but universal (`sha256sum` checks it)."""
+    return _digest(path, hashlib.sha256()).hexdigest()
+
+
+def content_hash(path: str | Path) -> str:
     """A fast digest to notice any change of a file's content (xxh3-128, ~10x sha256's speed):
     for change detection, where nothing adversarial is expected."""
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return "xxh3_128:" + h.hexdigest()
+    return "xxh3_128:" + _digest(path, xxhash.xxh3_128()).hexdigest()

@@ -130,6 +130,7 @@ class DirLock:
                           f"check which {self.what} uses {self.dir}")
 
     def release(self) -> None:
+        atexit.unregister(self.release)  # released now: nothing left for exit to do
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.data.dataset import is_weighted, source_paths
 from pipeline.data.manifest import MANIFEST, Manifest, load_manifest
-from pipeline.data.tokenizer import sha256_file
+from pipeline.data.verify import sha256_problem
 from pipeline.errors import DataError
 
 
@@ -100,8 +100,7 @@ def verify_checksums(data_dirs: list, rank: int, world: int) -> list[str]:
         files += [(m.path / rel, digest) for rel, digest in sorted(m.files.items())]
     problems = []
     for path, digest in files[rank::world]:
-        if not path.is_file():
-            problems.append(f"{path} is missing")
-        elif sha256_file(path) != digest:
-            problems.append(f"{path} fails its sha256 (changed or corrupted since prepare)")
+        if why := sha256_problem(path, digest):
+            problems.append(f"{path} is missing" if why == "missing" else
+                            f"{path} fails its sha256 (changed or corrupted since prepare)")
     return problems

@@ -26,8 +26,10 @@ from pipeline.data.indexed import dtype_for_vocab
 from pipeline.data.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, STATE, write_json_atomic
 from pipeline.data.readers import ReaderOptions, SkipReport, Source, expand_inputs, iter_documents
 from pipeline.data.shard_writer import SplitWriter, verified_prefix
-from pipeline.data.tokenizer import Tokenizer, load_tokenizer, sha256_file, train_sentencepiece
+from pipeline.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
+from pipeline.data.verify import sha256_problem
 from pipeline.errors import ConfigError, DataError
+from pipeline.io_utils import sha256_file
 from pipeline.run_lock import DirLock
 
 SPLITS = ("train", "valid")
@@ -438,11 +440,7 @@ def _recheck_complete(out: Path) -> tuple[dict | None, dict | None]:
     import json
 
     manifest = json.loads((out / MANIFEST).read_text())
-    bad = [
-        rel
-        for rel, digest in manifest["files"].items()
-        if not (out / rel).is_file() or sha256_file(out / rel) != digest
-    ]
+    bad = [rel for rel, digest in manifest["files"].items() if sha256_problem(out / rel, digest)]
     if not bad:
         print(
             f"{out} already holds this dataset (same inputs and options, checksums verify); nothing to do",

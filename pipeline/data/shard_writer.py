@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.indexed import IndexedDatasetWriter, bin_path, idx_path
-from pipeline.data.tokenizer import sha256_file
+from pipeline.io_utils import sha256_file
 
 
 def shard_name(split: str, k: int) -> str:

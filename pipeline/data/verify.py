@@ -16,9 +16,8 @@ import numpy as np
 
 from pipeline.data.indexed import MMapIndexedDataset
 from pipeline.data.manifest import load_manifest
-from pipeline.data.tokenizer import sha256_file
 from pipeline.errors import DataError
-from pipeline.io_utils import content_hash
+from pipeline.io_utils import content_hash, sha256_file
 
 _SCAN_TOKENS = 1 << 24  # ids checked per step: bounded memory on multi-GB shards
 
@@ -60,17 +59,22 @@ def _check_shard(
     return problems
 
 
+def sha256_problem(path: Path, digest: str) -> str | None:
+    """"missing", "changed" (its sha256 is not the recorded one), or None: the file is as recorded."""
+    if not path.is_file():
+        return "missing"
+    return "changed" if sha256_file(path) != digest else None
+
+
 def verify(data_dir: str | Path) -> list[str]:
     """All problems found in a prepared dir (empty list: it verifies)."""
     data_dir = Path(data_dir)
     m = load_manifest(data_dir)
     problems = []
     for rel, digest in sorted(m.files.items()):
-        p = data_dir / rel
-        if not p.is_file():
-            problems.append(f"{rel}: missing")
-        elif sha256_file(p) != digest:
-            problems.append(f"{rel}: sha256 mismatch (file changed or corrupted since prepare)")
+        if why := sha256_problem(data_dir / rel, digest):
+            problems.append(f"{rel}: missing" if why == "missing" else
+                            f"{rel}: sha256 mismatch (file changed or corrupted since prepare)")
     for entry in m.raw.get("fingerprint", {}).get("inputs", []):
         for name, _size, digest in entry[2] if len(entry) > 2 else []:
             if str(digest).startswith("xxh3_128:") and Path(name).is_file() and content_hash(name) != digest:

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.errors import ConfigError
-from pipeline.run_lock import DirLock, process_start_time
+from pipeline.run_lock import DirLock, pid_alive, process_start_time
 
 WATCH_S = 0.5
 # A launcher relays the same Ctrl-C to its ranks (torchrun re-sends SIGINT): SIGINTs this close
@@ -130,8 +130,7 @@ class StopSignal:
     def _watch(self) -> None:
         while self.received is None:
             time.sleep(WATCH_S)
-            gone = [pid for pid, start in self._ancestors
-                    if (process_start_time(pid) != start if start is not None else not _alive(pid))]
+            gone = [pid for pid, start in self._ancestors if not pid_alive(pid, start)]
             if gone:
                 self.received = f"the death of its launcher (pid {gone[0]})"
 
@@ -139,16 +138,6 @@ class StopSignal:
         flag = torch.tensor([1 if self.received else 0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 def check_data(train: list, valid: list | None, vocab_size: int, verify: bool, rank: int,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import time
 
-from tests.data.conftest import make_docs, run_prepare, write_jsonl
-from tests.data.test_resume_verify import _cli, kill_after_shards
+from tests.data.conftest import run_prepare
+from tests.data.test_resume_verify import _cli, big_jsonl, kill_after_shards
 
 
 def _edit_in_place(path) -> None:
@@ -21,11 +21,14 @@ def _edit_in_place(path) -> None:
     assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
 
 
+def _sharded_prepare(spm_bpe, tmp_path):
+    """(input, output dir, prepare arguments) of a prepare that writes several shards."""
+    inp, out = big_jsonl(tmp_path), tmp_path / "out"
+    return inp, out, ["--input", inp, "--tokenizer", spm_bpe, "--shard-size-tokens", "2000", "--output", out]
+
+
 def test_input_edited_in_place_is_refused_on_resume_and_caught_by_verify(spm_bpe, tmp_path, capsys):
-    docs = [d for k in range(12) for d in make_docs(seed=k, n=120)]
-    inp = write_jsonl(tmp_path / "big.jsonl", docs)
-    out = tmp_path / "out"
-    args = ["--input", inp, "--tokenizer", spm_bpe, "--shard-size-tokens", "2000", "--output", out]
+    inp, out, args = _sharded_prepare(spm_bpe, tmp_path)
     proc = _cli(*args, "--no-progress")
     kill_after_shards(proc, out, 2)
     _edit_in_place(inp)
@@ -44,10 +47,7 @@ def test_input_edited_in_place_is_refused_on_resume_and_caught_by_verify(spm_bpe
 
 
 def test_two_prepares_into_one_dir_cannot_both_run(spm_bpe, tmp_path, capsys):
-    docs = [d for k in range(12) for d in make_docs(seed=k, n=120)]
-    inp = write_jsonl(tmp_path / "big.jsonl", docs)
-    out = tmp_path / "out"
-    args = ["--input", inp, "--tokenizer", spm_bpe, "--shard-size-tokens", "2000", "--output", out]
+    inp, out, args = _sharded_prepare(spm_bpe, tmp_path)
     first = _cli(*args, "--no-progress")
     deadline = time.time() + 60
     while not (out / ".lock").exists():

@@ -53,9 +53,13 @@ def _manifest(d: Path) -> dict:
     return m
 
 
+def big_jsonl(tmp_path: Path) -> Path:
+    """1,440 documents: enough for several 2,000-token shards, so a prepare can be caught mid-run."""
+    return write_jsonl(tmp_path / "big.jsonl", [d for k in range(12) for d in make_docs(seed=k, n=120)])
+
+
 def test_sigkill_mid_run_then_rerun_is_byte_identical(spm_bpe, tmp_path, capsys):
-    docs = [d for k in range(12) for d in make_docs(seed=k, n=120)]
-    inp = write_jsonl(tmp_path / "big.jsonl", docs)
+    inp = big_jsonl(tmp_path)
     args = ["--input", inp, "--tokenizer", spm_bpe, "--shard-size-tokens", "2000", "--valid-fraction", "0.1"]
     ref = tmp_path / "ref"
     assert run_prepare(capsys, *args, "--output", ref)[0] == 0
