@@ -21,7 +21,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import yaml
 
 from pipeline.cli import run_and_exit, user_errors_exit_2
 from pipeline.errors import ConfigError
@@ -64,17 +63,12 @@ def eval_config(saved_eval: dict | None, args: argparse.Namespace):
 
 def load_from_run_dir(run_dir: Path, step: int | None, world: int, device: torch.device):
     """(forward, model config, data dir, checkpoint dir, saved config) for a run's checkpoint."""
-    from pipeline.data import source_paths
-    from pipeline.train.checkpoint import find_checkpoint, load_state, read_full_weights
-    from pipeline.train.checkpoint.export import model_config_from_saved, model_from_state
+    from pipeline.train.checkpoint import load_state, read_full_weights
+    from pipeline.train.checkpoint.export import checkpoint_model, model_from_state, run_dtype
 
-    ckpt = find_checkpoint(run_dir / "checkpoints", step)
-    saved = yaml.safe_load((ckpt / "config.yaml").read_text())
-    model_cfg = model_config_from_saved(saved["model"])
-    data_dir = source_paths(saved["data"]["train"])[0]
+    ckpt, saved, model_cfg, data_dir = checkpoint_model(run_dir, step)
     if world == 1:
-        dtype = torch.bfloat16 if saved.get("precision") == "bf16" else torch.float32
-        model = model_from_state(model_cfg, read_full_weights(ckpt, dtype)).to(device).eval()
+        model = model_from_state(model_cfg, read_full_weights(ckpt, run_dtype(saved))).to(device).eval()
         return (lambda ids: model(ids)[0]), model_cfg, data_dir, ckpt, saved
     # Under a launcher: the run's own engine (ZeRO-3, expert parallelism), weights only.
     from pipeline.config_utils import from_dict
@@ -95,7 +89,7 @@ def load_from_run_dir(run_dir: Path, step: int | None, world: int, device: torch
 
 def run(args: argparse.Namespace) -> dict | None:
     from pipeline.data import load_tokenizer
-    from pipeline.evaluation.downstream import DownstreamEvaluator, data_tokenizer, write_results
+    from pipeline.evaluation.downstream import RESULTS_DIR, DownstreamEvaluator, data_tokenizer, write_results
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = 0
@@ -108,7 +102,7 @@ def run(args: argparse.Namespace) -> dict | None:
         forward, model_cfg, data_dir, ckpt, saved = load_from_run_dir(Path(args.run_dir), args.step, world, device)
         cfg = eval_config(saved.get("eval"), args)
         tokenizer, prefix = data_tokenizer(data_dir)
-        output = Path(args.output) if args.output else Path(args.run_dir) / "downstream" / f"{ckpt.name}.json"
+        output = Path(args.output) if args.output else Path(args.run_dir) / RESULTS_DIR / f"{ckpt.name}.json"
         name = f"{args.run_dir}:{ckpt.name}"
     else:
         from pipeline.train.checkpoint import load_exported

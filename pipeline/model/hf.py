@@ -293,15 +293,22 @@ def load_folder(model_cls, directory: str | Path, dtype: torch.dtype | None = No
         state.setdefault("lm_head.weight", state["embed_tokens.weight"])
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
-    with torch.device("meta"):  # no random init of weights that are overwritten right away
-        model = model_cls(config)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model, missing, unexpected = model_holding(model_cls, config, state)
     if missing or unexpected:
         raise ConfigError(f"{directory}: weights do not match config.json (missing {sorted(missing)[:8]}, "
                           f"unexpected {sorted(unexpected)[:8]})")
+    return model
+
+
+def model_holding(model_cls, config, state: dict[str, torch.Tensor]):
+    """(model_cls(config) whose tensors are `state`'s, missing keys, unexpected keys). Built on the
+    meta device: no random init of weights that are overwritten right away (minutes for gpt-oss-20b)."""
+    with torch.device("meta"):
+        model = model_cls(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight  # assign=True replaced the shared Parameter
-    return model
+    return model, missing, unexpected
 
 
 def save_hf(model, directory: str | Path) -> None:

@@ -29,7 +29,7 @@ from pipeline.config_utils import from_dict, to_dict
 from pipeline.data import source_paths
 from pipeline.io_utils import atomic_path
 from pipeline.model import GPTOSS, GPTOSSConfig
-from pipeline.model.hf import NATIVE_FORMAT, hf_incompatibilities
+from pipeline.model.hf import NATIVE_FORMAT, hf_incompatibilities, model_holding
 from pipeline.train.checkpoint.format import read_full_weights
 from pipeline.train.checkpoint.manager import find_checkpoint
 
@@ -39,9 +39,9 @@ def model_config_from_saved(saved_model: dict) -> GPTOSSConfig:
 
 
 def model_from_state(model_cfg: GPTOSSConfig, state: dict) -> GPTOSS:
-    """Our model holding a checkpoint's full state dict (`read_full_weights`)."""
-    model = GPTOSS(model_cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    """Our model (fp32) holding a checkpoint's full state dict (`read_full_weights`)."""
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    model, missing, unexpected = model_holding(GPTOSS, model_cfg, state)
     tied = {"lm_head.weight"} if model_cfg.tie_word_embeddings else set()
     if unexpected or set(missing) - tied:
         raise RuntimeError(f"gathered state dict does not match the model: missing {missing}, unexpected {unexpected}")
@@ -82,15 +82,23 @@ def load_exported(directory: str | Path) -> GPTOSS:
     return GPTOSS.from_hf(directory)
 
 
+def checkpoint_model(run_dir: Path, step: int | None = None) -> tuple[Path, dict, GPTOSSConfig, Path]:
+    """(checkpoint dir, the run config saved with it, its model config, the first data.train dir) of
+    `run_dir`'s checkpoint: the latest, or `step`."""
+    ckpt = find_checkpoint(Path(run_dir) / "checkpoints", step)
+    saved = yaml.safe_load((ckpt / "config.yaml").read_text())
+    return ckpt, saved, model_config_from_saved(saved["model"]), Path(source_paths(saved["data"]["train"])[0])
+
+
+def run_dtype(saved: dict) -> torch.dtype:
+    """The precision the run computed in (its saved config's `precision`)."""
+    return torch.bfloat16 if saved.get("precision") == "bf16" else torch.float32
+
+
 def export(run_dir: str | Path, output: str | Path, step: int | None = None) -> Path:
     """Write `output` from the checkpoint (latest, or `step`) of `run_dir`; returns `output`."""
-    run_dir, output = Path(run_dir), Path(output)
-    ckpt = find_checkpoint(run_dir / "checkpoints", step)
-    saved = yaml.safe_load((ckpt / "config.yaml").read_text())
-    model_cfg = model_config_from_saved(saved["model"])
-    dtype = torch.bfloat16 if saved.get("precision") == "bf16" else torch.float32
-    state = read_full_weights(ckpt, dtype)
-    data_dir = Path(source_paths(saved["data"]["train"])[0])
-    fmt = write_export(state, model_cfg, output, data_dir / "tokenizer")
+    ckpt, saved, model_cfg, data_dir = checkpoint_model(Path(run_dir), step)
+    output = Path(output)
+    fmt = write_export(read_full_weights(ckpt, run_dtype(saved)), model_cfg, output, data_dir / "tokenizer")
     print(f"exported {ckpt} -> {output} ({fmt})", flush=True)
     return output
