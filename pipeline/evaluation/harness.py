@@ -30,6 +30,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from pipeline.data.tokenizer import Tokenizer
+from pipeline.train.guards import from_rank0
 
 GENERATION_UNSUPPORTED = (
     "generation tasks (output_type generate_until) are not supported: only likelihood and "
@@ -70,9 +71,7 @@ class Scorer:
     def serve(self) -> None:
         """On ranks > 0: score what rank 0 sends until it stops; raises if rank 0 failed."""
         while True:
-            box = [None]
-            dist.broadcast_object_list(box, src=0)
-            command, payload = box[0]
+            command, payload = from_rank0(None)
             if command == "stop":
                 return
             if command == "error":
@@ -81,8 +80,7 @@ class Scorer:
 
     # --- every rank -------------------------------------------------------------------------------
     def _send(self, message: tuple) -> None:
-        if self.distributed:
-            dist.broadcast_object_list([message], src=0)
+        from_rank0(message)
 
     @torch.no_grad()
     def _score(self, requests: list[TokenRequest]) -> list[tuple[float, bool]]:
@@ -117,14 +115,15 @@ class Scorer:
         for b, (tokens, _) in enumerate(batch):
             ids_BT[b, :len(tokens) - 1] = torch.tensor(tokens[:-1])  # right padding: causal rows are unaffected
         logits_BTV = self.forward(ids_BT.to(self.device))
-        out = []
+        logprob_sums, greedy = [], []
         for b, (tokens, n_cont) in enumerate(batch):
             end = len(tokens) - 1
             logprobs_CV = logits_BTV[b, end - n_cont:end].float().log_softmax(-1)  # [n_cont, V]
             target_C = torch.tensor(tokens[-n_cont:], device=logprobs_CV.device)
-            picked = logprobs_CV.gather(1, target_C[:, None])[:, 0]
-            out.append((float(picked.sum()), bool((logprobs_CV.argmax(-1) == target_C).all())))
-        return out
+            logprob_sums.append(logprobs_CV.gather(1, target_C[:, None])[:, 0].sum())
+            greedy.append((logprobs_CV.argmax(-1) == target_C).all())
+        # One host read per batch (two per request would stall a GPU once per request).
+        return list(zip(torch.stack(logprob_sums).tolist(), torch.stack(greedy).tolist(), strict=True))
 
 
 @register_model("gpt-oss-pipeline")
@@ -144,7 +143,6 @@ class PipelineLM(TemplateLM):
         self._max_length = max_length
         self._prefix = tokenizer.eos_id if prefix_token_id is None else prefix_token_id
         self.name = name
-        self.requests_scored = 0
 
     @property
     def eot_token_id(self) -> int:
@@ -175,7 +173,6 @@ class PipelineLM(TemplateLM):
             # As the HF backend: keep the last max_length + 1 tokens (left truncation keeps the
             # continuation); the last one is only a target.
             windows.append(((context_enc + continuation_enc)[-(self.max_length + 1):], len(continuation_enc)))
-        self.requests_scored += len(windows)
         return self.scorer.score(windows)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:

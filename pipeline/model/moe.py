@@ -166,10 +166,6 @@ def grouped_mm_problem(x_MD: torch.Tensor, w_EDF: torch.Tensor) -> str | None:
     return None
 
 
-def _grouped_mm_supported(x_MD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
-    return grouped_mm_problem(x_MD, w_EDF) is None
-
-
 @functools.cache
 def _warn_loop_on_cuda(reason: str) -> None:
     # Once per reason per process: the fallback is correct, only slower (a host sync and E matmuls).
