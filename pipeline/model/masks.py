@@ -35,15 +35,19 @@ def document_ids(input_ids_BT: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     return torch.cumsum(is_eos, dim=1) - is_eos  # the EOS itself still counts as the old document
 
 
-def document_positions(doc_BT: torch.Tensor) -> torch.Tensor:
-    """[B, T] position of each token inside its document (restarts at 0 at every document start)."""
+def document_starts(doc_BT: torch.Tensor) -> torch.Tensor:
+    """[B, T] index of the first token of each token's document."""
     B, T = doc_BT.shape
     t_BT = torch.arange(T, device=doc_BT.device).expand(B, T)
     is_start = torch.ones_like(doc_BT, dtype=torch.bool)
     is_start[:, 1:] = doc_BT[:, 1:] != doc_BT[:, :-1]
     # The latest document start at or before each token: a running max over start indices.
-    start_BT = torch.cummax(torch.where(is_start, t_BT, torch.zeros_like(t_BT)), dim=1).values
-    return t_BT - start_BT
+    return torch.cummax(torch.where(is_start, t_BT, torch.zeros_like(t_BT)), dim=1).values
+
+
+def document_positions(doc_BT: torch.Tensor) -> torch.Tensor:
+    """[B, T] position of each token inside its document (restarts at 0 at every document start)."""
+    return torch.arange(doc_BT.shape[1], device=doc_BT.device) - document_starts(doc_BT)
 
 
 def attention_mask(
@@ -147,7 +151,7 @@ def document_block_mask(
     B, T = doc_BT.shape
     device = doc_BT.device
     n = -(-T // block)  # blocks per side, the last one possibly partial
-    start_BT = torch.arange(T, device=device) - document_positions(doc_BT)  # s(i)
+    start_BT = document_starts(doc_BT)  # s(i)
     first_n = torch.arange(n, device=device) * block  # a0 (and c0)
     last_n = (first_n + block - 1).clamp(max=T - 1)  # a1 (and c1) inside the sequence
     s_first_Bq = start_BT[:, first_n][:, :, None]  # [B, n, 1]: s(a0)

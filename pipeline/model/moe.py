@@ -85,8 +85,7 @@ class TopKRouter(nn.Module):
         weights_NK = torch.softmax(top_logits_NK, dim=-1)
         # Losses in fp32: logsumexp^2 and the probability means are sensitive under bf16.
         logits32_NE = logits_NE.float()
-        counts_E = torch.zeros(self.num_experts, dtype=torch.long, device=x_ND.device)
-        counts_E.scatter_add_(0, expert_ids_NK.reshape(-1), torch.ones_like(expert_ids_NK.reshape(-1)))
+        counts_E = count_slots(expert_ids_NK, self.num_experts)
         probs_NE = torch.softmax(logits32_NE, dim=-1)
         if self.granularity == "sequence":
             load_balance = self._sequence_load_balance(probs_NE, expert_ids_NK, n_seq)
@@ -164,6 +163,13 @@ def grouped_mm_problem(x_MD: torch.Tensor, w_EDF: torch.Tensor) -> str | None:
             return (f"rows of {dim} x {size} bytes are not 16-byte aligned "
                     f"(make the dimension a multiple of {16 // size})")
     return None
+
+
+def count_slots(expert_ids_NK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] long: how many of the routed slots went to each expert (scatter_add: static shape, no sync)."""
+    ids_S = expert_ids_NK.reshape(-1)
+    counts_E = torch.zeros(num_experts, dtype=torch.long, device=ids_S.device)
+    return counts_E.scatter_add_(0, ids_S, torch.ones_like(ids_S))
 
 
 @functools.cache
@@ -414,8 +420,7 @@ class MoE(nn.Module):
         slot_expert_S = ids_nK.reshape(-1)  # [S = n*K]
         order_S = torch.argsort(slot_expert_S, stable=True)
         if counts_E is None:
-            counts_E = torch.zeros(self.num_experts, dtype=torch.long, device=x_nD.device)
-            counts_E.scatter_add_(0, slot_expert_S, torch.ones_like(slot_expert_S))
+            counts_E = count_slots(ids_nK, self.num_experts)
         x_MD = x_nD.index_select(0, order_S // K)  # [M = S, D] (index_select: fast index_add_ backward)
         # 3 compute (the step expert parallelism replaces)
         return _combine(self.experts(x_MD, counts_E), order_S, weights_nK)

@@ -103,7 +103,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.model_cfg, seq_len)["total"]
         self.peak_tflops = t.peak_tflops or detect_peak_tflops()
         self.log = MetricsLogger(self.run_dir, self.rank == 0, cfg.tensorboard, t.steps, wandb=cfg.wandb,
-                                 run_config=yaml.safe_load(self.run_files()["config.yaml"]))
+                                 run_config=self.resolved_config())
         if self.engine.device.type == "cuda" and (notice := math_kernel_notice(
                 self.model_cfg, t.micro_batch_size, seq_len, 2 if cfg.precision == "bf16" else 4)):
             self.log.message(notice)  # once, at start: every step pays it
@@ -136,10 +136,13 @@ class Trainer:
             model["init_from"] = self.cfg.init_from
         return model
 
+    def resolved_config(self) -> dict:
+        """The run config as saved in RUN/config.yaml and with every checkpoint."""
+        return {**run_config_to_dict(self.cfg), "model": self.resolved_model()}
+
     def run_files(self) -> dict[str, str]:
-        resolved = {**run_config_to_dict(self.cfg), "model": self.resolved_model()}
         return {
-            "config.yaml": yaml.safe_dump(resolved, sort_keys=False),
+            "config.yaml": yaml.safe_dump(self.resolved_config(), sort_keys=False),
             "ds_config.json": json.dumps(self.ds_config, indent=2),
         }
 
