@@ -91,16 +91,21 @@ class Communication:
                    if t.collective == collective and (group is None or t.group == group))
 
 
-def _span(group: str, world: int, ep: int, gpus_per_node: int, sp: int = 1) -> str:
-    """The slowest link a group of DeepSpeed's layout crosses (EP and SP groups: consecutive ranks)."""
+def _span(group: str, size: int, world: int, gpus_per_node: int) -> str:
+    """The slowest link a group of `size` ranks of DeepSpeed's layout crosses (EP and SP groups:
+    consecutive ranks)."""
     if group in ("ep", "sp"):
-        size = ep if group == "ep" else sp
         members_per_node = math.gcd(size, gpus_per_node)
         return "nvlink" if size <= gpus_per_node and members_per_node == size else "network"
-    size = world if group == "world" else world // ep
     if size == 1:
         return "none"
     return "nvlink" if world <= gpus_per_node else "network"
+
+
+def _all_to_all_leaving(size: int, gpus_per_node: int) -> float:
+    """The share of an all-to-all's bytes over its group's slowest link (consecutive ranks): within
+    a node all but the rank's own; across nodes what goes to the members on other nodes."""
+    return (size - 1) / size if size <= gpus_per_node else (size - min(size, gpus_per_node)) / size
 
 
 def communication(
@@ -124,7 +129,7 @@ def communication(
     out: list[Transfer] = []
 
     def add(label, collective, group, size, nbytes, overlapped, leaving_fraction=None):
-        link = _span(group, world, ep, gpus_per_node, sp)
+        link = _span(group, size, world, gpus_per_node)
         if leaving_fraction is None:
             leaving_fraction = (size - 1) / size if size > 1 else 0.0
         link_bytes = int(nbytes * leaving_fraction)
@@ -165,9 +170,7 @@ def communication(
         exchanges = (4 if checkpointing else 2) + 2  # fwd (+ recompute) dispatch and combine; 2 in backward
         token_bytes = rows * config.n_embd * pb * exchanges * config.num_moe_layers * grad_accum
         counts = ep * (config.n_experts // ep) * 8 * (2 if checkpointing else 1) * config.num_moe_layers * grad_accum
-        members_per_node = min(ep, gpus_per_node)
-        off_rank = (ep - 1) / ep
-        leaving = off_rank if ep <= gpus_per_node else (ep - members_per_node) / ep
+        leaving = _all_to_all_leaving(ep, gpus_per_node)
         add(f"EP all-to-all tokens: {exchanges} exchanges x {config.num_moe_layers} MoE layers x "
             f"{grad_accum} micro-batches", "all_to_all", "ep", ep, token_bytes, False, leaving)
         add("EP all-to-all per-expert row counts", "all_to_all", "ep", ep, counts, False, leaving)
@@ -175,7 +178,7 @@ def communication(
         passes = 3 if checkpointing else 2  # forward, recompute, backward
         heads = 2 * config.n_head + 2 * max(config.kv_heads, sp)  # q and output; k and v
         per_layer = micro_batch * (seq_len // sp) * heads * config.head_size * pb
-        leaving = (sp - 1) / sp if sp <= gpus_per_node else (sp - min(sp, gpus_per_node)) / sp
+        leaving = _all_to_all_leaving(sp, gpus_per_node)
         add(f"SP all-to-all q/k/v/out: {passes} passes x {config.n_layer} layers x {grad_accum} micro-batches",
             "all_to_all", "sp", sp, per_layer * passes * config.n_layer * grad_accum, False, leaving)
         if config.num_moe_layers:
