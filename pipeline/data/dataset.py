@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.indexed import MMapIndexedDataset
+from pipeline.data.indexed import MMapIndexedDataset, idx_path, prefix_of
 from pipeline.data.manifest import MANIFEST, Manifest, check_vocab_compatible, load_manifest
 from pipeline.errors import ConfigError, DataError, rank_local
 
@@ -176,8 +176,8 @@ def _shards_of(path: str | Path, split: str) -> tuple[list[MMapIndexedDataset], 
                     f"{s.prefix}.idx has dtype {s.dtype} but {path}/{MANIFEST} says {manifest.dtype}"
                 )
         return shards, manifest
-    prefix = Path(str(path)[:-4]) if path.suffix in (".bin", ".idx") else path
-    if Path(f"{prefix}.idx").is_file():
+    prefix = Path(prefix_of(str(path)))
+    if idx_path(prefix).is_file():
         return [MMapIndexedDataset(prefix)], None
     raise DataError(f"data source {path} is neither a prepared data dir nor a Megatron .bin/.idx prefix")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.data.dataset import is_weighted, source_paths
+from pipeline.data.indexed import bin_path, prefix_of
 from pipeline.data.manifest import MANIFEST, Manifest, load_manifest
 from pipeline.data.verify import sha256_problem
 from pipeline.errors import DataError
@@ -38,8 +39,8 @@ def data_identity(sources: list) -> dict:
                                   "vocab_size": m.vocab_size, "eos_id": m.eos_id}
             entry["shards"] = {rel: digest for rel, digest in sorted(m.files.items()) if rel.endswith((".bin", ".idx"))}
         else:  # a bare Megatron prefix: no manifest, so its size is all we can compare
-            prefix = path[:-4] if path.endswith((".bin", ".idx")) else path
-            entry["shards"] = {f"{prefix}.bin": f"size:{Path(prefix + '.bin').stat().st_size}"}
+            prefix = prefix_of(path)
+            entry["shards"] = {f"{prefix}.bin": f"size:{bin_path(prefix).stat().st_size}"}
         out.append(entry)
     return {"sources": out}
 

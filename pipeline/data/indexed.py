@@ -53,6 +53,11 @@ def idx_path(prefix: str | Path) -> Path:
     return Path(f"{prefix}.idx")
 
 
+def prefix_of(path: str) -> str:
+    """The Megatron prefix a source names: `.../name`, whether given as that, `name.bin` or `name.idx`."""
+    return path[:-4] if path.endswith((".bin", ".idx")) else path
+
+
 def encode_index(dtype: np.dtype, sizes: np.ndarray) -> bytes:
     """The .idx bytes for one-sequence-per-document data with `sizes` (int32 [n]) tokens each."""
     dtype = np.dtype(dtype)

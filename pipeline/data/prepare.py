@@ -174,8 +174,8 @@ def _prepare_output_dir(out: Path, fingerprint: dict, overwrite: bool, legacy_in
             if differs == ["inputs"] and legacy_inputs is not None and old["fingerprint"]["inputs"] == legacy_inputs():
                 old["fingerprint"] = fingerprint  # from an older version, inputs unchanged: upgrade
                 return old if name == STATE else {"complete": True}
-            changed = _changed_content(old.get("fingerprint", {}).get("inputs", []), fingerprint["inputs"])
-            if differs == ["inputs"] and changed:
+            if differs == ["inputs"] and (changed := _changed_content(old.get("fingerprint", {}).get("inputs", []),
+                                                                      fingerprint["inputs"])):
                 raise DataError(
                     f"output dir {out} already holds a dataset prepared from different inputs (content changed: "
                     f"{changed}); resuming would mix old and new text: pass --overwrite to rebuild it, "
