@@ -198,6 +198,16 @@ def test_lost_latest_resumes_from_newest_complete_and_damaged_tensors_are_refuse
         "(complete ones: step_4, step_2)")
     assert checkpoint_steps(ckpt) == [2, 4, 6] and read_latest(ckpt) == "step_6"  # nothing deleted
 
+    flip_byte_of(damaged, key)  # the same bit again: the tensor is whole; now one rank's RNG file is not
+    rng_file = ckpt / "step_6" / "rng_rank1.pt"
+    raw = bytearray(rng_file.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    rng_file.write_bytes(bytes(raw))
+    proc = train(2, cfg, "train.steps=8", check=False)
+    assert errors(proc)[0] == (
+        f"error: checkpoint file {rng_file} fails its checksum; restore it, or resume from an earlier checkpoint by "
+        f"writing its tag into {ckpt / 'latest'} (complete ones: step_4, step_2)")
+
     # A checkpoint written before checksums (none in its index) still loads; NaN is still refused.
     (ckpt / "latest").write_text("step_4")
     index = json.loads((ckpt / "step_4" / "index.json").read_text())
