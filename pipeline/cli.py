@@ -18,6 +18,7 @@ import functools
 import os
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import NoReturn
@@ -25,15 +26,22 @@ from typing import NoReturn
 from pipeline.errors import ConfigError, DataError
 
 EXIT_USER_ERROR = 2
+# A launcher stops every rank as soon as one has failed. A rank that leaves the line to local rank 0
+# waits this long before it exits (or until the launcher stops it, once rank 0 has printed and
+# exited), so that the line is never lost to a faster sibling's exit.
+PRINTER_GRACE_S = 5.0
 
 
 def fail(message: str | Exception, code: int = EXIT_USER_ERROR) -> int:
     """Print `error: message` once per node, leave the process group if one is up; returns `code`."""
-    if os.environ.get("LOCAL_RANK", "0") == "0" or getattr(message, "rank_local", False):
+    printer = os.environ.get("LOCAL_RANK", "0") == "0" or getattr(message, "rank_local", False)
+    if printer:
         print(f"error: {message}", file=sys.stderr, flush=True)
     dist = sys.modules.get("torch.distributed")  # never import torch just to report an error
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    if not printer:
+        time.sleep(PRINTER_GRACE_S)
     return code
 
 
