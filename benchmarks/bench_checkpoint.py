@@ -40,13 +40,16 @@ def rank_main(args) -> None:
 
     sys.path.insert(0, str(REPO_ROOT))
     from pipeline.config_utils import from_dict
+    from pipeline.distributed.process_group import init_distributed
     from pipeline.model import get_preset
     from pipeline.train.checkpoint.format import entries, load_state, save_state
     from pipeline.train.config import RunConfig
     from pipeline.train.ds_config import build_ds_config
-    from pipeline.train.engine import build_engine, init_distributed
+    from pipeline.train.engine import build_engine
 
-    rank, world = init_distributed()
+    view = init_distributed()
+
+    rank, world = view.rank, view.world
     model = dict(preset="debug", n_layer=4, n_embd=args.n_embd, n_head=8, n_kv_head=2, head_dim=args.n_embd // 8,
                  intermediate_size=args.n_embd, n_experts=8, top_k=2, vocab_size=4096)
     cfg = from_dict(RunConfig, {"run_dir": args.out, "model": model, "data": {"train": ["unused"], "seq_len": 32},

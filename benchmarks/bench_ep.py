@@ -128,9 +128,11 @@ def profile_summary(profiler, steps: int) -> str:
 
 
 def rank_main(args) -> None:
-    from pipeline.train.engine import init_distributed
+    from pipeline.distributed.process_group import init_distributed
 
-    rank, world = init_distributed()
+    view = init_distributed()
+
+    rank, world = view.rank, view.world
     best: dict[int, float] = {}
     for _ in range(args.repeats):
         for ep in (1, world):

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline.config_utils import from_dict
+from pipeline.distributed.process_group import init_distributed
 from pipeline.hardware import detect_peak_tflops
 from pipeline.model import get_gpt_oss_20b_config, get_preset
 from pipeline.model.attention import sdpa_attention_with_sinks
@@ -42,7 +43,7 @@ from pipeline.model.flops import flops_per_token
 from pipeline.model.masks import attention_mask, block_mask
 from pipeline.train.config import RunConfig
 from pipeline.train.ds_config import build_ds_config
-from pipeline.train.engine import build_engine, init_distributed, release_engine
+from pipeline.train.engine import build_engine, release_engine
 from pipeline.train.loss import compute_loss
 
 CUDA = torch.cuda.is_available()
@@ -208,7 +209,7 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing on")
     args = parser.parse_args()
     os.environ.setdefault("MASTER_PORT", str(free_port()))
-    _, world = init_distributed()
+    world = init_distributed().world
     if world != 1:
         raise SystemExit("bench_gpu.py measures one rank: run it with plain python")
 

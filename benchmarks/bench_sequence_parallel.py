@@ -42,10 +42,11 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
+    from pipeline.distributed.process_group import init_distributed
     from pipeline.planning import model_config
     from pipeline.train.config import load_run_config
     from pipeline.train.ds_config import build_ds_config
-    from pipeline.train.engine import build_model, init_distributed
+    from pipeline.train.engine import build_model
     from pipeline.train.loss import compute_loss
     from pipeline.train.optim import param_groups
 
@@ -55,7 +56,8 @@ def worker(args) -> None:
         "train.micro_batch_size=1", f"train.grad_accum_steps={sp}", f"parallel.sequence_parallel_size={sp}",
         "parallel.expert_parallel_size=1", "precision=fp32", "deepspeed_config=ds_configs/zero3.json"]
     run = load_run_config(None, overrides)
-    rank, world = init_distributed()
+    view = init_distributed()
+    rank, world = view.rank, view.world
     cfg = model_config(run)
     ds = build_ds_config(run, world_size=world, use_cuda=False)
     engine, *_ = deepspeed.initialize(model=(model := build_model(run, cfg, world, ds)),

@@ -48,13 +48,15 @@ def release_freed_memory() -> None:
 
 
 def rank_main(args) -> None:
+    from pipeline.distributed.process_group import init_distributed
     from pipeline.planning import model_config
     from pipeline.train.config import load_run_config
     from pipeline.train.ds_config import build_ds_config
-    from pipeline.train.engine import build_model, init_distributed
+    from pipeline.train.engine import build_model
 
     run = load_run_config(None, overrides(args))
-    rank, world = init_distributed()
+    view = init_distributed()
+    rank, world = view.rank, view.world
     cfg = model_config(run)
     ds = build_ds_config(run, world_size=world, use_cuda=False) if args.mode == "partitioned" else None
     model = build_model(run, cfg, world, ds)  # warm-up: imports, expert groups, first zero.Init

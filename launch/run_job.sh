@@ -7,7 +7,7 @@
 #   waits until every process of the job is gone and exits with the launcher's code (130 after a
 #   Ctrl-C, so that a calling script stops too).
 # - If this script dies without a chance to forward (SIGKILL), the ranks notice within a second:
-#   its pid is in PIPELINE_LAUNCHER_PIDS, which every rank watches (pipeline/train/guards.py).
+#   its pid is in PIPELINE_LAUNCHER_PIDS, which every rank watches (pipeline/train/stop_signal.py).
 run_job() {
     export PIPELINE_LAUNCHER_PIDS="$$${PIPELINE_LAUNCHER_PIDS:+ $PIPELINE_LAUNCHER_PIDS}"
     set -m  # the next background job gets its own process group

@@ -94,9 +94,10 @@ def run(args: argparse.Namespace) -> dict | None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = 0
     if world > 1:
-        from pipeline.train.engine import init_distributed
+        from pipeline.distributed.process_group import init_distributed
 
-        rank, world = init_distributed()
+        view = init_distributed()
+        rank, world = view.rank, view.world
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if args.run_dir:
         forward, model_cfg, data_dir, ckpt, saved = load_from_run_dir(Path(args.run_dir), args.step, world, device)
@@ -142,10 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     finally:
-        import torch.distributed as dist
+        from pipeline.distributed.process_group import shutdown
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown()
     return 0
 
 

@@ -235,3 +235,12 @@ class DirLock:
 
         self._thread = threading.Thread(target=beat, name="dir-lock-heartbeat", daemon=True)
         self._thread.start()
+
+
+def hold_run_dir(run_dir: Path, rank: int) -> DirLock | None:
+    """Rank 0 takes the run dir's lock (also the check that run_dir is a writable directory); every
+    rank raises its ConfigError. A collective when several ranks run."""
+    from pipeline.distributed.collectives import agree_on_error  # torch only where a run needs it
+    from pipeline.distributed.ranks import RankView
+
+    return agree_on_error(lambda: DirLock(run_dir, "training run").acquire(), RankView(rank=rank))

@@ -28,11 +28,12 @@ import torch
 
 from pipeline.data import load_manifest, load_tokenizer
 from pipeline.data.tokenizer import Tokenizer
+from pipeline.distributed.collectives import agree_on_error
+from pipeline.distributed.ranks import RankView
 from pipeline.errors import ConfigError
 from pipeline.io_utils import atomic_write_text
 from pipeline.train.checkpoint.manager import rng_state, set_rng_state
 from pipeline.train.config import EvalConfig, resolve_path
-from pipeline.train.guards import agree_on_error
 
 # Likelihood request types PipelineLM implements; multiple_choice tasks issue loglikelihood requests.
 SUPPORTED_OUTPUT_TYPES = ("loglikelihood", "loglikelihood_rolling", "multiple_choice")
@@ -181,7 +182,7 @@ class DownstreamEvaluator:
         self.bootstrap_iters = bootstrap_iters  # 0: no bootstrapped stderr (seconds of CPU per metric)
         self.log_samples = log_samples
         # Only rank 0 runs the harness; its verdict is every rank's.
-        self.tasks = agree_on_error(lambda: load_tasks_in_one_line(cfg), rank)
+        self.tasks = agree_on_error(lambda: load_tasks_in_one_line(cfg), RankView(rank, world))
 
     @classmethod
     def for_data(cls, cfg: EvalConfig, data_dir: str | Path, max_length: int, rank: int = 0, world: int = 1,

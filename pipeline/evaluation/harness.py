@@ -24,13 +24,13 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from pipeline.data.tokenizer import Tokenizer
-from pipeline.train.guards import from_rank0
+from pipeline.distributed.collectives import from_rank0, gather_objects
+from pipeline.distributed.ranks import RankView, current
 
 GENERATION_UNSUPPORTED = (
     "generation tasks (output_type generate_until) are not supported: only likelihood and "
@@ -52,9 +52,9 @@ class Scorer:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.pad_id = pad_id
-        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        self.rank = dist.get_rank() if self.distributed else 0
-        self.world = dist.get_world_size() if self.distributed else 1
+        view: RankView = current()
+        self.distributed = view.distributed
+        self.rank, self.world = (view.rank, view.world) if self.distributed else (0, 1)
         self.forwards = 0  # run by this rank, dummies included (tests check every rank ran as many)
 
     # --- rank 0 ---------------------------------------------------------------------------------
@@ -93,12 +93,9 @@ class Scorer:
         for b in range(n_forwards):
             batch = [requests[i] for i in mine[b * self.batch_size:(b + 1) * self.batch_size]]
             results += self._score_batch(batch)
-        gathered = [results]
-        if self.distributed:
-            gathered = [None] * self.world if self.rank == 0 else None
-            dist.gather_object(results, gathered, dst=0)
-            if self.rank != 0:
-                return []
+        gathered = gather_objects(results, dst=0)
+        if gathered is None:  # ranks > 0: rank 0 holds every result
+            return []
         out: list = [None] * len(requests)
         for r, part in enumerate(gathered):
             for k, res in enumerate(part):

@@ -39,7 +39,7 @@ class SequenceShard:
     positions and attention masks are derived from the whole sequence, then only tokens
     [index * T / count, (index + 1) * T / count) are embedded and run through the blocks. Attention
     needs every position, so each `Attention.core` must then be one that gathers the sequence (the
-    Ulysses core of pipeline/train/sequence_parallel.py). The returned LM loss is this shard's
+    Ulysses core of pipeline/distributed/sequence_parallel.py). The returned LM loss is this shard's
     share, scaled so that the mean over the `count` shards equals the loss of the whole sequence.
     """
 
@@ -124,7 +124,7 @@ class GPTOSS(nn.Module):
         # Set by the trainer, e.g. functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False);
         # called as checkpoint_fn(block, x, cos, sin, mask) for every block while training.
         self.checkpoint_fn: Callable | None = None
-        # Set by sequence parallelism (pipeline/train/sequence_parallel.py); None = whole sequences.
+        # Set by sequence parallelism (pipeline/distributed/sequence_parallel.py); None = whole sequences.
         self.sequence_shard: SequenceShard | None = None
         self.init_weights()
 

@@ -42,7 +42,7 @@ N = micro_batch x seq_len tokens and a = bytes of the compute dtype (bf16 2, fp3
 With activation checkpointing each block keeps only its input (a N D); in backward one block is
 recomputed at a time, so one block's full activations come back on top.
 
-Sequence parallelism over P ranks (pipeline/train/sequence_parallel.py): N above is the rank's
+Sequence parallelism over P ranks (pipeline/distributed/sequence_parallel.py): N above is the rank's
 T/P tokens; the attention kernel's terms are those of the whole sequence T for H/P query heads and
 max(Hkv/P, 1) KV heads (Ulysses hands each rank whole-sequence q/k/v of its heads; the all-to-alls
 save nothing), so they fall as 1/P too, except the SDPA mask [T, T+1], which stays whole.

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from pipeline.distributed.expert_parallel import check_expert_parallel_size
+from pipeline.distributed.sequence_parallel import check_sequence_parallel_size
 from pipeline.errors import ConfigError
 from pipeline.hardware import GPUS, GPUSpec
 from pipeline.model import GPTOSSConfig, count_parameters
@@ -27,8 +29,6 @@ from pipeline.planning.zero import (
 )
 from pipeline.train.config import RunConfig, resolve_model_config
 from pipeline.train.ds_config import build_ds_config
-from pipeline.train.expert_parallel import check_expert_parallel_size
-from pipeline.train.sequence_parallel import check_sequence_parallel_size
 
 GiB = 1024**3
 

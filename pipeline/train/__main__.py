@@ -57,10 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         trainer.close()
-    import torch.distributed as dist
+    from pipeline.distributed.process_group import shutdown
 
-    if dist.is_initialized():  # NCCL aborts its communicators here; run_and_exit then skips teardown
-        dist.destroy_process_group()
+    shutdown()  # NCCL aborts its communicators here; run_and_exit then skips teardown
     return 0
 
 

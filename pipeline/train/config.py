@@ -142,7 +142,7 @@ class ParallelConfig:
     activation_checkpointing: bool = False
     """Recompute each block in backward instead of storing its activations."""
     sequence_parallel_size: int = 1
-    """Ranks each sample's sequence is split over (Ulysses, pipeline/train/sequence_parallel.py); must
+    """Ranks each sample's sequence is split over (Ulysses, pipeline/distributed/sequence_parallel.py); must
     divide the world size, n_head and seq_len, and divide n_kv_head or be a multiple of it. The global
     batch is micro_batch_size x grad_accum_steps x world / sequence_parallel_size."""
 

@@ -12,16 +12,11 @@ from __future__ import annotations
 
 import functools
 import gc
-import os
-import warnings
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from pipeline.model import GPTOSS, GPTOSSConfig, TopKRouter
-from pipeline.train.config import RunConfig
-from pipeline.train.expert_parallel import (
+from pipeline.distributed.expert_parallel import (
     ExpertParallelExperts,
     apply_expert_parallel,
     check_expert_parallel_size,
@@ -29,43 +24,19 @@ from pipeline.train.expert_parallel import (
     tag_expert_parallel_parameters,
     tag_expert_parameters,
 )
+from pipeline.distributed.parallel_dims import ParallelDims
+from pipeline.distributed.sequence_parallel import apply_sequence_parallel, create_sequence_groups
+from pipeline.model import GPTOSS, GPTOSSConfig, TopKRouter
+from pipeline.train.config import RunConfig
 from pipeline.train.optim import check_optimizer_builds, param_groups
-from pipeline.train.sequence_parallel import apply_sequence_parallel, create_sequence_groups
-
-
-def quiet_library_warnings() -> None:
-    """DeepSpeed 0.19.8 calls torch.distributed APIs that torch 2.13 deprecates, once per bucket per
-    step: hundreds of identical lines that would bury the training log."""
-    warnings.filterwarnings(
-        "ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning
-    )
-
-
-def init_distributed() -> tuple[int, int]:
-    """Rank and world size; gloo on CPU, NCCL on GPUs. Works under deepspeed, torchrun or alone."""
-    import deepspeed
-
-    quiet_library_warnings()
-    if not dist.is_initialized():
-        for key, default in (
-            ("MASTER_ADDR", "127.0.0.1"),
-            ("MASTER_PORT", "29500"),
-            ("RANK", "0"),
-            ("LOCAL_RANK", "0"),
-            ("WORLD_SIZE", "1"),
-        ):
-            os.environ.setdefault(key, default)
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return dist.get_rank(), dist.get_world_size()
 
 
 def is_zero3(ds_config: dict | None) -> bool:
     return ds_config is not None and int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
 
 
-def build_model(cfg: RunConfig, model_cfg: GPTOSSConfig, world: int, ds_config: dict | None = None) -> GPTOSS:
+def build_model(cfg: RunConfig, model_cfg: GPTOSSConfig, world: int, ds_config: dict | None = None,
+                dims: ParallelDims | None = None) -> GPTOSS:
     """This rank's model: non-expert weights whole, experts only its expert-parallel slice.
 
     Built on the meta device, so no rank ever allocates the full set of experts (gpt-oss-120b's
@@ -74,10 +45,12 @@ def build_model(cfg: RunConfig, model_cfg: GPTOSSConfig, world: int, ds_config: 
     a rank's start-up peak is its ZeRO partition plus one module, not its whole share; otherwise
     (ZeRO-2) the whole share is materialised on the CPU and `deepspeed.initialize` takes it from
     there. Per-tensor seeded init makes every value equal to the same tensor of a model built whole
-    from the same seed, whichever path builds it.
+    from the same seed, whichever path builds it. `dims`: the layout the caller already checked
+    (the trainer, at start-up); without it the expert-parallel size is checked here.
     """
     ep = cfg.parallel.expert_parallel_size
-    check_expert_parallel_size(ep, world, model_cfg.n_experts)
+    if dims is None:
+        check_expert_parallel_size(ep, world, model_cfg.n_experts)
     groups = create_expert_groups(ep) if ep > 1 else None
     torch.manual_seed(cfg.train.seed)  # the same init_seed on every rank
     with torch.device("meta"):
@@ -112,7 +85,7 @@ def materialize_partitioned(model: GPTOSS, ds_config: dict) -> None:
 
     For each module's own parameters: allocate them on this rank's device in the training dtype,
     draw their seeded init, tag expert slices for their expert-data-parallel partition group (the
-    tags must be on the parameter before ZeRO partitions it, see expert_parallel.py), and hand them to
+    tags must be on the parameter before ZeRO partitions it, see distributed/expert_parallel.py), and hand them to
     `deepspeed.zero.Init(module=...)`, which keeps this rank's partition and frees the rest. This is
     what `deepspeed.initialize` would do to an already-built model (same `zero.Init`, same dtype), so
     the engine sees a zero.Init model and neither casts nor moves it. Peak memory: the partitions so
@@ -143,12 +116,13 @@ def materialize_partitioned(model: GPTOSS, ds_config: dict) -> None:
             deepspeed.zero.Init(module=module, config_dict_or_path=ds_config, dtype=dtype)
 
 
-def build_engine(cfg: RunConfig, model_cfg: GPTOSSConfig, ds_config: dict, world: int):
+def build_engine(cfg: RunConfig, model_cfg: GPTOSSConfig, ds_config: dict, world: int,
+                 dims: ParallelDims | None = None):
     """The DeepSpeed engine for `model_cfg` trained as `cfg` describes."""
     import deepspeed
 
     check_optimizer_builds(ds_config)  # before the (slow) model build
-    model = build_model(cfg, model_cfg, world, ds_config)
+    model = build_model(cfg, model_cfg, world, ds_config, dims)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config
     )

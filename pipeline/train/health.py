@@ -22,7 +22,8 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+
+from pipeline.distributed.collectives import all_reduce_sum_, any_rank
 
 FAULT_ENV = "PIPELINE_INJECT_NAN"
 
@@ -85,7 +86,7 @@ def agree(local_loss: torch.Tensor, detector: SpikeDetector, rank: int, world: i
     finite = torch.isfinite(local_loss)
     vec[0] = torch.where(finite, local_loss.double(), torch.zeros((), dtype=torch.float64, device=vec.device))
     vec[1 + rank] = (~finite).double()
-    dist.all_reduce(vec)
+    all_reduce_sum_(vec)
     values = vec.tolist()
     bad = [r for r, flag in enumerate(values[1:]) if flag > 0]
     loss = float("nan") if bad else values[0] / world
@@ -174,11 +175,10 @@ def skipped_steps(engine) -> int:
 
 def local_params_finite(engine) -> bool:
     """True on every rank iff every rank's share of every parameter is finite (MAX all-reduce)."""
-    bad = torch.zeros(1, device=engine.device)
+    bad = False
     for p in engine.module.parameters():
         local = getattr(p, "ds_tensor", p)
         if local.numel() and not torch.isfinite(local).all():
-            bad.fill_(1)
+            bad = True
             break
-    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return not bool(bad.item())
+    return not any_rank(bad, engine.device)

@@ -16,25 +16,26 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import yaml
 
 from pipeline.config_utils import to_dict
 from pipeline.data import MicroBatchIterator, build_dataset, check_vocab_compatible, source_paths
+from pipeline.distributed.collectives import all_reduce_sum_, sum_over_ranks
+from pipeline.distributed.parallel_dims import ParallelDims
+from pipeline.distributed.process_group import init_distributed
 from pipeline.evaluation.downstream import DownstreamEvaluator
 from pipeline.hardware import detect_peak_tflops
 from pipeline.model import MoE
 from pipeline.model.flex_attention import resolve_attention_backend
 from pipeline.model.flops import flops_per_token
 from pipeline.planning.activations import math_kernel_notice
+from pipeline.run_lock import hold_run_dir
 from pipeline.train import health
 from pipeline.train.checkpoint.init_from import WeightsFolder, load_initial_weights
 from pipeline.train.checkpoint.manager import CheckpointManager
 from pipeline.train.config import RunConfig, resolve_model_config, run_config_to_dict
 from pipeline.train.ds_config import build_ds_config
-from pipeline.train.engine import build_engine, init_distributed
-from pipeline.train.expert_parallel import check_expert_parallel_size
-from pipeline.train.guards import StopSignal, check_data, hold_run_dir
+from pipeline.train.engine import build_engine
 from pipeline.train.loss import compute_loss
 from pipeline.train.metrics import (
     LOSS_KEYS,
@@ -47,13 +48,15 @@ from pipeline.train.metrics import (
 )
 from pipeline.train.optim import lr_at
 from pipeline.train.policy import LoopPolicy
-from pipeline.train.sequence_parallel import check_sequence_parallel_size, data_parallel_coords
+from pipeline.train.run_data import check_data
+from pipeline.train.stop_signal import StopSignal
 
 
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self.rank, self.world = init_distributed()
+        self.ranks = init_distributed()
+        self.rank, self.world = self.ranks.rank, self.ranks.world
         self.run_dir = Path(cfg.run_dir)
         self.model_cfg = resolve_model_config(cfg)
         check_vocab_compatible(
@@ -61,9 +64,9 @@ class Trainer:
         )
         self.data_identity, notes = check_data(cfg.data.train, cfg.data.valid, self.model_cfg.vocab_size,
                                                cfg.data.verify_checksums, self.rank, self.world)
-        check_expert_parallel_size(cfg.parallel.expert_parallel_size, self.world, self.model_cfg.n_experts)
-        check_sequence_parallel_size(cfg.parallel.sequence_parallel_size, self.world, self.model_cfg, cfg.data.seq_len)
-        self.dp_rank, self.dp_world = data_parallel_coords(self.rank, self.world, cfg.parallel.sequence_parallel_size)
+        self.dims = ParallelDims(self.world, cfg.parallel.expert_parallel_size,
+                                 cfg.parallel.sequence_parallel_size).check(self.model_cfg, cfg.data.seq_len)
+        self.dp_rank, self.dp_world = self.dims.dp_rank(self.rank), self.dims.dp_world
         # At start, not at the first forward: e.g. `flex` cannot train on CPU (no backward there).
         resolve_attention_backend(self.model_cfg.attention_backend, torch.device("cuda" if torch.cuda.is_available()
                                   else "cpu"), training=True, dropout=self.model_cfg.dropout)
@@ -80,7 +83,7 @@ class Trainer:
             init_folder = WeightsFolder(cfg.init_from)
             init_folder.check_matches(self.model_cfg)  # before the (slow) engine build
 
-        self.engine = build_engine(cfg, self.model_cfg, self.ds_config, self.world)
+        self.engine = build_engine(cfg, self.model_cfg, self.ds_config, self.world, self.dims)
         self.moe_layers = [m for m in self.engine.module.modules() if isinstance(m, MoE)]
         torch.manual_seed(cfg.train.seed + 1000 + self.rank)  # dropout differs per rank
 
@@ -200,12 +203,7 @@ class Trainer:
                           loss=verdict.loss, skipped=skipped)
 
     def _all_reduce(self, t: torch.Tensor, mean: bool) -> torch.Tensor:
-        """Sum (or mean) over ranks of a small tensor, returned on the CPU; reduced on the engine's
-        device because NCCL only reduces GPU tensors."""
-        t = t.to(self.engine.device, copy=True)  # never reduce into the caller's tensor
-        dist.all_reduce(t)
-        t = t.cpu()
-        return t / self.world if mean else t
+        return sum_over_ranks(t, self.engine.device, mean)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
@@ -365,13 +363,12 @@ class Trainer:
         Routing is local to each rank (also under expert parallelism), so this sum is the global load."""
         if self.bias_rate <= 0 or not self.moe_layers:
             return
-        tokens_LE = tokens_LE.clone()  # stays on the device: no host sync for this
-        dist.all_reduce(tokens_LE)
+        tokens_LE = all_reduce_sum_(tokens_LE.clone())  # stays on the device: no host sync for this
         for m, tokens_E in zip(self.moe_layers, tokens_LE, strict=True):
             m.router.update_expert_bias(tokens_E, self.bias_rate)
 
     def _abort(self) -> str:
-        """A second Ctrl-C: the process exits right after this (see guards.StopSignal)."""
+        """A second Ctrl-C: the process exits right after this (see stop_signal.StopSignal)."""
         if self.lock is not None:
             self.lock.release()
         return (f"stopped at once at step {self.step} by a second Ctrl-C, without a checkpoint; "

@@ -67,14 +67,16 @@ def _status_kib(field: str) -> int:
 def main() -> None:
     import deepspeed
 
+    from pipeline.distributed.process_group import init_distributed
     from pipeline.planning import model_config
     from pipeline.train.config import load_run_config
     from pipeline.train.ds_config import build_ds_config
-    from pipeline.train.engine import build_model, init_distributed
+    from pipeline.train.engine import build_model
     from pipeline.train.optim import param_groups
 
     run = load_run_config(None, json.loads(sys.argv[1]))
-    rank, world = init_distributed()
+    view = init_distributed()
+    rank, world = view.rank, view.world
     cfg = model_config(run)
     ds = build_ds_config(run, world_size=world, use_cuda=False)
 

@@ -17,9 +17,9 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from pipeline.distributed.process_group import quiet_library_warnings
+from pipeline.distributed.sequence_parallel import apply_sequence_parallel, create_sequence_groups
 from pipeline.model import GPTOSS, get_preset
-from pipeline.train.engine import quiet_library_warnings
-from pipeline.train.sequence_parallel import apply_sequence_parallel, create_sequence_groups
 from tests.plan.test_activations import peak_allocated, saved_bytes
 
 T = 1024

@@ -14,8 +14,8 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from pipeline.distributed.expert_parallel import apply_expert_parallel, create_expert_groups, is_expert_parameter
 from pipeline.model import GPTOSS, get_preset
-from pipeline.train.expert_parallel import apply_expert_parallel, create_expert_groups, is_expert_parameter
 
 
 def ds_config(case: dict) -> dict:

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
+from pipeline.distributed.expert_parallel import check_expert_parallel_size
 from pipeline.errors import ConfigError
 from pipeline.train.config import load_run_config
 from pipeline.train.ds_config import build_ds_config
-from pipeline.train.expert_parallel import check_expert_parallel_size
 from pipeline.train.optim import lr_at
 from tests.conftest import REPO_ROOT
 from tests.train.conftest import rank_env, write_run_config

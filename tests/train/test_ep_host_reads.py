@@ -14,5 +14,5 @@ def test_ep2_reads_splits_to_the_host_once_per_moe_layer(tmp_path):
         report = json.loads((tmp_path / f"host_reads_rank{rank}.json").read_text())
         where = report["where"]
         # One line reads the splits (both count tables in one .tolist()), once per layer, in forward only.
-        assert list(where) and all(k.startswith("pipeline/train/expert_parallel.py:") for k in where), where
+        assert list(where) and all(k.startswith("pipeline/distributed/expert_parallel.py:") for k in where), where
         assert sum(where.values()) == report["moe_layers"], where

@@ -115,9 +115,9 @@ def test_sp2_checkpoint_resumes_on_other_sp_sizes(sp2_run, nproc, sp, mbs):
     (4, 4, 66, "data.seq_len (66) must be divisible by parallel.sequence_parallel_size (4)"),
 ])
 def test_layout_rules_refused_with_the_key_to_change(sp, world, seq_len, message):
+    from pipeline.distributed.sequence_parallel import check_sequence_parallel_size
     from pipeline.errors import ConfigError
     from pipeline.model import get_preset
-    from pipeline.train.sequence_parallel import check_sequence_parallel_size
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         check_sequence_parallel_size(sp, world, get_preset("debug"), seq_len)
@@ -125,9 +125,9 @@ def test_layout_rules_refused_with_the_key_to_change(sp, world, seq_len, message
 
 
 def test_kv_heads_neither_divided_nor_multiple_refused():
+    from pipeline.distributed.sequence_parallel import check_sequence_parallel_size
     from pipeline.errors import ConfigError
     from pipeline.model import get_preset
-    from pipeline.train.sequence_parallel import check_sequence_parallel_size
 
     with pytest.raises(ConfigError, match=r"must divide model.n_kv_head \(4\) or be a multiple of it"):
         check_sequence_parallel_size(6, 6, get_preset("debug", n_head=12, n_kv_head=4), 60)

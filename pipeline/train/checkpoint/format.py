@@ -36,12 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import xxhash
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from pipeline.distributed.collectives import gather_objects
+from pipeline.distributed.ranks import current, group_rank, group_size
 from pipeline.errors import CheckpointError
 from pipeline.io_utils import atomic_path, atomic_write_text
 from pipeline.model.moe import GroupedExperts
@@ -62,7 +63,7 @@ class Entry:
     name: str
     param: nn.Parameter
     expert_offset: int | None  # global id of the first local expert; None for non-expert tensors
-    group: dist.ProcessGroup | None  # ranks that gather this tensor (its ZeRO partition group)
+    group: torch.distributed.ProcessGroup | None  # ranks that gather this tensor (its ZeRO partition group)
 
     @property
     def n_local(self) -> int:
@@ -99,9 +100,8 @@ def owned_keys(i: int, e: Entry, prefix: str, rank: int, world: int) -> list[tup
     expert slice by one rank of the expert-data-parallel group that holds it."""
     if e.expert_offset is None:
         return [(None, f"{prefix}/{e.name}")] if i % world == rank else []
-    group_rank = dist.get_rank(group=e.group) if e.group is not None else rank
-    group_size = dist.get_world_size(group=e.group) if e.group is not None else world
-    return [(local, k) for local, k in enumerate(e.keys(prefix)) if local % group_size == group_rank]
+    rank_in_group, size = group_rank(e.group, rank), group_size(e.group, world)
+    return [(local, k) for local, k in enumerate(e.keys(prefix)) if local % size == rank_in_group]
 
 
 def persistent_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -191,7 +191,8 @@ def save_state(module: nn.Module, tag_dir: Path, extra_files: list[str] = (), er
     """Every rank calls this (collective); rank 0 writes index.json last, unless a rank failed to
     write (then nothing). `extra_files`: other files this rank wrote into `tag_dir` (checksummed in
     the index); `error`: a write this rank already failed. Returns every rank's write errors."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    view = current()
+    rank, world = view.rank, view.world
     writer = _ShardWriter(tag_dir, rank, checksums)
     writer.error = error
     for i, e in enumerate(entries(module)):
@@ -210,8 +211,7 @@ def save_state(module: nn.Module, tag_dir: Path, extra_files: list[str] = (), er
         except OSError as e:
             writer.error = f"reading back {tag_dir} failed ({e.strerror})"
     mine = {"files": writer.files, "checksums": writer.checksums, "extra": extra, "error": writer.error}
-    everyone: list[dict] = [None] * world  # type: ignore[list-item]
-    dist.all_gather_object(everyone, mine)
+    everyone: list[dict] = gather_objects(mine)
     errors = [f"rank {r}: {part['error']}" for r, part in enumerate(everyone) if part["error"]]
     if rank == 0 and not errors:
         tensors, sizes, sums, file_sums = {}, {}, {}, {}
@@ -319,8 +319,8 @@ class StateReader:
 
 def verified_by_this_rank(module: nn.Module, with_optimizer: bool) -> set[str]:
     """The keys this rank verifies on load: save_state's write assignment, on the loading shape."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    view = current()
+    rank, world = view.rank, view.world
     prefixes = ("weight", *OPTIM_KEYS) if with_optimizer else ("weight",)
     mine = {f"buffer/{canonical_name(n)}" for n in persistent_buffers(module)} if rank == 0 else set()
     for i, e in enumerate(entries(module)):

@@ -44,9 +44,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import yaml
 
+from pipeline.distributed.collectives import barrier, first_error, from_rank0
+from pipeline.distributed.ranks import current
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.io_utils import atomic_write_bytes, atomic_write_text
 from pipeline.model.config import differing_fields
@@ -65,7 +66,6 @@ from pipeline.train.checkpoint.zero_state import (
     set_optimizer_step_count,
 )
 from pipeline.train.config import TrainConfig
-from pipeline.train.guards import from_rank0
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
@@ -210,17 +210,13 @@ class CheckpointManager:
     def __init__(self, ckpt_dir: str | Path, keep_last: int):
         self.dir = Path(ckpt_dir)
         self.keep_last = keep_last
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        view = current()
+        self.rank, self.world = view.rank, view.world
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint, or None."""
         tag = read_latest(self.dir)
         return None if tag is None else self.dir / tag
-
-    def _barrier(self) -> None:
-        if dist.is_initialized():
-            dist.barrier()
 
     # --- resume policy ------------------------------------------------------------------------
     def check_resume(self, model: dict, train: TrainConfig, run_dir: Path, sequence_parallel_size: int = 1,
@@ -252,14 +248,6 @@ class CheckpointManager:
         return notes
 
     # --- save ---------------------------------------------------------------------------------
-    def _first_of_any_rank(self, error: str | None) -> str | None:
-        """The first rank's error, on every rank (collective): each tensor is verified by one reader only."""
-        if dist.is_initialized() and self.world > 1:
-            found: list = [None] * self.world
-            dist.all_gather_object(found, error)
-            return next((e for e in found if e), None)
-        return error
-
     def save(self, engine, step: int, trainer_state: dict, run_files: dict[str, str]) -> Path:
         tag = tag_of(step)
         tag_dir = self.dir / tag
@@ -305,7 +293,7 @@ class CheckpointManager:
         if self.rank == 0:
             for s in prunable(checkpoint_steps(self.dir), step, self.keep_last):
                 shutil.rmtree(self.dir / tag_of(s), ignore_errors=True)
-        self._barrier()
+        barrier()
         return tag_dir
 
     def _failed(self, tag_dir: Path, error: str) -> str:
@@ -334,7 +322,7 @@ class CheckpointManager:
                     StateReader(self.dir / tag).verify(self.rank, self.world)
             except CheckpointError as e:
                 problem = str(e)
-            if self._first_of_any_rank(problem) is None:
+            if first_error(problem) is None:
                 return tag
         return None
 
@@ -377,7 +365,7 @@ class CheckpointManager:
                 self._check_rng_file(rng_file, reader)
         except CheckpointError as e:
             error = str(e)
-        if error := self._first_of_any_rank(error):
+        if error := first_error(error):
             raise CheckpointError(error)
         if "optimizer_step" in state:
             set_optimizer_step_count(engine, state["optimizer_step"])

@@ -17,7 +17,8 @@ Only one tensor is ever gathered at a time: no rank holds the full model or opti
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+
+from pipeline.distributed.ranks import group_rank
 
 OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -51,7 +52,7 @@ def set_full_state(param: torch.nn.Parameter, full: torch.Tensor, key: str | Non
             raise NotImplementedError("loading reshardable checkpoints with NVMe optimizer offload is not supported")
         flat = opt.fp32_partitioned_groups_flat[group]
         target = (flat if key is None else opt.optimizer.state[flat][key]).narrow(0, offset, numel)
-        rank = dist.get_rank(group=opt._get_param_partition_group(param))
+        rank = group_rank(opt._get_param_partition_group(param), 0)
         chunk = full.reshape(-1)[rank * numel:(rank + 1) * numel]  # shorter (or empty) on the last ranks
         padded = torch.zeros(numel, dtype=torch.float32)
         padded[: chunk.numel()] = chunk

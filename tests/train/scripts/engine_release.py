@@ -14,10 +14,11 @@ import weakref
 import torch
 
 from pipeline.config_utils import from_dict
+from pipeline.distributed.process_group import init_distributed
 from pipeline.model import get_preset
 from pipeline.train.config import RunConfig
 from pipeline.train.ds_config import build_ds_config
-from pipeline.train.engine import build_engine, init_distributed, release_engine
+from pipeline.train.engine import build_engine, release_engine
 from pipeline.train.loss import compute_loss
 
 

@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
+from pipeline.distributed.expert_parallel import apply_expert_parallel, create_expert_groups
+from pipeline.distributed.process_group import init_distributed
 from pipeline.model import GPTOSS, get_preset
-from pipeline.train.engine import init_distributed
-from pipeline.train.expert_parallel import apply_expert_parallel, create_expert_groups
 
 HOST_READS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy"}
 
@@ -40,7 +40,8 @@ class CountHostReads(TorchFunctionMode):
 
 def main() -> None:
     out = Path(sys.argv[1])
-    rank, _ = init_distributed()
+    view = init_distributed()
+    rank, _ = view.rank, view.world
     groups = create_expert_groups(2)
     torch.manual_seed(0)
     cfg = get_preset("debug", n_experts=4, top_k=2)

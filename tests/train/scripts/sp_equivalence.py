@@ -20,10 +20,10 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from pipeline.distributed.expert_parallel import apply_expert_parallel, create_expert_groups, is_expert_parameter
+from pipeline.distributed.process_group import quiet_library_warnings
+from pipeline.distributed.sequence_parallel import apply_sequence_parallel, create_sequence_groups
 from pipeline.model import GPTOSS, MoE, get_preset
-from pipeline.train.engine import quiet_library_warnings
-from pipeline.train.expert_parallel import apply_expert_parallel, create_expert_groups, is_expert_parameter
-from pipeline.train.sequence_parallel import apply_sequence_parallel, create_sequence_groups
 
 EOS = 1
 CASES = [  # (sp, seq_len, document_masking, ep, MoE token chunk); the debug preset's sliding window is 32

@@ -14,10 +14,11 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from pipeline.distributed.process_group import init_distributed
 from pipeline.model import GPTOSS, get_preset
 from pipeline.train.config import load_run_config
 from pipeline.train.ds_config import build_ds_config
-from pipeline.train.engine import build_model, init_distributed
+from pipeline.train.engine import build_model
 
 
 def check(preset: str, overrides: dict, precision: str, world: int) -> dict:
@@ -50,7 +51,8 @@ def check(preset: str, overrides: dict, precision: str, world: int) -> dict:
 
 def main() -> None:
     cases, out = json.loads(sys.argv[1]), sys.argv[2]
-    rank, world = init_distributed()
+    view = init_distributed()
+    rank, world = view.rank, view.world
     results = {name: check(*case, world) for name, case in cases.items()}
     if rank == 0:
         Path(out).write_text(json.dumps(results))

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from pipeline.distributed.expert_parallel import is_expert_parameter
 from pipeline.train.__main__ import parse_args
 from pipeline.train.config import load_run_config
-from pipeline.train.expert_parallel import is_expert_parameter
 from pipeline.train.trainer import Trainer
 
 

@@ -1,10 +1,8 @@
-"""What keeps a run from silently losing work: one run per run dir, stop requests (signals, a dead
-launcher) turned into "checkpoint at an agreed step, then exit", and start-up checks every rank
-must agree on.
+"""Stop requests turned into "checkpoint at an agreed step, then exit": SIGTERM / SIGUSR1 (SLURM
+preemption, `scancel`, `--signal=USR1@120`), SIGINT (Ctrl-C) and a dead launcher.
 
-    lock = hold_run_dir(run_dir, rank)          # before the engine build; ConfigError on every rank
-    stop = StopSignal(device, log)              # after it: SIGTERM / SIGUSR1 / SIGINT / launcher death
-    if stop.agreed(): save; exit
+    stop = StopSignal(device, abort)            # after the engine build
+    if stop.agreed(): save; exit                # once per step, on every rank
 
 A dead launcher: `torchrun` and `deepspeed` (its runner and `deepspeed.launcher.launch`) run in the
 process group of the job, and the ranks inherit it; a shell with job control starts each job in a
@@ -26,43 +24,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from pipeline.errors import ConfigError
-from pipeline.run_lock import DirLock, pid_alive, process_start_time
+from pipeline.distributed.collectives import any_rank
+from pipeline.run_lock import pid_alive, process_start_time
 
 WATCH_S = 0.5
 # A launcher relays the same Ctrl-C to its ranks (torchrun re-sends SIGINT): SIGINTs this close
 # together are one keypress, not a second Ctrl-C.
 SAME_CTRL_C_S = 2.0
-
-
-def from_rank0(value):
-    """Rank 0's `value` (picklable) on every rank: a collective when there are several ranks."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return value
-
-
-def agree_on_error(action: Callable[[], object], rank: int):
-    """Run `action` on rank 0; every rank raises the ConfigError it raised (one line each, no rank
-    left waiting in a collective). Returns its result on rank 0, None elsewhere."""
-    result, error = None, None
-    if rank == 0:
-        try:
-            result = action()
-        except ConfigError as e:
-            error = str(e)
-    if error := from_rank0(error):
-        raise ConfigError(error)
-    return result
-
-
-def hold_run_dir(run_dir: Path, rank: int) -> DirLock | None:
-    """Rank 0 takes the run dir's lock (also the check that run_dir is a writable directory)."""
-    return agree_on_error(lambda: DirLock(run_dir, "training run").acquire(), rank)
 
 
 def launcher_ancestors() -> list[tuple[int, str | None]]:
@@ -135,32 +104,4 @@ class StopSignal:
                 self.received = f"the death of its launcher (pid {gone[0]})"
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1 if self.received else 0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-def check_data(train: list, valid: list | None, vocab_size: int, verify: bool, rank: int,
-               world: int) -> tuple[dict, list[str]]:
-    """Before the engine build: every shard's recorded id range fits the model, and (data.verify_checksums)
-    every file's sha256 matches its manifest, the files dealt over the ranks. Returns the identity of
-    `data.train` stored in checkpoints, and notes to log."""
-    from pipeline.data import load_manifest, source_paths
-    from pipeline.data.identity import check_token_ranges, data_identity, verify_checksums
-    from pipeline.errors import DataError
-
-    dirs = list(dict.fromkeys(d for d in source_paths(train) + source_paths(valid or []) if Path(d).is_dir()))
-    notes = check_token_ranges([load_manifest(d) for d in dirs], vocab_size)
-    if verify:
-        problems = verify_checksums(dirs, rank, world)
-        if dist.is_initialized() and world > 1:
-            gathered: list = [None] * world
-            dist.all_gather_object(gathered, problems)
-            problems = [p for part in gathered for p in part]
-        if problems:
-            raise DataError(f"data.verify_checksums: {len(problems)} problem(s): {'; '.join(problems[:3])}"
-                            f"{' ...' if len(problems) > 3 else ''}; re-prepare that data "
-                            "(`python -m pipeline.prepare` with the same command repairs it)")
-        notes.append(f"data.verify_checksums: every file of {', '.join(map(str, dirs))} matches its sha256")
-    return data_identity(train), notes
-
+        return any_rank(self.received is not None, self.device)

@@ -9,7 +9,7 @@ ZeRO-3 must then partition each rank's expert slice over the *expert-data-parall
 (the ranks holding the same experts), not over all ranks. DeepSpeed 0.19.8 does that for
 parameters tagged with its AutoEP placement attributes. Those are private names, so they live
 here and nowhere else: leaving out any one of them trains with
-wrong losses and no error, which `tests/train/test_expert_parallel.py` guards against.
+wrong losses and no error, which `tests/distributed/test_expert_parallel.py` guards against.
 
 Rank layout (DeepSpeed's legacy ordering): EP groups are consecutive ranks ([0,1], [2,3] for
 ep=2 on 4 ranks); EDP groups stride by ep ([0,2], [1,3]). EP rank r owns experts
@@ -117,7 +117,8 @@ class ExpertParallelExperts(nn.Module):
     def __init__(self, experts: nn.Module, groups: ExpertGroups):
         super().__init__()
         n_experts = experts.num_experts
-        check_expert_parallel_size(groups.ep_size, groups.ep_size, n_experts)
+        if n_experts % groups.ep_size:  # refused at start-up already (ParallelDims.check)
+            raise ValueError(f"{n_experts} experts cannot be split over {groups.ep_size} ranks")
         self.n_global = n_experts
         self.n_local = n_experts // groups.ep_size
         self.groups = groups

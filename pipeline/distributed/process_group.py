@@ -1,0 +1,50 @@
+"""The process group of a run: started once (gloo on CPU, NCCL on GPUs) under deepspeed, torchrun
+or a plain `python`, and shut down once."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from pipeline.distributed.ranks import RankView, current, initialized
+
+
+def quiet_library_warnings() -> None:
+    """DeepSpeed 0.19.8 calls torch.distributed APIs that torch 2.13 deprecates, once per bucket per
+    step: hundreds of identical lines that would bury the training log."""
+    warnings.filterwarnings(
+        "ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning
+    )
+
+
+def init_distributed(timeout_s: float | None = None) -> RankView:
+    """Start (or join) the default process group; works under deepspeed, torchrun or alone (one
+    rank on 127.0.0.1:$MASTER_PORT, default 29500). `timeout_s`: how long a collective may wait
+    for a peer before failing (None: the backend's default, 30 min for gloo / 10 min for NCCL)."""
+    import deepspeed
+
+    quiet_library_warnings()
+    if not initialized():
+        for key, default in (
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", "29500"),
+            ("RANK", "0"),
+            ("LOCAL_RANK", "0"),
+            ("WORLD_SIZE", "1"),
+        ):
+            os.environ.setdefault(key, default)
+        kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", **kwargs)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return current()
+
+
+def shutdown() -> None:
+    """Destroy the default process group if one is up (NCCL aborts its communicators here)."""
+    if initialized():
+        dist.destroy_process_group()
