@@ -42,7 +42,7 @@ def rank_main(args) -> None:
     from pipeline.config_utils import from_dict
     from pipeline.distributed.process_group import init_distributed
     from pipeline.model import get_preset
-    from pipeline.train.checkpoint.format import entries, load_state, save_state
+    from pipeline.checkpoint.format import entries, load_state, save_state
     from pipeline.train.config import RunConfig
     from pipeline.train.ds_config import build_ds_config
     from pipeline.train.engine import build_engine

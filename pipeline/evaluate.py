@@ -63,8 +63,8 @@ def eval_config(saved_eval: dict | None, args: argparse.Namespace):
 
 def load_from_run_dir(run_dir: Path, step: int | None, world: int, device: torch.device):
     """(forward, model config, data dir, checkpoint dir, saved config) for a run's checkpoint."""
-    from pipeline.train.checkpoint import load_state, read_full_weights
-    from pipeline.train.checkpoint.export import checkpoint_model, model_from_state, run_dtype
+    from pipeline.checkpoint import load_state, read_full_weights
+    from pipeline.checkpoint.hf_export import checkpoint_model, model_from_state, run_dtype
 
     ckpt, saved, model_cfg, data_dir = checkpoint_model(run_dir, step)
     if world == 1:
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> dict | None:
         output = Path(args.output) if args.output else Path(args.run_dir) / RESULTS_DIR / f"{ckpt.name}.json"
         name = f"{args.run_dir}:{ckpt.name}"
     else:
-        from pipeline.train.checkpoint import load_exported
+        from pipeline.checkpoint import load_exported
 
         model_dir = Path(args.model)
         if not (model_dir / "config.json").is_file():

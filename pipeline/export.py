@@ -1,6 +1,6 @@
 """`python -m pipeline.export --run-dir runs/debug --output exported/ [--step N]`: a training
 checkpoint to a Hugging Face GPT-OSS folder (or our native one for models transformers cannot
-represent). The work is done by `pipeline/train/checkpoint/export.py`.
+represent). The work is done by `pipeline/checkpoint/hf_export.py`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="folder to write (replaced atomically)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     args = parser.parse_args(argv)
-    from pipeline.train.checkpoint.export import export  # after parsing: --help needs no torch
+    from pipeline.checkpoint.hf_export import export  # after parsing: --help needs no torch
 
     export(args.run_dir, args.output, args.step)
     return 0

@@ -32,7 +32,7 @@ from pipeline.distributed.collectives import agree_on_error
 from pipeline.distributed.ranks import RankView
 from pipeline.errors import ConfigError
 from pipeline.io_utils import atomic_write_text
-from pipeline.train.checkpoint.manager import rng_state, set_rng_state
+from pipeline.rng import rng_state, set_rng_state
 from pipeline.train.config import EvalConfig, resolve_path
 
 # Likelihood request types PipelineLM implements; multiple_choice tasks issue loglikelihood requests.

@@ -225,7 +225,7 @@ class RunConfig:
     """Output dir: checkpoints/, tensorboard/, config.yaml, ds_config.json."""
     model: dict = field(default_factory=lambda: {"preset": "debug"})
     """`preset` plus any GPTOSSConfig field to override, and optionally `init_from: PATH` (weights to
-    start from, see pipeline/train/checkpoint/init_from.py). vocab_size defaults to the data's tokenizer."""
+    start from, see pipeline/checkpoint/init_from.py). vocab_size defaults to the data's tokenizer."""
     data: DataConfig
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

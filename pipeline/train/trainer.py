@@ -18,6 +18,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from pipeline.checkpoint.init_from import WeightsFolder, load_initial_weights
+from pipeline.checkpoint.manager import CheckpointManager
+from pipeline.checkpoint.run_state import RunState
 from pipeline.config_utils import to_dict
 from pipeline.data import MicroBatchIterator, build_dataset, check_vocab_compatible, source_paths
 from pipeline.distributed.collectives import all_reduce_sum_, sum_over_ranks
@@ -31,8 +34,6 @@ from pipeline.model.flops import flops_per_token
 from pipeline.planning.activations import math_kernel_notice
 from pipeline.run_lock import hold_run_dir
 from pipeline.train import health
-from pipeline.train.checkpoint.init_from import WeightsFolder, load_initial_weights
-from pipeline.train.checkpoint.manager import CheckpointManager
 from pipeline.train.config import RunConfig, resolve_model_config, run_config_to_dict
 from pipeline.train.ds_config import build_ds_config
 from pipeline.train.engine import build_engine
@@ -88,13 +89,13 @@ class Trainer:
         torch.manual_seed(cfg.train.seed + 1000 + self.rank)  # dropout differs per rank
 
         self.step, consumed, self.eval_history = 0, 0, []
-        state = self.ckpt.load_latest(self.engine, cfg.parallel.expert_parallel_size,
-                                      cfg.train.grad_accum_steps, cfg.train.seed)
+        resumed = self.ckpt.load_latest(self.engine, cfg.parallel.expert_parallel_size,
+                                        cfg.train.grad_accum_steps, cfg.train.seed)
         if init_folder is not None:
             n = load_initial_weights(self.engine, init_folder)
-        if state is not None:
-            self.step, consumed = state["step"], state["consumed_samples"]
-            self.eval_history = state.get("eval_history", [])
+        if resumed is not None:
+            self.step, consumed = resumed.state.step, resumed.state.consumed_samples
+            self.eval_history = list(resumed.state.eval_history)
         t, seed, seq_len = cfg.train, cfg.data.seed, cfg.data.seq_len
         self.train_data = build_dataset(cfg.data.train, "train", seq_len, seed)
         self.train_iter = MicroBatchIterator(
@@ -114,7 +115,7 @@ class Trainer:
         self.fault = health.FaultInjection.from_env(self.rank)
         self.spikes = health.SpikeDetector(t.spike_sigma, t.spike_window)
         self.policy = LoopPolicy(t, cfg.eval.downstream_interval if self.downstream is not None else None)
-        self.skipped_total = state.get("skipped_steps", 0) if state else 0  # TensorBoard's running count
+        self.skipped_total = resumed.state.skipped_steps if resumed else 0  # TensorBoard's running count
         self.collapse = health.CollapseMonitor(t.collapse_warn_ratio, t.collapse_warn_intervals, len(self.moe_layers))
         self.bias_rate = self.model_cfg.load_balance_bias_rate
         self._write_run_files()
@@ -122,12 +123,12 @@ class Trainer:
             self.log.message(note)
         if init_folder is not None:
             self.log.message(f"initialised {n} tensors from {init_folder.path} (model.init_from)")
-        if state is not None:
-            where = self.ckpt.latest()
-            self.log.message(f"resumed from {where} at step {self.step}"
-                             + ("" if state["same_shape"] else
-                                f" (written by {state.get('world_size')} ranks, ep "
-                                f"{state.get('expert_parallel_size', '?')}; resharded, RNG reseeded)"))
+        if resumed is not None:
+            written = resumed.state
+            self.log.message(f"resumed from {resumed.path} at step {self.step}"
+                             + ("" if resumed.same_shape else
+                                f" (written by {written.world_size} ranks, ep "
+                                f"{written.expert_parallel_size or '?'}; resharded, RNG reseeded)"))
             if cfg.init_from:
                 self.log.message(f"model.init_from={cfg.init_from} ignored: the run dir has a checkpoint")
 
@@ -226,18 +227,18 @@ class Trainer:
         return result
 
     def save(self) -> Path:
-        state = {
-            "step": self.step,
-            "consumed_samples": self.train_iter.consumed_samples,
-            "world_size": self.world,
-            "expert_parallel_size": self.cfg.parallel.expert_parallel_size,
-            "sequence_parallel_size": self.cfg.parallel.sequence_parallel_size,
-            "global_batch_size": self.cfg.train.micro_batch_size * self.cfg.train.grad_accum_steps * self.dp_world,
-            "eval_history": self.eval_history,
-            "skipped_steps": self.skipped_total,
-            "data": self.data_identity,
-        }
-        path = self.ckpt.save(self.engine, self.step, state, self.run_files())
+        state = RunState(
+            step=self.step,
+            consumed_samples=self.train_iter.consumed_samples,
+            world_size=self.world,
+            expert_parallel_size=self.cfg.parallel.expert_parallel_size,
+            sequence_parallel_size=self.cfg.parallel.sequence_parallel_size,
+            global_batch_size=self.cfg.train.micro_batch_size * self.cfg.train.grad_accum_steps * self.dp_world,
+            eval_history=self.eval_history,
+            skipped_steps=self.skipped_total,
+            data=self.data_identity,
+        )
+        path = self.ckpt.save(self.engine, state, self.run_files())
         self.log.message(f"saved checkpoint {path}")
         return path
 

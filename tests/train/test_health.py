@@ -13,9 +13,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from pipeline.checkpoint.format import StateReader
+from pipeline.checkpoint.manager import checkpoint_steps, read_latest
 from pipeline.errors import ConfigError
-from pipeline.train.checkpoint.format import StateReader
-from pipeline.train.checkpoint.manager import checkpoint_steps, read_latest
 from pipeline.train.config import load_run_config
 from pipeline.train.ds_config import build_ds_config
 from pipeline.train.health import CollapseMonitor, FaultInjection, SpikeDetector

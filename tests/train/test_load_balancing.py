@@ -49,8 +49,8 @@ def test_bias_is_exact_under_ep_equal_on_ranks_and_survives_resume(prepared_data
 
 def test_export_drops_the_bias_with_a_warning(tmp_path, capsys):
     """transformers' GptOss has no selection-only bias: the export keeps every weight, drops the bias."""
+    from pipeline.checkpoint.hf_export import load_exported, write_export
     from pipeline.model import GPTOSS, get_preset
-    from pipeline.train.checkpoint.export import load_exported, write_export
 
     cfg = get_preset("debug", load_balance_bias_rate=RATE)
     model = GPTOSS(cfg)

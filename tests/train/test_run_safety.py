@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.train.checkpoint import checkpoint_steps, read_latest
+from pipeline.checkpoint import checkpoint_steps, read_latest
 from tests.conftest import REPO_ROOT
 from tests.train.checkpoint.test_checkpoint import kill_job, start_training
 from tests.train.conftest import rank_env, train, write_run_config

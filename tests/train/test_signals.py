@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline.train.checkpoint import read_latest
+from pipeline.checkpoint import read_latest
 from tests.conftest import REPO_ROOT
 from tests.train.conftest import rank_env, write_run_config
 from tests.train.test_launch import LAUNCH, free_port

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline.train.checkpoint.manager import checkpoint_steps, read_latest
+from pipeline.checkpoint.manager import checkpoint_steps, read_latest
 from tests.conftest import REPO_ROOT
 from tests.train.conftest import losses, rank_env, train, write_run_config
 

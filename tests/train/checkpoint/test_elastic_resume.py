@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.train.checkpoint.manager import read_latest
+from pipeline.checkpoint.manager import read_latest
 from tests.conftest import REPO_ROOT
 from tests.train.conftest import losses, rank_env, train, write_run_config
 
@@ -56,7 +56,7 @@ def test_resume_on_another_shape_continues_exactly(base, nproc, ep, accum, zero)
 
 def test_checkpoint_layout_is_per_global_expert(base):
     """Every expert of every layer is its own tensor, whatever EP size wrote it; no DeepSpeed shards."""
-    from pipeline.train.checkpoint.format import StateReader
+    from pipeline.checkpoint.format import StateReader
 
     tmp, _, _ = base
     reader = StateReader(tmp / "base" / "checkpoints" / f"step_{STEPS}")
@@ -112,8 +112,8 @@ def test_missing_or_truncated_file_is_one_clear_line_and_nothing_is_lost(base, t
 
 
 def test_global_batch_rule():
+    from pipeline.checkpoint.resume import check_global_batch
     from pipeline.errors import ConfigError
-    from pipeline.train.checkpoint.manager import check_global_batch
     from pipeline.train.config import TrainConfig
 
     saved = {"micro_batch_size": 4, "grad_accum_steps": 2}  # x 4 ranks = 32

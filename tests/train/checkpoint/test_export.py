@@ -9,7 +9,7 @@ import sys
 import torch
 from transformers import GptOssForCausalLM
 
-from pipeline.train.checkpoint.export import load_exported
+from pipeline.checkpoint.hf_export import load_exported
 from tests.conftest import REPO_ROOT
 from tests.train.conftest import rank_env, train, write_run_config
 from tests.train.reference import reference_run

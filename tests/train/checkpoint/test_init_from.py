@@ -17,12 +17,12 @@ from safetensors.torch import load_file, save_file
 from transformers import GptOssForCausalLM
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
+from pipeline.checkpoint.init_from import WeightsFolder
 from pipeline.data import build_dataset
 from pipeline.errors import ConfigError
 from pipeline.model import GPTOSS, get_preset
 from pipeline.model.hf import config_to_hf
 from pipeline.model.mxfp4 import dequantize_mxfp4, quantize_mxfp4
-from pipeline.train.checkpoint.init_from import WeightsFolder
 from pipeline.train.config import load_run_config, resolve_model_config
 from tests.conftest import REPO_ROOT
 from tests.train.conftest import losses, rank_env, train, write_run_config

@@ -9,18 +9,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config_utils import to_dict
-from pipeline.errors import ConfigError
-from pipeline.model import get_preset
-from pipeline.model.config import differing_fields
-from pipeline.train.checkpoint.manager import (
-    CheckpointManager,
+from pipeline.checkpoint.manager import CheckpointManager
+from pipeline.checkpoint.tags import (
     checkpoint_steps,
     find_checkpoint,
     latest_problem,
     prunable,
     read_latest,
 )
+from pipeline.config_utils import to_dict
+from pipeline.errors import ConfigError
+from pipeline.model import get_preset
+from pipeline.model.config import differing_fields
 from pipeline.train.config import TrainConfig
 
 
@@ -106,3 +106,24 @@ def test_resume_with_another_global_batch_is_refused_with_the_fix(tmp_path):
     manager.check_resume(debug_model(), TrainConfig(micro_batch_size=2, grad_accum_steps=1), tmp_path)
     manager.check_resume(debug_model(), TrainConfig(micro_batch_size=2, grad_accum_steps=2,
                                                     allow_batch_change=True), tmp_path)
+
+
+def test_run_state_reads_the_keys_of_older_checkpoints_and_refuses_unknown_ones_in_one_line(tmp_path):
+    from pipeline.checkpoint.run_state import RunState
+    from pipeline.errors import CheckpointError
+
+    fixture = Path(__file__).parent / "fixtures"
+    older = sorted(fixture.rglob("trainer_state.json"))
+    assert older, "the pre-refactor fixture holds a trainer_state.json"
+    for path in older:  # written before RunState existed: no version key
+        raw = json.loads(path.read_text())
+        state = RunState.read(path.parent)
+        assert (state.step, state.consumed_samples, state.world_size) == (raw["step"], raw["consumed_samples"],
+                                                                         raw["world_size"])
+        assert json.loads(state.to_json()) == {**raw, "version": 1, "sequence_parallel_size": 1, "data": None}
+    for bad, message in (({"step": 1, "version": 2}, "run state version 2"),
+                         ({"step": 1, "world": 2}, r"unknown field\(s\) world")):
+        (tmp_path / "trainer_state.json").write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match=message) as e:
+            RunState.read(tmp_path)
+        assert "\n" not in str(e.value)

@@ -11,7 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-from pipeline.train.checkpoint.export import export, load_exported
+from pipeline.checkpoint.hf_export import export, load_exported
 from tests.train.conftest import losses, train
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pre_refactor_run"

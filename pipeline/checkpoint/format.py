@@ -41,12 +41,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from pipeline.checkpoint.zero_state import OPTIM_KEYS, ensure_optimizer_state, get_full_state, set_full_state
 from pipeline.distributed.collectives import gather_objects
 from pipeline.distributed.ranks import current, group_rank, group_size
 from pipeline.errors import CheckpointError
 from pipeline.io_utils import atomic_path, atomic_write_text
 from pipeline.model.moe import GroupedExperts
-from pipeline.train.checkpoint.zero_state import OPTIM_KEYS, ensure_optimizer_state, get_full_state, set_full_state
 
 FORMAT = "gpt-oss-pipeline/reshardable-v1"
 # The same format under the name checkpoints were written with before it was renamed.

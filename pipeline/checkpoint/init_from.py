@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from pipeline.checkpoint.format import entries
+from pipeline.checkpoint.zero_state import set_full_state
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.model import GPTOSSConfig
 from pipeline.model.config import architecture, differing_fields
 from pipeline.model.hf import key_to_hf, read_folder_config
 from pipeline.model.mxfp4 import dequantize_mxfp4
-from pipeline.train.checkpoint.format import entries
-from pipeline.train.checkpoint.zero_state import set_full_state
 
 
 class WeightsFolder:

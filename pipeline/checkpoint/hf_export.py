@@ -22,16 +22,15 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import save_file
 
+from pipeline.checkpoint.format import read_full_weights
+from pipeline.checkpoint.tags import find_checkpoint, read_saved_config
 from pipeline.config_utils import from_dict, to_dict
 from pipeline.data import source_paths
 from pipeline.io_utils import atomic_path
 from pipeline.model import GPTOSS, GPTOSSConfig
 from pipeline.model.hf import NATIVE_FORMAT, hf_incompatibilities, model_holding
-from pipeline.train.checkpoint.format import read_full_weights
-from pipeline.train.checkpoint.manager import find_checkpoint
 
 
 def model_config_from_saved(saved_model: dict) -> GPTOSSConfig:
@@ -86,7 +85,7 @@ def checkpoint_model(run_dir: Path, step: int | None = None) -> tuple[Path, dict
     """(checkpoint dir, the run config saved with it, its model config, the first data.train dir) of
     `run_dir`'s checkpoint: the latest, or `step`."""
     ckpt = find_checkpoint(Path(run_dir) / "checkpoints", step)
-    saved = yaml.safe_load((ckpt / "config.yaml").read_text())
+    saved = read_saved_config(ckpt)
     return ckpt, saved, model_config_from_saved(saved["model"]), Path(source_paths(saved["data"]["train"])[0])
 
 
