@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def eval_config(saved_eval: dict | None, args: argparse.Namespace):
     """The run's `eval` section (if any) with the flags given on top."""
     from pipeline.config_utils import from_dict
-    from pipeline.train.config import EvalConfig
+    from pipeline.evaluation.config import EvalConfig
 
     cfg = from_dict(EvalConfig, saved_eval or {}, "eval")
     flags = {"tasks": args.tasks, "task_paths": args.task_path, "limit": args.limit,
@@ -89,15 +89,15 @@ def load_from_run_dir(run_dir: Path, step: int | None, world: int, device: torch
 
 def run(args: argparse.Namespace) -> dict | None:
     from pipeline.data import load_tokenizer
+    from pipeline.distributed.ranks import RankView
     from pipeline.evaluation.downstream import RESULTS_DIR, DownstreamEvaluator, data_tokenizer, write_results
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = 0
-    if world > 1:
+    ranks = RankView()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from pipeline.distributed.process_group import init_distributed
 
-        view = init_distributed()
-        rank, world = view.rank, view.world
+        ranks = init_distributed()
+    world = ranks.world
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if args.run_dir:
         forward, model_cfg, data_dir, ckpt, saved = load_from_run_dir(Path(args.run_dir), args.step, world, device)
@@ -125,8 +125,8 @@ def run(args: argparse.Namespace) -> dict | None:
         prefix = tokenizer.bos_id
     elif args.prefix_token == "eos":
         prefix = tokenizer.eos_id
-    evaluator = DownstreamEvaluator(cfg, tokenizer, prefix, args.max_length or model_cfg.block_size, rank, world,
-                                    bootstrap_iters=args.bootstrap_iters, log_samples=args.log_samples)
+    evaluator = DownstreamEvaluator(cfg, tokenizer, prefix, args.max_length or model_cfg.block_size,
+                                    ranks, bootstrap_iters=args.bootstrap_iters, log_samples=args.log_samples)
     results = evaluator.evaluate(forward, device, name=name)
     if results is not None:
         from lm_eval.utils import make_table

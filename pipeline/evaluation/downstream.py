@@ -1,6 +1,6 @@
 """Downstream evaluation: lm-evaluation-harness tasks on the model being trained, or on a checkpoint.
 
-    evaluator = DownstreamEvaluator(cfg.eval, tokenizer, prefix_token_id, max_length, rank, world)
+    evaluator = DownstreamEvaluator(cfg.eval, tokenizer, prefix_token_id, max_length, ranks)
     results = evaluator.evaluate(forward, device)     # on every rank; the harness's results on rank 0
 
 The trainer calls `run` when its LoopPolicy says the tasks are due; `python -m pipeline.evaluate`
@@ -26,18 +26,20 @@ from pathlib import Path
 
 import torch
 
+from pipeline.config_utils import resolve_path
 from pipeline.data import load_manifest, load_tokenizer
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.distributed.collectives import agree_on_error
 from pipeline.distributed.ranks import RankView
 from pipeline.errors import ConfigError
+from pipeline.evaluation.config import EvalConfig
 from pipeline.io_utils import atomic_write_text
 from pipeline.rng import rng_state, set_rng_state
-from pipeline.train.config import EvalConfig, resolve_path
 
 # Likelihood request types PipelineLM implements; multiple_choice tasks issue loglikelihood requests.
 SUPPORTED_OUTPUT_TYPES = ("loglikelihood", "loglikelihood_rolling", "multiple_choice")
 FEWSHOT_SEED = 1234  # lm_eval's default fewshot_random_seed
+ONE_RANK = RankView()  # no process group: this process scores everything
 RESULTS_DIR = "downstream"
 """RUN/downstream/step_N.json: the harness's result JSON of each evaluation of a run."""
 
@@ -173,25 +175,25 @@ class DownstreamEvaluator:
     """lm-eval tasks on every rank's model; see the module docstring."""
 
     def __init__(self, cfg: EvalConfig, tokenizer: Tokenizer, prefix_token_id: int, max_length: int,
-                 rank: int = 0, world: int = 1, bootstrap_iters: int = 0, log_samples: bool = False):
+                 ranks: RankView = ONE_RANK, bootstrap_iters: int = 0, log_samples: bool = False):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.prefix_token_id = prefix_token_id
         self.max_length = max_length
-        self.rank, self.world = rank, world
+        self.ranks = ranks  # every rank of the default process group scores (harness.Scorer)
         self.bootstrap_iters = bootstrap_iters  # 0: no bootstrapped stderr (seconds of CPU per metric)
         self.log_samples = log_samples
         # Only rank 0 runs the harness; its verdict is every rank's.
-        self.tasks = agree_on_error(lambda: load_tasks_in_one_line(cfg), RankView(rank, world))
+        self.tasks = agree_on_error(lambda: load_tasks_in_one_line(cfg), ranks)
 
     @classmethod
-    def for_data(cls, cfg: EvalConfig, data_dir: str | Path, max_length: int, rank: int = 0, world: int = 1,
+    def for_data(cls, cfg: EvalConfig, data_dir: str | Path, max_length: int, ranks: RankView = ONE_RANK,
                  **kwargs) -> DownstreamEvaluator | None:
         """The evaluator of a run on prepared data `data_dir` (its tokenizer); None without eval.tasks."""
         if not cfg.tasks:
             return None
         tokenizer, prefix = data_tokenizer(data_dir)
-        return cls(cfg, tokenizer, prefix, max_length, rank, world, **kwargs)
+        return cls(cfg, tokenizer, prefix, max_length, ranks, **kwargs)
 
     def evaluate(self, forward: Callable[[torch.Tensor], torch.Tensor], device: torch.device | str,
                  name: str = "gpt-oss-pipeline") -> dict | None:
@@ -200,7 +202,7 @@ class DownstreamEvaluator:
         from pipeline.evaluation.harness import PipelineLM, Scorer
 
         scorer = Scorer(forward, device, self.cfg.batch_size, pad_id=self.tokenizer.eos_id)
-        if self.rank != 0:
+        if self.ranks.rank != 0:
             scorer.serve()
             return None
         lm = PipelineLM(scorer, self.tokenizer, self.max_length, self.prefix_token_id, name=name)

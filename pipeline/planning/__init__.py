@@ -9,7 +9,7 @@
 """
 
 from pipeline.hardware import GPUS, GPUSpec, get_gpu
-from pipeline.planning.activations import ActivationMemory, activation_memory
+from pipeline.model.activation_memory import ActivationMemory, activation_memory
 from pipeline.planning.planner import Plan, Planner, model_config
 from pipeline.planning.zero import (
     ParamTensor,

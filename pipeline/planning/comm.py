@@ -1,7 +1,7 @@
 """Communication per optimizer step, and start-up host memory, for one rank of a planned run.
 
 Volumes are what DeepSpeed 0.19.8 and our expert-parallel layer actually pass to the collectives
-(tests/plan/test_comm.py counts them by wrapping torch.distributed on 4 gloo ranks and compares
+(tests/planning/test_comm.py counts them by wrapping torch.distributed on 4 gloo ranks and compares
 byte for byte), with M = micro-batches per step (grad_accum_steps), passes = 2 (forward, backward)
 or 3 with activation checkpointing (the recomputed forward gathers and exchanges again):
 

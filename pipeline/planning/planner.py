@@ -16,7 +16,7 @@ from pipeline.errors import ConfigError
 from pipeline.hardware import GPUS, GPUSpec
 from pipeline.model import GPTOSSConfig, count_parameters
 from pipeline.model.flops import flops_per_token, seconds_at_mfu
-from pipeline.planning.activations import ActivationMemory, activation_memory, attention_kernel
+from pipeline.model.activation_memory import ActivationMemory, activation_memory, attention_kernel
 from pipeline.planning.comm import Communication, Links, StartupMemory, communication, startup_memory
 from pipeline.planning.zero import (
     ParamTensor,

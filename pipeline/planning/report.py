@@ -25,7 +25,7 @@ assumptions:
     fp32 grads; fp32 runs 20: DeepSpeed keeps a separate master copy); persistent small params kept
     whole; gather/reduce buffers and the optimizer sub-group from the DeepSpeed JSON.
   - activations: what autograd saves in pipeline/model (measured in tests), balanced expert routing,
-    the attention kernel model.attention_backend runs on CUDA (pipeline/planning/activations.py),
+    the attention kernel model.attention_backend runs on CUDA (pipeline/model/activation_memory.py),
     and the chunked LM loss (pipeline/model/loss.py: fp32 weight-sized gradient, one chunk of logits).
     Peak = checkpointed block inputs + one recomputed block (checkpointing on) or all blocks (off),
     plus the loss peak.

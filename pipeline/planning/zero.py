@@ -41,7 +41,7 @@ from pipeline.model import GPTOSS, GPTOSSConfig, GroupedExperts
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 
-# DeepSpeed 0.19.8 defaults (runtime/zero/config.py); tests/plan/test_plan.py checks them against it.
+# DeepSpeed 0.19.8 defaults (runtime/zero/config.py); tests/planning/test_plan.py checks them against it.
 DS_DEFAULTS = {
     "stage3_param_persistence_threshold": 100_000,
     "stage3_model_persistence_threshold": sys.maxsize,
@@ -268,7 +268,7 @@ def state_memory(el: RankElements, zero: ZeroSettings) -> StateMemory:
     rows.append(place(f"gradients: partition ({g_name})", el.partition * gb, off))
     # Always a separate copy, also in fp32: stage3.py would reuse an fp32 partition as the master only
     # if `tensor.device == self.device`, which compares a torch.device with a device *name* and is
-    # never true in 0.19.8 (tests/plan checks the data pointers).
+    # never true in 0.19.8 (tests/planning checks the data pointers).
     rows.append(place("optimizer: fp32 master weights", el.partition * 4, off))
     rows.append(place("optimizer: Adam exp_avg + exp_avg_sq (fp32)", el.partition * 8, off))
     rows.append(place("optimizer step: fp32 grads of one sub-group", el.optimizer_sub_group * 4, off))

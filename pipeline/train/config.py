@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config_utils import apply_overrides, convert_fields, from_dict, load_config_file, to_dict
+from pipeline.config_utils import apply_overrides, convert_fields, from_dict, load_config_file, resolve_path, to_dict
 from pipeline.errors import ConfigError
+from pipeline.evaluation.config import EvalConfig
 from pipeline.model.config import GPTOSSConfig
 
 
@@ -184,42 +185,6 @@ class WandbConfig:
 
 
 @dataclass(kw_only=True)
-class EvalConfig:
-    """Downstream evaluation with lm-evaluation-harness tasks in the training loop (pip install -e .[eval];
-    see pipeline/evaluation/). Off while `tasks` is empty."""
-
-    tasks: list[str] = field(default_factory=list)
-    """lm-eval task or group names, e.g. [hellaswag, arc_easy]; likelihood and multiple-choice tasks only."""
-    task_paths: list[str] = field(default_factory=list)
-    """Folders (or YAML files) of extra task definitions, e.g. ones that read local data files."""
-    downstream_interval: int = 0
-    """Steps between downstream evaluations (0 = only at the end of training)."""
-    limit: int | None = None
-    """Examples per task (null = all of them)."""
-    num_fewshot: int | None = None
-    """Few-shot examples in each prompt (null = the task's own default)."""
-    batch_size: int = 16
-    """Requests per forward on each rank."""
-
-    def __post_init__(self):
-        if self.downstream_interval < 0:
-            raise ConfigError(f"eval.downstream_interval ({self.downstream_interval}) must be >= 0 "
-                              "(0 = only at the end)")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"eval.limit ({self.limit}) must be >= 1, or null for every example")
-        if self.num_fewshot is not None and self.num_fewshot < 0:
-            raise ConfigError(f"eval.num_fewshot ({self.num_fewshot}) must be >= 0, or null for the task's default")
-        if self.batch_size < 1:
-            raise ConfigError(f"eval.batch_size ({self.batch_size}) must be >= 1")
-
-    def check_installed(self) -> None:
-        """For runs about to start; find_spec does not import lm_eval (seconds of imports)."""
-        if self.tasks and importlib.util.find_spec("lm_eval") is None:
-            raise ConfigError("eval.tasks is set but lm-evaluation-harness is not installed: pip install -e .[eval] "
-                              "(or leave eval.tasks empty)")
-
-
-@dataclass(kw_only=True)
 class RunConfig:
     run_dir: str = "runs/debug"
     """Output dir: checkpoints/, tensorboard/, config.yaml, ds_config.json."""
@@ -284,17 +249,6 @@ def resolve_model_config(cfg: RunConfig, from_data: bool = True) -> GPTOSSConfig
             f"lower data.seq_len or set model.block_size={cfg.data.seq_len}"
         )
     return model_cfg
-
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def resolve_path(path: str | Path) -> Path:
-    """Relative config paths: cwd first (user files), then the repo root (shipped ds_configs/)."""
-    path = Path(path)
-    if path.is_absolute() or path.exists():
-        return path
-    return REPO_ROOT / path if (REPO_ROOT / path).exists() else path
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

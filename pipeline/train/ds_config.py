@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
+from pipeline.config_utils import resolve_path
 from pipeline.errors import ConfigError
-from pipeline.train.config import RunConfig, resolve_path
+from pipeline.train.config import RunConfig
 
 SUPPORTED_ZERO_STAGES = (2, 3)
 

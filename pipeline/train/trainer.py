@@ -31,7 +31,7 @@ from pipeline.hardware import detect_peak_tflops
 from pipeline.model import MoE
 from pipeline.model.flex_attention import resolve_attention_backend
 from pipeline.model.flops import flops_per_token
-from pipeline.planning.activations import math_kernel_notice
+from pipeline.model.activation_memory import math_kernel_notice
 from pipeline.run_lock import hold_run_dir
 from pipeline.train import health
 from pipeline.train.config import RunConfig, resolve_model_config, run_config_to_dict
@@ -75,7 +75,7 @@ class Trainer:
         self.lock = hold_run_dir(self.run_dir, self.rank)  # released at exit, also on errors
         # Tasks are checked now (one line, exit 2), before the engine is built or a step is trained.
         self.downstream = DownstreamEvaluator.for_data(cfg.eval, source_paths(cfg.data.train)[0],
-                                                       self.model_cfg.block_size, self.rank, self.world)
+                                                       self.model_cfg.block_size, self.ranks)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last)
         notes += self.ckpt.check_resume(self.resolved_model(), cfg.train, self.run_dir,
                                         cfg.parallel.sequence_parallel_size, self.data_identity)

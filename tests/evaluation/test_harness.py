@@ -15,9 +15,10 @@ from transformers import GptOssForCausalLM, PreTrainedTokenizerFast
 
 from pipeline.data import load_tokenizer
 from pipeline.errors import ConfigError
+from pipeline.evaluation.config import EvalConfig
 from pipeline.evaluation.downstream import DownstreamEvaluator
 from pipeline.model import GPTOSS, get_preset
-from pipeline.train.config import EvalConfig, load_run_config
+from pipeline.train.config import load_run_config
 from tests.evaluation.conftest import TASKS_DIR, TINY_TASKS, write_bad_tasks
 
 MAX_LENGTH = 24  # shorter than a 2-shot prompt: exercises the left truncation and rolling windows

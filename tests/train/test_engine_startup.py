@@ -1,7 +1,7 @@
 """Partitioned start-up builds the same model as building it whole: every parameter, gathered back
 from its ZeRO-3 partitions, equals the same tensor of `GPTOSS(config)` built from the same seed, in
 fp32 and bf16, with untied and tied embeddings. (Multi-rank and expert-parallel start-up are covered
-by tests/train/test_expert_parallel.py and tests/plan/test_comm.py.)"""
+by tests/train/test_expert_parallel.py and tests/planning/test_comm.py.)"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Activation memory of one micro-batch on one rank, term by term, for our GPT-OSS implementation.
 
-The terms are what autograd saves for backward in `pipeline/model` (tests/plan/test_plan.py
+The terms are what autograd saves for backward in `pipeline/model` (tests/planning/test_plan.py
 measures the saved tensors of a real forward with `torch.autograd.graph.saved_tensors_hooks`: within
 1% for GPT-OSS, MoE and dense presets, fp32 and bf16, for each attention kernel CPU can run), with
 N = micro_batch x seq_len tokens and a = bytes of the compute dtype (bf16 2, fp32 4):
@@ -81,7 +81,7 @@ class ActivationMemory:
 
     @property
     def saved_without_checkpointing(self) -> int:
-        """What autograd holds after the forward (the quantity tests/plan/test_plan.py measures)."""
+        """What autograd holds after the forward (the quantity tests/planning/test_plan.py measures)."""
         return sum(self.per_block) + self.head + self.loss_saved
 
     def total(self, checkpointing: bool) -> int:

@@ -77,7 +77,7 @@ def engine_state():
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(REPO / "tests/plan/zero3_state.py"), json.dumps(CASES)],
+         str(REPO / "tests/planning/scripts/zero3_state.py"), json.dumps(CASES)],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
     )
     lines = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -87,7 +87,7 @@ def engine_state():
 
 @pytest.mark.parametrize("case_idx", range(len(CASES)))
 def test_zero3_state_equals_deepspeed_engine(engine_state, case_idx):
-    sys.path.insert(0, str(REPO / "tests/plan"))
+    sys.path.insert(0, str(REPO / "tests/planning/scripts"))
     from zero3_state import ds_config
 
     case = CASES[case_idx]

@@ -1,7 +1,7 @@
-"""Rank script for tests/plan/test_comm.py: build the trainer's engine the trainer's way, measure the
+"""Rank script for tests/planning/test_comm.py: build the trainer's engine the trainer's way, measure the
 start-up peak RSS of `build_model`, then count every collective of one optimizer step.
 
-    torchrun --standalone --nproc_per_node 4 tests/plan/comm_counts.py RUN_OVERRIDES_JSON OUT_DIR
+    torchrun --standalone --nproc_per_node 4 tests/planning/scripts/comm_counts.py RUN_OVERRIDES_JSON OUT_DIR
 
 Collectives are counted by wrapping the torch.distributed functions before DeepSpeed's comm backend
 binds them (it keeps references to all_gather_into_tensor / reduce_scatter_tensor from start-up), so

@@ -2,7 +2,7 @@
 expert-data-parallel group of 2, sequence parallelism 2 on the same rank pairs, bf16, activation
 checkpointing, 2 micro-batches per step. Every
 collective of one steady-state optimizer step is counted by wrapping torch.distributed
-(tests/plan/comm_counts.py), and the start-up peak RSS of `build_model` is read from the kernel."""
+(tests/planning/scripts/comm_counts.py), and the start-up peak RSS of `build_model` is read from the kernel."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def measured(tmp_path_factory):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), MALLOC_MMAP_THRESHOLD_=str(2**20))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-         str(REPO / "tests/plan/comm_counts.py"), json.dumps(overrides), str(out)],
+         str(REPO / "tests/planning/scripts/comm_counts.py"), json.dumps(overrides), str(out)],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=400,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -4,7 +4,7 @@ gives for the fp32 [B, H, T, T+1] scores; runs on FlexAttention or a fused SDPA 
 from __future__ import annotations
 
 from pipeline.model import get_preset
-from pipeline.planning.activations import activation_memory, math_kernel_notice
+from pipeline.model.activation_memory import activation_memory, math_kernel_notice
 
 
 def test_notice_names_the_cause_and_the_activation_cost():

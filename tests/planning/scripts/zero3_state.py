@@ -1,7 +1,7 @@
-"""Rank script for tests/plan/test_plan.py: build the trainer's ZeRO-3 (+ expert-parallel) engine
+"""Rank script for tests/planning/test_plan.py: build the trainer's ZeRO-3 (+ expert-parallel) engine
 on CPU/gloo, run one step, and print what DeepSpeed actually holds on this rank as one JSON line.
 
-    torchrun --standalone --nproc_per_node 2 tests/plan/zero3_state.py '{"ep": 2, ...}'
+    torchrun --standalone --nproc_per_node 2 tests/planning/scripts/zero3_state.py '{"ep": 2, ...}'
 
 Each case in the JSON list argument is built the way the trainer builds its engine: expert groups
 before the model, seed, model, expert parallelism, `deepspeed.initialize`.

@@ -1,4 +1,4 @@
-"""The activation model (pipeline/planning/activations.py) against what the model really keeps:
+"""The activation model (pipeline/model/activation_memory.py) against what the model really keeps:
 autograd's saved tensors per attention kernel, the allocator's peak inside the chunked LM loss, and
 the kernel the planner assumes for each `model.attention_backend`."""
 
@@ -21,7 +21,7 @@ from pipeline.model import GPTOSS, get_preset
 from pipeline.model.loss import default_chunk_rows, linear_cross_entropy
 from pipeline.plan import main
 from pipeline.planning import activation_memory
-from pipeline.planning.activations import attention_kernel, chunked_loss_bytes
+from pipeline.model.activation_memory import attention_kernel, chunked_loss_bytes
 
 TINY = {  # name: (preset, overrides)
     "debug": ("debug", {}),
@@ -188,14 +188,14 @@ def test_cli_config_reads_attention_backend(tmp_path, capsys):
 
 
 def test_sequence_parallel_activations_follow_measured_memory(tmp_path):
-    """Per rank under sequence parallelism 1, 2, 4 at T = 1024 (4 gloo ranks, tests/plan/sp_memory.py):
+    """Per rank under sequence parallelism 1, 2, 4 at T = 1024 (4 gloo ranks, tests/model/scripts/sp_memory.py):
     the planner's saved tensors equal autograd's, and its activation figure falls with the SP size as
     the allocator's measured peaks do (forward, and forward + backward)."""
     repo = Path(__file__).resolve().parents[2]
     out = tmp_path / "sp.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
-                           str(repo / "tests/plan/sp_memory.py"), str(out)],
+                           str(repo / "tests/model/scripts/sp_memory.py"), str(out)],
                           capture_output=True, text=True, env=env, cwd=repo, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -1,7 +1,7 @@
-"""Rank script for tests/plan/test_activations.py: activation memory per rank under sequence
+"""Rank script for tests/model/test_activation_memory.py: activation memory per rank under sequence
 parallelism 1, 2 and 4 at the same sequence length, as autograd saves it and as the allocator peaks.
 
-    torchrun --standalone --nproc_per_node 4 tests/plan/sp_memory.py OUT.json
+    torchrun --standalone --nproc_per_node 4 tests/model/scripts/sp_memory.py OUT.json
 
 For each SP size every rank builds the same model (fp32, SDPA's fused CPU kernel), applies Ulysses
 sequence parallelism over groups of that size (none for 1) and runs one training forward (chunked
@@ -20,7 +20,7 @@ import torch.distributed as dist
 from pipeline.distributed.process_group import quiet_library_warnings
 from pipeline.distributed.sequence_parallel import apply_sequence_parallel, create_sequence_groups
 from pipeline.model import GPTOSS, get_preset
-from tests.plan.test_activations import peak_allocated, saved_bytes
+from tests.model.test_activation_memory import peak_allocated, saved_bytes
 
 T = 1024
 PRESET = dict(n_embd=128, intermediate_size=128, n_head=8, n_kv_head=4, head_dim=16, vocab_size=512, block_size=1024)
