@@ -39,10 +39,10 @@ def rank_main(args) -> None:
     import torch.distributed as dist
 
     sys.path.insert(0, str(REPO_ROOT))
+    from pipeline.checkpoint.format import entries, load_state, save_state
     from pipeline.config_utils import from_dict
     from pipeline.distributed.process_group import init_distributed
     from pipeline.model import get_preset
-    from pipeline.checkpoint.format import entries, load_state, save_state
     from pipeline.train.config import RunConfig
     from pipeline.train.ds_config import build_ds_config
     from pipeline.train.engine import build_engine

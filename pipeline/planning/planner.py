@@ -15,8 +15,8 @@ from pipeline.distributed.sequence_parallel import check_sequence_parallel_size
 from pipeline.errors import ConfigError
 from pipeline.hardware import GPUS, GPUSpec
 from pipeline.model import GPTOSSConfig, count_parameters
-from pipeline.model.flops import flops_per_token, seconds_at_mfu
 from pipeline.model.activation_memory import ActivationMemory, activation_memory, attention_kernel
+from pipeline.model.flops import flops_per_token, seconds_at_mfu
 from pipeline.planning.comm import Communication, Links, StartupMemory, communication, startup_memory
 from pipeline.planning.zero import (
     ParamTensor,

@@ -29,9 +29,9 @@ from pipeline.distributed.process_group import init_distributed
 from pipeline.evaluation.downstream import DownstreamEvaluator
 from pipeline.hardware import detect_peak_tflops
 from pipeline.model import MoE
+from pipeline.model.activation_memory import math_kernel_notice
 from pipeline.model.flex_attention import resolve_attention_backend
 from pipeline.model.flops import flops_per_token
-from pipeline.model.activation_memory import math_kernel_notice
 from pipeline.run_lock import hold_run_dir
 from pipeline.train import health
 from pipeline.train.config import RunConfig, resolve_model_config, run_config_to_dict

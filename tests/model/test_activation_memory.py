@@ -18,10 +18,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 from pipeline.model import GPTOSS, get_preset
+from pipeline.model.activation_memory import attention_kernel, chunked_loss_bytes
 from pipeline.model.loss import default_chunk_rows, linear_cross_entropy
 from pipeline.plan import main
 from pipeline.planning import activation_memory
-from pipeline.model.activation_memory import attention_kernel, chunked_loss_bytes
 
 TINY = {  # name: (preset, overrides)
     "debug": ("debug", {}),
