@@ -75,7 +75,7 @@ def measure(args, ep: int, world: int, rank: int) -> tuple[float, str | None]:
     from pipeline.model import get_preset
     from pipeline.train.ds_config import build_ds_config
     from pipeline.train.engine import build_engine, release_engine
-    from pipeline.train.loss import compute_loss
+    from pipeline.train.objective import compute_loss
 
     run = run_config(args, ep)
     model_cfg = get_preset("debug", capacity_factor=args.capacity_factor, block_size=max(128, args.seq))

@@ -44,7 +44,7 @@ from pipeline.model.masks import attention_mask, block_mask
 from pipeline.train.config import RunConfig
 from pipeline.train.ds_config import build_ds_config
 from pipeline.train.engine import build_engine, release_engine
-from pipeline.train.loss import compute_loss
+from pipeline.train.objective import compute_loss
 
 CUDA = torch.cuda.is_available()
 

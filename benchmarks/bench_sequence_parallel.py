@@ -47,7 +47,7 @@ def worker(args) -> None:
     from pipeline.train.config import load_run_config
     from pipeline.train.ds_config import build_ds_config
     from pipeline.train.engine import build_model
-    from pipeline.train.loss import compute_loss
+    from pipeline.train.objective import compute_loss
     from pipeline.train.optim import param_groups
 
     sp = args.sp

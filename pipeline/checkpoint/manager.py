@@ -59,7 +59,7 @@ from pipeline.checkpoint.zero_state import (
     set_engine_counters,
     set_optimizer_step_count,
 )
-from pipeline.distributed.collectives import barrier, first_error, from_rank0
+from pipeline.distributed.collectives import any_rank, barrier, first_error, from_rank0
 from pipeline.distributed.ranks import current
 from pipeline.errors import CheckpointError
 from pipeline.io_utils import atomic_write_bytes, atomic_write_text
@@ -74,6 +74,17 @@ class Resumed:
     path: Path
     state: RunState
     same_shape: bool
+
+
+def local_params_finite(engine) -> bool:
+    """True on every rank iff every rank's share of every parameter is finite (MAX all-reduce)."""
+    bad = False
+    for p in engine.module.parameters():
+        local = getattr(p, "ds_tensor", p)
+        if local.numel() and not torch.isfinite(local).all():
+            bad = True
+            break
+    return not any_rank(bad, engine.device)
 
 
 class CheckpointManager:
@@ -148,6 +159,13 @@ class CheckpointManager:
                 shutil.rmtree(self.dir / tag_of(s), ignore_errors=True)
         barrier()
         return tag_dir
+
+    def save_if_finite(self, engine, state: RunState, run_files: dict[str, str]) -> Path | None:
+        """The save policy: a checkpoint is only ever written from finite weights (checked on every
+        rank's shard, collective). Returns the checkpoint written, or None when the weights are not finite."""
+        if not local_params_finite(engine):
+            return None
+        return self.save(engine, state, run_files)
 
     def _failed(self, tag_dir: Path, error: str) -> str:
         """Remove this save's own half-written dir (rank 0) and say what to do, in one line."""

@@ -265,3 +265,16 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
 
 def run_config_to_dict(cfg: RunConfig) -> dict:
     return to_dict(cfg)
+
+
+def resolved_model(cfg: RunConfig, model_cfg: GPTOSSConfig) -> dict:
+    """The model section as saved with every checkpoint: preset, every field, init_from."""
+    model = {"preset": cfg.model["preset"], **to_dict(model_cfg)}
+    if cfg.init_from:
+        model["init_from"] = cfg.init_from
+    return model
+
+
+def resolved_config(cfg: RunConfig, model_cfg: GPTOSSConfig) -> dict:
+    """The run config as saved in RUN/config.yaml and with every checkpoint."""
+    return {**run_config_to_dict(cfg), "model": resolved_model(cfg, model_cfg)}

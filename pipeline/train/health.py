@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.distributed.collectives import all_reduce_sum_, any_rank
+from pipeline.distributed.collectives import all_reduce_sum_
 
 FAULT_ENV = "PIPELINE_INJECT_NAN"
 
@@ -166,19 +166,8 @@ class FaultInjection:
 # ZeRO-3's optimizer skips the step when the global gradient norm is not finite, in every dtype
 # (stage3.py: `is_invalid_grad_norm` -> overflow -> `_overflow_clean_up`); ZeRO-1/2 does in fp32, and
 # in bf16 with `bf16.check_grad_overflow` (which ds_config.py sets). The engine then counts it in
-# `engine.skipped_steps`. `ds_tensor` is ZeRO-3's local partition of a parameter.
+# `engine.skipped_steps`. (The finite-weights check before a save is checkpoint/manager.local_params_finite.)
 
 
 def skipped_steps(engine) -> int:
     return int(engine.skipped_steps)
-
-
-def local_params_finite(engine) -> bool:
-    """True on every rank iff every rank's share of every parameter is finite (MAX all-reduce)."""
-    bad = False
-    for p in engine.module.parameters():
-        local = getattr(p, "ds_tensor", p)
-        if local.numel() and not torch.isfinite(local).all():
-            bad = True
-            break
-    return not any_rank(bad, engine.device)

@@ -9,6 +9,7 @@ section `wandb`, see WandbConfig) receives the same scalars and expert-load hist
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import secrets
@@ -22,10 +23,12 @@ from pathlib import Path
 import psutil
 import torch
 
+from pipeline.distributed.collectives import sum_over_ranks
 from pipeline.errors import ConfigError
 from pipeline.io_utils import atomic_write_text
 from pipeline.model.flops import achieved_flops, model_flops_utilization
 from pipeline.train.config import WandbConfig
+from pipeline.train.health import CollapseMonitor
 
 LOSS_KEYS = ("loss/total", "loss/lm", "loss/aux", "moe/load_balance_loss", "moe/z_loss")
 
@@ -53,6 +56,32 @@ class StepResult:
     def finite_or_none(self) -> dict[str, float | None]:
         """loss and grad_norm for metrics.jsonl, where JSON has no NaN."""
         return {k: v if math.isfinite(v) else None for k, v in (("loss", self.loss), ("grad_norm", self.grad_norm))}
+
+
+class StepAccumulator:
+    """One optimizer step's sums over its micro-batches, kept on the device (an .item() per loss and
+    per MoE layer would stall the GPU pipeline dozens of times per micro-batch)."""
+
+    def __init__(self, n_moe_layers: int, n_experts: int, device: torch.device):
+        self.sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=device)
+        self.tokens_LE = torch.zeros(n_moe_layers, n_experts, dtype=torch.float64, device=device)
+
+    def add_losses(self, parts) -> None:
+        """A micro-batch's total, LM and router loss (objective.LossParts), before its backward."""
+        self.sums[:3] += torch.stack([parts.total, parts.lm, parts.router]).detach().double()
+
+    def add_router_stats(self, parts) -> None:
+        """A micro-batch's router statistics (none for a dense model), after its backward."""
+        if parts.router_stats is not None:
+            self.sums[3] += parts.router_stats.load_balance_loss_L.double().mean()
+            self.sums[4] += parts.router_stats.z_loss_L.double().mean()
+            self.tokens_LE += parts.router_stats.tokens_per_expert_LE.double()
+
+    def result(self, micro_batches: int, lr: float, grad_norm, loss: float, skipped: str | None) -> StepResult:
+        self.sums /= micro_batches
+        return StepResult(losses=self.sums, tokens_per_expert_LE=self.tokens_LE, lr=lr,
+                          grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                          loss=loss, skipped=skipped)
 
 
 @dataclass
@@ -177,6 +206,7 @@ class MetricsLogger:
         self.writer = None
         self.wandb = None
         self.tb_dir = Path(run_dir) / "tensorboard"
+        self.jsonl = Path(run_dir) / "metrics.jsonl"
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -193,6 +223,12 @@ class MetricsLogger:
             return
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
+
+    def record(self, record: dict) -> None:
+        """Full-precision metrics, one JSON object per line of RUN/metrics.jsonl (for scripts and tests)."""
+        if self.enabled:
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def expert_counts(self, step: int, tokens_per_expert_LE: torch.Tensor) -> None:
         """Tokens per expert, one histogram per layer whose buckets are the expert ids.
@@ -244,3 +280,64 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.close()
             self.wandb = None
+
+
+class IntervalReporter:
+    """The steps of one log interval, reported when the interval ends: losses averaged over its
+    applied steps and all ranks, throughput over all its steps (skipped steps read data too), memory,
+    expert loads (with the routing-collapse warning) and router biases, to the console, TensorBoard /
+    W&B and metrics.jsonl."""
+
+    def __init__(self, log: MetricsLogger, device: torch.device, tokens_per_step: int, flops_per_token: float,
+                 world: int, peak_tflops: float | None, collapse: CollapseMonitor):
+        self.log, self.device, self.world = log, device, world
+        self.tokens_per_step, self.flops_per_token, self.peak_tflops = tokens_per_step, flops_per_token, peak_tflops
+        self.collapse = collapse
+        self.start()
+
+    def start(self) -> None:
+        """Begin an interval (at the start of training, and after each report)."""
+        self.window: list[StepResult] = []
+        self.steps, self.tick = 0, time.perf_counter()
+
+    def add(self, out: StepResult) -> None:
+        self.steps += 1
+        if out.healthy:
+            self.window.append(out)
+
+    def _all_reduce(self, t: torch.Tensor, mean: bool) -> torch.Tensor:
+        return sum_over_ranks(t, self.device, mean)
+
+    def report(self, step: int, consumed_samples: int, skipped_total: int, biases: list[torch.Tensor]) -> None:
+        """Collective (every rank calls it at the same step); nothing without an applied step."""
+        if not self.window:
+            return
+        interval = aggregate(self.window, self._all_reduce)
+        tokens_LE = interval.tokens_per_expert_LE
+        perf = throughput(self.tokens_per_step * self.steps, time.perf_counter() - self.tick, self.flops_per_token,
+                          self.world, self.peak_tflops)
+        values = {
+            **interval.losses,
+            "optim/lr": interval.lr,
+            "optim/grad_norm": interval.grad_norm,
+            **perf,
+            "perf/consumed_samples": consumed_samples,
+            **memory_stats(),
+        }
+        if tokens_LE.numel():
+            values.update(expert_load_stats(tokens_LE))
+            self.log.expert_counts(step, tokens_LE)
+            for warning in self.collapse.update(tokens_LE):
+                self.log.message(warning)
+        for layer, bias in enumerate(biases):
+            values[f"moe/expert_bias_absmax/layer_{layer}"] = float(bias.abs().max())
+        values["train/skipped_steps"] = skipped_total
+        self.log.scalars(step, values)
+        self.log.console(step, values["loss/lm"], interval.lr, perf["perf/tokens_per_s"], perf.get("perf/mfu"))
+        record = {"step": step, **values}
+        if tokens_LE.numel():
+            record["moe/tokens_per_expert"] = tokens_LE.long().tolist()  # [layer][expert]
+        if biases:
+            record["moe/expert_bias"] = [b.tolist() for b in biases]  # [layer][expert], equal on every rank
+        self.log.record(record)
+        self.start()

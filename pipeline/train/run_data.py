@@ -1,24 +1,31 @@
-"""The run's data at start-up: the check every rank must agree on before the engine is built.
+"""The run's data: the start-up check every rank must agree on before the engine is built, and the
+datasets with this rank's micro-batches.
 
     identity, notes = check_data(train, valid, vocab_size, verify, rank, world)
+    data = RunData.build(cfg.data, micro_batch_size, dp_rank, dp_world, consumed_samples)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.data import MicroBatchIterator, build_dataset, check_vocab_compatible, source_paths
 from pipeline.distributed.collectives import gather_objects
+from pipeline.train.config import DataConfig
 
 
 def check_data(train: list, valid: list | None, vocab_size: int, verify: bool, rank: int,
                world: int) -> tuple[dict, list[str]]:
-    """Before the engine build: every shard's recorded id range fits the model, and (data.verify_checksums)
-    every file's sha256 matches its manifest, the files dealt over the ranks. Returns the identity of
-    `data.train` stored in checkpoints, and notes to log."""
-    from pipeline.data import load_manifest, source_paths
+    """Before the engine build: the data's tokenizer fits the model's vocabulary, every shard's recorded
+    id range fits the model, and (data.verify_checksums) every file's sha256 matches its manifest, the
+    files dealt over the ranks. Returns the identity of `data.train` stored in checkpoints, and notes
+    to log."""
+    from pipeline.data import load_manifest
     from pipeline.data.identity import check_token_ranges, data_identity, verify_checksums
     from pipeline.errors import DataError
 
+    check_vocab_compatible(source_paths(train) + source_paths(valid or []), vocab_size)
     dirs = list(dict.fromkeys(d for d in source_paths(train) + source_paths(valid or []) if Path(d).is_dir()))
     notes = check_token_ranges([load_manifest(d) for d in dirs], vocab_size)
     if verify:
@@ -31,3 +38,26 @@ def check_data(train: list, valid: list | None, vocab_size: int, verify: bool, r
         notes.append(f"data.verify_checksums: every file of {', '.join(map(str, dirs))} matches its sha256")
     return data_identity(train), notes
 
+
+
+@dataclass
+class RunData:
+    """The run's datasets and this rank's micro-batches: `train_iter` continues from the samples the
+    run consumed; `valid_batches()` starts over every time, so evaluations are comparable."""
+
+    train: object
+    valid: object
+    train_iter: MicroBatchIterator
+    micro_batch_size: int
+    dp_rank: int
+    dp_world: int
+
+    @classmethod
+    def build(cls, data: DataConfig, micro_batch_size: int, dp_rank: int, dp_world: int, consumed: int) -> RunData:
+        train = build_dataset(data.train, "train", data.seq_len, data.seed)
+        train_iter = MicroBatchIterator(train, micro_batch_size, dp_rank, dp_world, consumed)
+        valid = build_dataset(data.valid or data.train, "valid", data.seq_len, data.seed)
+        return cls(train, valid, train_iter, micro_batch_size, dp_rank, dp_world)
+
+    def valid_batches(self) -> MicroBatchIterator:
+        return MicroBatchIterator(self.valid, self.micro_batch_size, self.dp_rank, self.dp_world, 0)

@@ -25,7 +25,7 @@ from pipeline.cli import user_errors_exit_2
 from pipeline.errors import ConfigError
 from pipeline.model import create_gpt_oss_20b
 from pipeline.train.config import OptimConfig
-from pipeline.train.loss import compute_loss
+from pipeline.train.objective import compute_loss
 from pipeline.train.optim import lr_at, make_torch_adamw
 
 

@@ -3,16 +3,17 @@
     trainer = Trainer(load_run_config("run.yaml", ["train.steps=100"]))
     trainer.fit()
 
-Order of set-up matters and is kept in `__init__`: distributed init -> expert-parallel groups ->
-model (same seed on every rank, so each rank's expert slice is a slice of the same full model) ->
-expert parallelism and activation checkpointing applied from outside -> DeepSpeed engine ->
-resume -> data iterators at the resumed sample position.
+The loop and its wiring; each concern lives with its component (README "Layout"). Order of set-up
+matters and is kept in `__init__`: distributed init -> checks (data, parallel layout, attention
+backend, run-dir lock, downstream tasks, resume) -> model (same seed on every rank, so each rank's
+expert slice is a slice of the same full model) with expert parallelism and activation
+checkpointing applied from outside -> DeepSpeed engine -> resume -> data iterators at the resumed
+sample position.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -21,53 +22,40 @@ import yaml
 from pipeline.checkpoint.init_from import WeightsFolder, load_initial_weights
 from pipeline.checkpoint.manager import CheckpointManager
 from pipeline.checkpoint.run_state import RunState
-from pipeline.config_utils import to_dict
-from pipeline.data import MicroBatchIterator, build_dataset, check_vocab_compatible, source_paths
-from pipeline.distributed.collectives import all_reduce_sum_, sum_over_ranks
+from pipeline.data import source_paths
+from pipeline.distributed.collectives import sum_over_ranks
 from pipeline.distributed.parallel_dims import ParallelDims
 from pipeline.distributed.process_group import init_distributed
 from pipeline.evaluation.downstream import DownstreamEvaluator
 from pipeline.hardware import detect_peak_tflops
-from pipeline.model import MoE
 from pipeline.model.activation_memory import math_kernel_notice
 from pipeline.model.flex_attention import resolve_attention_backend
 from pipeline.model.flops import flops_per_token
 from pipeline.run_lock import hold_run_dir
 from pipeline.train import health
-from pipeline.train.config import RunConfig, resolve_model_config, run_config_to_dict
+from pipeline.train.config import RunConfig, resolve_model_config, resolved_config, resolved_model
 from pipeline.train.ds_config import build_ds_config
 from pipeline.train.engine import build_engine
-from pipeline.train.loss import compute_loss
-from pipeline.train.metrics import (
-    LOSS_KEYS,
-    MetricsLogger,
-    StepResult,
-    aggregate,
-    expert_load_stats,
-    memory_stats,
-    throughput,
-)
+from pipeline.train.metrics import IntervalReporter, MetricsLogger, StepAccumulator, StepResult
+from pipeline.train.objective import ExpertBiasBalancer, compute_loss
 from pipeline.train.optim import lr_at
 from pipeline.train.policy import LoopPolicy
-from pipeline.train.run_data import check_data
+from pipeline.train.run_data import RunData, check_data
 from pipeline.train.stop_signal import StopSignal
 
 
 class Trainer:
     def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
+        self.cfg, t = cfg, cfg.train
         self.ranks = init_distributed()
         self.rank, self.world = self.ranks.rank, self.ranks.world
         self.run_dir = Path(cfg.run_dir)
         self.model_cfg = resolve_model_config(cfg)
-        check_vocab_compatible(
-            source_paths(cfg.data.train) + source_paths(cfg.data.valid or []), self.model_cfg.vocab_size
-        )
         self.data_identity, notes = check_data(cfg.data.train, cfg.data.valid, self.model_cfg.vocab_size,
                                                cfg.data.verify_checksums, self.rank, self.world)
         self.dims = ParallelDims(self.world, cfg.parallel.expert_parallel_size,
                                  cfg.parallel.sequence_parallel_size).check(self.model_cfg, cfg.data.seq_len)
-        self.dp_rank, self.dp_world = self.dims.dp_rank(self.rank), self.dims.dp_world
+        self.dp_world = self.dims.dp_world
         # At start, not at the first forward: e.g. `flex` cannot train on CPU (no backward there).
         resolve_attention_backend(self.model_cfg.attention_backend, torch.device("cuda" if torch.cuda.is_available()
                                   else "cpu"), training=True, dropout=self.model_cfg.dropout)
@@ -76,77 +64,59 @@ class Trainer:
         # Tasks are checked now (one line, exit 2), before the engine is built or a step is trained.
         self.downstream = DownstreamEvaluator.for_data(cfg.eval, source_paths(cfg.data.train)[0],
                                                        self.model_cfg.block_size, self.ranks)
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last)
-        notes += self.ckpt.check_resume(self.resolved_model(), cfg.train, self.run_dir,
-                                        cfg.parallel.sequence_parallel_size, self.data_identity)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", t.keep_last)
+        notes += self.ckpt.check_resume(resolved_model(cfg, self.model_cfg), t, self.run_dir,
+                                        self.dims.sp, self.data_identity)
         init_folder = None
         if cfg.init_from and self.ckpt.latest() is None:
             init_folder = WeightsFolder(cfg.init_from)
             init_folder.check_matches(self.model_cfg)  # before the (slow) engine build
 
         self.engine = build_engine(cfg, self.model_cfg, self.ds_config, self.world, self.dims)
-        self.moe_layers = [m for m in self.engine.module.modules() if isinstance(m, MoE)]
-        torch.manual_seed(cfg.train.seed + 1000 + self.rank)  # dropout differs per rank
-
-        self.step, consumed, self.eval_history = 0, 0, []
-        resumed = self.ckpt.load_latest(self.engine, cfg.parallel.expert_parallel_size,
-                                        cfg.train.grad_accum_steps, cfg.train.seed)
+        self.balancer = ExpertBiasBalancer(self.engine.module, self.model_cfg.load_balance_bias_rate)
+        self.moe_layers = self.balancer.layers
+        torch.manual_seed(t.seed + 1000 + self.rank)  # dropout differs per rank
+        resumed = self.ckpt.load_latest(self.engine, self.dims.ep, t.grad_accum_steps, t.seed)
         if init_folder is not None:
             n = load_initial_weights(self.engine, init_folder)
-        if resumed is not None:
-            self.step, consumed = resumed.state.step, resumed.state.consumed_samples
-            self.eval_history = list(resumed.state.eval_history)
-        t, seed, seq_len = cfg.train, cfg.data.seed, cfg.data.seq_len
-        self.train_data = build_dataset(cfg.data.train, "train", seq_len, seed)
-        self.train_iter = MicroBatchIterator(
-            self.train_data, t.micro_batch_size, self.dp_rank, self.dp_world, consumed
-        )
-        self.valid_data = build_dataset(cfg.data.valid or cfg.data.train, "valid", seq_len, seed)
+        state = resumed.state if resumed is not None else RunState(step=0)
+        self.step, self.eval_history = state.step, list(state.eval_history)
+        self.skipped_total = state.skipped_steps  # TensorBoard's running count
+        self.data = RunData.build(cfg.data, t.micro_batch_size, self.dims.dp_rank(self.rank), self.dp_world,
+                                  state.consumed_samples)
 
-        self.tokens_per_step = t.micro_batch_size * t.grad_accum_steps * self.dp_world * seq_len
-        self.flops_per_token = flops_per_token(self.model_cfg, seq_len)["total"]
-        self.peak_tflops = t.peak_tflops or detect_peak_tflops()
+        self.tokens_per_step = t.micro_batch_size * t.grad_accum_steps * self.dp_world * cfg.data.seq_len
         self.log = MetricsLogger(self.run_dir, self.rank == 0, cfg.tensorboard, t.steps, wandb=cfg.wandb,
-                                 run_config=self.resolved_config())
+                                 run_config=resolved_config(cfg, self.model_cfg))
         if self.engine.device.type == "cuda" and (notice := math_kernel_notice(
-                self.model_cfg, t.micro_batch_size, seq_len, 2 if cfg.precision == "bf16" else 4)):
+                self.model_cfg, t.micro_batch_size, cfg.data.seq_len, 2 if cfg.precision == "bf16" else 4)):
             self.log.message(notice)  # once, at start: every step pays it
         self.stop = StopSignal(self.engine.device, self._abort)
         self.fault = health.FaultInjection.from_env(self.rank)
         self.spikes = health.SpikeDetector(t.spike_sigma, t.spike_window)
         self.policy = LoopPolicy(t, cfg.eval.downstream_interval if self.downstream is not None else None)
-        self.skipped_total = resumed.state.skipped_steps if resumed else 0  # TensorBoard's running count
-        self.collapse = health.CollapseMonitor(t.collapse_warn_ratio, t.collapse_warn_intervals, len(self.moe_layers))
-        self.bias_rate = self.model_cfg.load_balance_bias_rate
+        self.reporter = IntervalReporter(
+            self.log, self.engine.device, self.tokens_per_step, flops_per_token(self.model_cfg, cfg.data.seq_len)
+            ["total"], self.world, t.peak_tflops or detect_peak_tflops(),
+            health.CollapseMonitor(t.collapse_warn_ratio, t.collapse_warn_intervals, len(self.moe_layers)))
         self._write_run_files()
         for note in ([self.lock.note] if self.lock and self.lock.note else []) + notes:
             self.log.message(note)
         if init_folder is not None:
             self.log.message(f"initialised {n} tensors from {init_folder.path} (model.init_from)")
         if resumed is not None:
-            written = resumed.state
             self.log.message(f"resumed from {resumed.path} at step {self.step}"
                              + ("" if resumed.same_shape else
-                                f" (written by {written.world_size} ranks, ep "
-                                f"{written.expert_parallel_size or '?'}; resharded, RNG reseeded)"))
+                                f" (written by {state.world_size} ranks, ep "
+                                f"{state.expert_parallel_size or '?'}; resharded, RNG reseeded)"))
             if cfg.init_from:
                 self.log.message(f"model.init_from={cfg.init_from} ignored: the run dir has a checkpoint")
 
     # --- set-up helpers -----------------------------------------------------------------------
-    def resolved_model(self) -> dict:
-        """The model section as saved with every checkpoint: preset, every field, init_from."""
-        model = {"preset": self.cfg.model["preset"], **to_dict(self.model_cfg)}
-        if self.cfg.init_from:
-            model["init_from"] = self.cfg.init_from
-        return model
-
-    def resolved_config(self) -> dict:
-        """The run config as saved in RUN/config.yaml and with every checkpoint."""
-        return {**run_config_to_dict(self.cfg), "model": self.resolved_model()}
-
     def run_files(self) -> dict[str, str]:
+        """RUN/config.yaml and RUN/ds_config.json, also saved with every checkpoint."""
         return {
-            "config.yaml": yaml.safe_dump(self.resolved_config(), sort_keys=False),
+            "config.yaml": yaml.safe_dump(resolved_config(self.cfg, self.model_cfg), sort_keys=False),
             "ds_config.json": json.dumps(self.ds_config, indent=2),
         }
 
@@ -167,30 +137,22 @@ class Trainer:
         lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
-        # Accumulated on the device and read once per log interval: an .item() per loss and per MoE
-        # layer here would stall the GPU pipeline dozens of times per micro-batch.
         device = self.engine.device
         gas, step = self.cfg.train.grad_accum_steps, self.step + 1
-        sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=device)
-        tokens_LE = torch.zeros(len(self.moe_layers), self.model_cfg.n_experts, dtype=torch.float64, device=device)
+        acc = StepAccumulator(len(self.moe_layers), self.model_cfg.n_experts, device)
         skipped_before = health.skipped_steps(self.engine)
         verdict = None
         for micro in range(gas):
-            batch = self.train_iter.next().to(device)
-            parts = self.fault.inject(step, compute_loss(self.engine, batch))
+            parts = self.fault.inject(step, compute_loss(self.engine, self.data.train_iter.next().to(device)))
             loss = parts.total
-            sums[:3] += torch.stack([parts.total, parts.lm, parts.router]).detach().double()
+            acc.add_losses(parts)
             if micro == gas - 1:
-                verdict = health.agree(sums[0] / gas, self.spikes, self.rank, self.world)
+                verdict = health.agree(acc.sums[0] / gas, self.spikes, self.rank, self.world)
                 if verdict.skip or self.fault.active(step, "grad"):
                     loss = health.poison(loss)
             self.engine.backward(loss)
             self.engine.step()
-            if parts.router_stats is not None:
-                sums[3] += parts.router_stats.load_balance_loss_L.double().mean()
-                sums[4] += parts.router_stats.z_loss_L.double().mean()
-                tokens_LE += parts.router_stats.tokens_per_expert_LE.double()
-        sums /= gas
+            acc.add_router_stats(parts)
         skipped = verdict.reason
         if health.skipped_steps(self.engine) == skipped_before:
             if skipped:  # the guard on DeepSpeed's overflow path: a poisoned step must never apply
@@ -198,86 +160,41 @@ class Trainer:
                                    "its overflow handling changed (see pipeline/train/health.py)")
         elif not skipped:
             skipped = "non-finite gradient norm"
-        grad_norm = self.engine.get_global_grad_norm()
-        return StepResult(losses=sums, tokens_per_expert_LE=tokens_LE, lr=lr,
-                          grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                          loss=verdict.loss, skipped=skipped)
-
-    def _all_reduce(self, t: torch.Tensor, mean: bool) -> torch.Tensor:
-        return sum_over_ranks(t, self.engine.device, mean)
+        return acc.result(gas, lr, self.engine.get_global_grad_norm(), verdict.loss, skipped)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
-        if len(self.valid_data) == 0 or self.cfg.train.eval_iters == 0:
+        if len(self.data.valid) == 0 or self.cfg.train.eval_iters == 0:
             return None
         self.engine.eval()
-        # The same validation samples every time, so evaluations are comparable across steps.
-        it = MicroBatchIterator(self.valid_data, self.cfg.train.micro_batch_size, self.dp_rank, self.dp_world, 0)
+        it = self.data.valid_batches()  # the same samples every time: evaluations compare across steps
         total = torch.zeros(1, dtype=torch.float64, device=self.engine.device)
         for _ in range(self.cfg.train.eval_iters):
             total += compute_loss(self.engine, it.next().to(self.engine.device)).lm.detach().double()
         self.engine.train()
-        loss = float(self._all_reduce(total / self.cfg.train.eval_iters, mean=True))
+        loss = float(sum_over_ranks(total / self.cfg.train.eval_iters, self.engine.device, mean=True))
         ppl = float(torch.tensor(loss).exp())
         result = {"step": self.step, "eval/loss": loss, "eval/perplexity": ppl}
         self.eval_history.append(result)
         self.log.scalars(self.step, {"eval/loss": loss, "eval/perplexity": ppl})
         self.log.message(f"eval   step {self.step:>6} | loss {loss:.4f} | ppl {ppl:.2f}")
-        self._append_metrics(result)
+        self.log.record(result)
         return result
 
-    def save(self) -> Path:
-        state = RunState(
-            step=self.step,
-            consumed_samples=self.train_iter.consumed_samples,
-            world_size=self.world,
-            expert_parallel_size=self.cfg.parallel.expert_parallel_size,
-            sequence_parallel_size=self.cfg.parallel.sequence_parallel_size,
+    def run_state(self) -> RunState:
+        return RunState(
+            step=self.step, consumed_samples=self.data.train_iter.consumed_samples, world_size=self.world,
+            expert_parallel_size=self.dims.ep, sequence_parallel_size=self.dims.sp,
             global_batch_size=self.cfg.train.micro_batch_size * self.cfg.train.grad_accum_steps * self.dp_world,
-            eval_history=self.eval_history,
-            skipped_steps=self.skipped_total,
-            data=self.data_identity,
+            eval_history=self.eval_history, skipped_steps=self.skipped_total, data=self.data_identity,
         )
-        path = self.ckpt.save(self.engine, state, self.run_files())
-        self.log.message(f"saved checkpoint {path}")
-        return path
 
-    def _append_metrics(self, record: dict) -> None:
-        """Full-precision metrics, one JSON object per line (for scripts and tests)."""
-        if self.rank == 0:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def _log_interval(self, window: list[StepResult], elapsed: float, steps: int) -> None:
-        interval = aggregate(window, self._all_reduce)
-        tokens_LE = interval.tokens_per_expert_LE
-        # skipped steps read data too: `steps` counts them
-        perf = throughput(self.tokens_per_step * steps, elapsed, self.flops_per_token, self.world, self.peak_tflops)
-        values = {
-            **interval.losses,
-            "optim/lr": interval.lr,
-            "optim/grad_norm": interval.grad_norm,
-            **perf,
-            "perf/consumed_samples": self.train_iter.consumed_samples,
-            **memory_stats(),
-        }
-        if tokens_LE.numel():
-            values.update(expert_load_stats(tokens_LE))
-            self.log.expert_counts(self.step, tokens_LE)
-            for warning in self.collapse.update(tokens_LE):
-                self.log.message(warning)
-        biases = [m.router.expert_bias for m in self.moe_layers if m.router.expert_bias is not None]
-        for layer, bias in enumerate(biases):
-            values[f"moe/expert_bias_absmax/layer_{layer}"] = float(bias.abs().max())
-        values["train/skipped_steps"] = self.skipped_total
-        self.log.scalars(self.step, values)
-        self.log.console(self.step, values["loss/lm"], interval.lr, perf["perf/tokens_per_s"], perf.get("perf/mfu"))
-        record = {"step": self.step, **values}
-        if tokens_LE.numel():
-            record["moe/tokens_per_expert"] = tokens_LE.long().tolist()  # [layer][expert]
-        if biases:
-            record["moe/expert_bias"] = [b.tolist() for b in biases]  # [layer][expert], equal on every rank
-        self._append_metrics(record)
+    def save_if_finite(self) -> bool:
+        """A checkpoint is only ever written from finite weights (CheckpointManager.save_if_finite)."""
+        path = self.ckpt.save_if_finite(self.engine, self.run_state(), self.run_files())
+        self.log.message(f"saved checkpoint {path}" if path is not None else
+                         f"not saving at step {self.step}: the weights are not finite")
+        return path is not None
 
     def fit(self) -> None:
         t = self.cfg.train
@@ -286,31 +203,30 @@ class Trainer:
             return
         self.log.message(
             f"training {self.model_cfg.n_layer}-layer model, world {self.world}, "
-            f"ep {self.cfg.parallel.expert_parallel_size}, sp {self.cfg.parallel.sequence_parallel_size}, "
+            f"ep {self.dims.ep}, sp {self.dims.sp}, "
             f"{self.tokens_per_step:,} tokens/step, "
             f"steps {self.step} -> {t.steps}; tensorboard --logdir {self.log.tb_dir}"
         )
         self.log.start(self.step)
-        window, window_steps, tick = [], 0, time.perf_counter()
+        self.reporter.start()
         while self.step < t.steps:
             out = self.train_step()
             self.step += 1
-            window_steps += 1
+            self.reporter.add(out)
             todo = self.policy.after_step(self.step, out.healthy)
             if out.healthy:
                 self.spikes.accept(out.loss)
-                self._update_router_bias(out.tokens_per_expert_LE)
-                window.append(out)
+                self.balancer.update(out.tokens_per_expert_LE)
             else:
                 self._record_skip(out)
-            if todo.log and window:
-                self._log_interval(window, time.perf_counter() - tick, window_steps)
-                window, window_steps, tick = [], 0, time.perf_counter()
+            if todo.log:
+                self.reporter.report(self.step, self.data.train_iter.consumed_samples, self.skipped_total,
+                                     self.balancer.biases())
             if todo.evaluate:
                 self.evaluate()
                 self.policy.done(evaluated=True)
             if todo.downstream:
-                self.downstream.run(self.step, self.engine, self.log, self._append_metrics, self.run_dir)
+                self.downstream.run(self.step, self.engine, self.log, self.log.record, self.run_dir)
             if todo.save:
                 self.policy.done(saved=self.save_if_finite())
             if self.stop.agreed():
@@ -330,7 +246,6 @@ class Trainer:
                              f"{self.ckpt.last_good_message(verified=True)}")
         self.log.flush()
 
-    # --- step health ----------------------------------------------------------------------------
     def _record_skip(self, out: StepResult) -> None:
         """Console line, TensorBoard train/skipped_steps and a metrics.jsonl record per skipped step;
         raises TrainingDiverged after train.max_bad_steps in a row."""
@@ -339,8 +254,8 @@ class Trainer:
         self.log.message(f"skipped step {self.step}: {out.skipped} (loss {out.loss:.4g}, grad norm "
                          f"{out.grad_norm:.4g}); weights and optimizer state unchanged, {bad} in a row")
         self.log.scalars(self.step, {"train/skipped_steps": self.skipped_total})
-        self._append_metrics({"step": self.step, "skipped": out.skipped, **out.finite_or_none(),
-                              "consecutive_skips": bad, "train/skipped_steps": self.skipped_total})
+        self.log.record({"step": self.step, "skipped": out.skipped, **out.finite_or_none(),
+                         "consecutive_skips": bad, "train/skipped_steps": self.skipped_total})
         if self.policy.diverged:
             good = self.ckpt.last_good_message(verified=True)  # collective: every rank is here
             self.log.flush()
@@ -349,24 +264,6 @@ class Trainer:
                 f"(train.max_bad_steps={self.cfg.train.max_bad_steps}; last: {out.skipped}); {good}. "
                 "Lower optim.lr or raise optim.warmup_steps, then resume from that checkpoint"
             )
-
-    def save_if_finite(self) -> bool:
-        """A checkpoint is only ever written from finite weights (checked on every rank's shard)."""
-        if not health.local_params_finite(self.engine):
-            self.log.message(f"not saving at step {self.step}: the weights are not finite")
-            return False
-        self.save()
-        return True
-
-    def _update_router_bias(self, tokens_LE: torch.Tensor) -> None:
-        """Aux-loss-free balancing after every applied step, from the step's expert loads summed over
-        all micro-batches and all ranks: one all-reduce for all layers, the same update everywhere.
-        Routing is local to each rank (also under expert parallelism), so this sum is the global load."""
-        if self.bias_rate <= 0 or not self.moe_layers:
-            return
-        tokens_LE = all_reduce_sum_(tokens_LE.clone())  # stays on the device: no host sync for this
-        for m, tokens_E in zip(self.moe_layers, tokens_LE, strict=True):
-            m.router.update_expert_bias(tokens_E, self.bias_rate)
 
     def _abort(self) -> str:
         """A second Ctrl-C: the process exits right after this (see stop_signal.StopSignal)."""

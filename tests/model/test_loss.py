@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from pipeline.model import GPTOSS
 from pipeline.model.loss import default_chunk_rows, linear_cross_entropy
-from pipeline.train.loss import compute_loss
+from pipeline.train.objective import compute_loss
 from tests.model.utils import randomize_, tiny_gpt_oss
 
 

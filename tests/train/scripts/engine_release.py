@@ -19,7 +19,7 @@ from pipeline.model import get_preset
 from pipeline.train.config import RunConfig
 from pipeline.train.ds_config import build_ds_config
 from pipeline.train.engine import build_engine, release_engine
-from pipeline.train.loss import compute_loss
+from pipeline.train.objective import compute_loss
 
 
 def trained_engine(cuda_optimizer: bool = False):
