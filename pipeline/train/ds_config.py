@@ -42,11 +42,24 @@ def _fill(ds: dict, key: str, value, where: str, run_key: str) -> None:
 
 
 def build_ds_config(run: RunConfig, world_size: int, use_cuda: bool | None = None) -> dict:
+    """The DeepSpeed JSON for `run` on `world_size` ranks: its deepspeed_config file with the keys
+    the run config owns filled in, each section by its own piece below (in this order: the first
+    refusal wins)."""
     where = str(run.deepspeed_config)
     ds = load_ds_json(run.deepspeed_config)
     use_cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
-    t, o = run.train, run.optim
+    _batch_sizes(ds, run, world_size, where)
+    _precision(ds, run, where)
+    _no_owned_sections(ds, where)
+    offload_opt = _zero(ds, run, where)
+    _optimizer(ds, run, use_cuda, offload_opt)
+    _logging(ds)
+    return ds
 
+
+def _batch_sizes(ds: dict, run: RunConfig, world_size: int, where: str) -> None:
+    """Micro-batch, accumulation, global batch and clipping come from the run config."""
+    t, o = run.train, run.optim
     _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, where, "train.micro_batch_size")
     _fill(ds, "gradient_accumulation_steps", t.grad_accum_steps, where, "train.grad_accum_steps")
     _fill(
@@ -58,6 +71,9 @@ def build_ds_config(run: RunConfig, world_size: int, use_cuda: bool | None = Non
     )
     _fill(ds, "gradient_clipping", float(o.grad_clip), where, "optim.grad_clip")
 
+
+def _precision(ds: dict, run: RunConfig, where: str) -> None:
+    """bf16 from `precision`; fp16 refused; bf16 overflow checks kept on."""
     if ds.get("fp16", {}).get("enabled", False):
         raise ConfigError(
             f"{where}: fp16 is not supported (loss-scaled fp16 diverges for MoE routers); "
@@ -78,6 +94,9 @@ def build_ds_config(run: RunConfig, world_size: int, use_cuda: bool | None = Non
             "skipped and NaN gradients would be applied; remove the key"
         )
 
+
+def _no_owned_sections(ds: dict, where: str) -> None:
+    """The run config's `optim` section owns the optimizer and the schedule."""
     for owned in ("optimizer", "scheduler"):
         if owned in ds:
             raise ConfigError(
@@ -85,6 +104,9 @@ def build_ds_config(run: RunConfig, world_size: int, use_cuda: bool | None = Non
                 "the optimizer and learning-rate schedule (warmup + cosine)"
             )
 
+
+def _zero(ds: dict, run: RunConfig, where: str) -> bool:
+    """The ZeRO stages and offloads the trainer supports; returns whether the optimizer is offloaded."""
     zero = ds.setdefault("zero_optimization", {})
     stage = zero.get("stage", 0)
     if stage not in SUPPORTED_ZERO_STAGES:
@@ -100,8 +122,12 @@ def build_ds_config(run: RunConfig, world_size: int, use_cuda: bool | None = Non
             f"{where}: zero_optimization.offload_param is not supported by this trainer "
             "(untested with expert parallelism); use offload_optimizer only"
         )
-    offload_opt = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    return zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
 
+
+def _optimizer(ds: dict, run: RunConfig, use_cuda: bool, offload_opt: bool) -> None:
+    """AdamW from the `optim` section, torch's or DeepSpeed's (optim.implementation)."""
+    o = run.optim
     impl = o.implementation
     if impl == "fused" and not use_cuda:
         raise ConfigError("optim.implementation=fused needs a CUDA GPU; use auto or torch on CPU")
@@ -117,9 +143,11 @@ def build_ds_config(run: RunConfig, world_size: int, use_cuda: bool | None = Non
     if offload_opt or not torch_adam:
         # DeepSpeed's own Adam kernels are JIT-built on first use; torch AdamW needs no build.
         ds["zero_allow_untested_optimizer"] = True
-    # The trainer logs; DeepSpeed's per-step prints would interleave with ours.
+
+
+def _logging(ds: dict) -> None:
+    """The trainer logs; DeepSpeed's per-step prints would interleave with ours."""
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     # DeepSpeed's tensorboard section logs only lr, never the loss: our MetricsLogger writes events.
     ds.pop("tensorboard", None)
-    return ds
