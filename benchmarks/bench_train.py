@@ -38,7 +38,7 @@ from pipeline.model.flops import flops_per_token
 from pipeline.train.config import load_run_config, resolve_model_config
 from pipeline.train.engine import build_model
 from pipeline.train.optim import lr_at, make_torch_adamw
-from pipeline.train.simple import plain_train_step
+from pipeline.train.single_process import plain_train_step
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL = dict(preset="debug", n_layer=4, n_embd=256, n_head=8, n_kv_head=2, head_dim=32, intermediate_size=256,

@@ -6,6 +6,9 @@ directory so the ops are built once per machine / CI run, not once per test.
 """
 
 import os
+import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -30,3 +33,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory) -> Path:
+    """~300k tokens of real Python source (stdlib json/email/asyncio), SentencePiece BPE 512."""
+    out = tmp_path_factory.mktemp("data") / "stdlib"
+    std = Path(sysconfig.get_paths()["stdlib"])
+    inputs = [str(std / pkg / "*.py") for pkg in ("json", "email", "asyncio")]
+    cmd = [sys.executable, "-m", "pipeline.prepare", "--input", *inputs, "--output", str(out),
+           "--train-tokenizer", "bpe", "--vocab-size", "512", "--valid-fraction", "0.05", "--no-progress"]
+    subprocess.run(cmd, check=True, env=_rank_env(), cwd=REPO_ROOT, capture_output=True, text=True)
+    return out
+
+
+def _rank_env() -> dict[str, str]:
+    from tests.ranks import rank_env  # tests.ranks imports REPO_ROOT from here
+
+    return rank_env()

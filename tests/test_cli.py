@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from tests.conftest import REPO_ROOT
-from tests.train.conftest import rank_env, torchrun
+from tests.ranks import rank_env, torchrun
 
 SCRIPTS = Path(__file__).parent / "scripts"
 

@@ -13,7 +13,7 @@ from pipeline.config_utils import convert, from_dict
 from pipeline.errors import ConfigError
 from pipeline.model.config import YaRNScaling
 from pipeline.train.config import load_run_config
-from tests.train.conftest import write_run_config
+from tests.runs import write_run_config
 
 
 @pytest.fixture

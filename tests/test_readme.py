@@ -26,7 +26,7 @@ import pytest
 import zstandard
 
 from tests.conftest import REPO_ROOT
-from tests.train.conftest import rank_env
+from tests.ranks import rank_env
 
 README = REPO_ROOT / "README.md"
 RUN_BY_CI = ("pip install -r requirements.txt -e .", "python -m pytest tests -q")
@@ -34,7 +34,8 @@ RUN_BY_E2E = ("bash launch/quickstart.sh",)
 LAUNCHERS = ("bash launch/single_node.sh", "bash launch/multi_node_hostfile.sh", "sbatch ", "deepspeed ")
 SCALE_DOWN = {"--vocab-size 32000": "--vocab-size 400", "--workers 8": "--workers 2",
               "python -m pipeline.model": "python -m pipeline.model --preset debug",
-              "python -m pipeline.train.simple": "python -m pipeline.train.simple --max-bytes 6000 --epochs 1"}
+              "python -m pipeline.train.single_process":
+                  "python -m pipeline.train.single_process --max-bytes 6000 --epochs 1"}
 
 
 def readme_commands() -> list[str]:
@@ -190,4 +191,4 @@ def test_readme_python_snippet_runs(capsys):
     exec(compile(code[0], str(README), "exec"), namespace)  # noqa: S102 - our own README
     assert namespace["out"].shape == (1, 58)
     assert "val ppl" in capsys.readouterr().out
-    assert sys.modules.get("pipeline.train.simple") is not None
+    assert sys.modules.get("pipeline.train.single_process") is not None

@@ -5,7 +5,7 @@ Python blocks run in order in one namespace per document, as a reader pasting th
 would (later blocks use `config` and `model` from earlier ones). Sizes are scaled down only where a
 block needs a GPU-sized model, each listed in SCALE_DOWN with the reason. Shell blocks map to our
 commands in SHELL: `python MoE.py` -> `python -m pipeline.model`, `python train.py` ->
-`python -m pipeline.train.simple` (run here with small sizes; README's sandbox test runs them too).
+`python -m pipeline.train.single_process` (run here with small sizes; README's sandbox test runs them too).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 
 from pipeline.model import GPTOSS, count_module_parameters, create_gpt_oss_20b
 from tests.conftest import REPO_ROOT
-from tests.train.conftest import rank_env
+from tests.ranks import rank_env
 
 DESIGN = REPO_ROOT / "docs" / "design"
 MOE_DOC = DESIGN / "000_f665e8c191df4ce9.txt"  # "GPT-OSS: Open Source GPT with Mixture of Experts" (MoE.py)
@@ -31,7 +31,7 @@ DENSE_DOC = DESIGN / "004_41a6d109ceb631ed.txt"  # "GPT-OSS-20B Transformer Arch
 IMPORTS = {
     "from MoE import": "from pipeline.model import",
     "from model import": "from pipeline.model import",
-    "from train import": "from pipeline.train.simple import",
+    "from train import": "from pipeline.train.single_process import",
 }
 # (document, python block index) -> [(text, replacement)], each with why.
 SCALE_DOWN = {
@@ -55,7 +55,7 @@ SHELL = {
     "pip install torch>=2.0.0": None,  # CI installs requirements.txt (torch 2.13)
     "pip install -r requirements.txt": None,
     "python MoE.py": "python -m pipeline.model --preset debug",
-    "python train.py": "python -m pipeline.train.simple --max-bytes 12000 --epochs 2 --max-new-tokens 40",
+    "python train.py": "python -m pipeline.train.single_process --max-bytes 12000 --epochs 2 --max-new-tokens 40",
 }
 
 

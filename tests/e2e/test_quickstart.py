@@ -15,7 +15,7 @@ from transformers import GptOssForCausalLM
 
 from pipeline.data import MicroBatchIterator, build_dataset, load_tokenizer
 from tests.conftest import REPO_ROOT
-from tests.train.conftest import read_metrics
+from tests.runs import read_metrics
 
 
 def run_quickstart(data_dir, run_dir) -> subprocess.CompletedProcess:

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +19,7 @@ from pipeline.model.activation_memory import attention_kernel, chunked_loss_byte
 from pipeline.model.loss import default_chunk_rows, linear_cross_entropy
 from pipeline.plan import main
 from pipeline.planning import activation_memory
+from tests.ranks import torchrun
 
 TINY = {  # name: (preset, overrides)
     "debug": ("debug", {}),
@@ -193,10 +191,7 @@ def test_sequence_parallel_activations_follow_measured_memory(tmp_path):
     the allocator's measured peaks do (forward, and forward + backward)."""
     repo = Path(__file__).resolve().parents[2]
     out = tmp_path / "sp.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
-                           str(repo / "tests/model/scripts/sp_memory.py"), str(out)],
-                          capture_output=True, text=True, env=env, cwd=repo, timeout=400)
+    proc = torchrun(4, [str(repo / "tests/model/scripts/sp_memory.py"), str(out)], timeout=400, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     cfg = get_preset("debug", **report["preset"])

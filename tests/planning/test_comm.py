@@ -7,9 +7,6 @@ collective of one steady-state optimizer step is counted by wrapping torch.distr
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,7 @@ from pipeline.planning import ZeroSettings, model_config, model_param_tensors, r
 from pipeline.planning.comm import Links, communication, startup_memory
 from pipeline.train.config import load_run_config
 from pipeline.train.ds_config import build_ds_config
+from tests.ranks import torchrun
 
 REPO = Path(__file__).resolve().parents[2]
 WORLD = 4
@@ -49,12 +47,8 @@ def measured(tmp_path_factory):
     overrides = [*OVERRIDES, f"deepspeed_config={ds_path}"]
     # glibc's dynamic mmap threshold keeps freed module-sized blocks in a fragmented heap (up to ~2
     # modules more, varying by rank); a fixed threshold returns them, so the peak is the live memory.
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), MALLOC_MMAP_THRESHOLD_=str(2**20))
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-         str(REPO / "tests/planning/scripts/comm_counts.py"), json.dumps(overrides), str(out)],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=400,
-    )
+    proc = torchrun(WORLD, [str(REPO / "tests/planning/scripts/comm_counts.py"), json.dumps(overrides), str(out)],
+                    timeout=400, check=False, env={"MALLOC_MMAP_THRESHOLD_": str(2**20)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
     run = load_run_config(None, overrides)

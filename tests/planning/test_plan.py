@@ -4,7 +4,6 @@ FlopCounterMode, autograd's saved tensors, and the CLI contract (counts, exit co
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ from pipeline.plan import main
 from pipeline.planning import Planner, ZeroSettings, model_param_tensors, rank_elements, state_memory
 from pipeline.planning.zero import DS_DEFAULTS
 from pipeline.train.config import load_run_config
+from tests.ranks import torchrun
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = {"launch/configs/gpt-oss-20b-1node.yaml": 1, "launch/configs/gpt-oss-120b-8node.yaml": 8,
@@ -74,12 +74,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def engine_state():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(REPO / "tests/planning/scripts/zero3_state.py"), json.dumps(CASES)],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
-    )
+    proc = torchrun(2, [str(REPO / "tests/planning/scripts/zero3_state.py"), json.dumps(CASES)], check=False)
     lines = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and len(lines) == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     return lines

@@ -1,4 +1,5 @@
-"""Two gloo ranks whose last collective finishes while rank 1 is already leaving the interpreter.
+"""Rank script for tests/test_cli.py: two gloo ranks whose last collective finishes while rank 1 is
+already leaving the interpreter.
 
     torchrun --standalone --nproc_per_node 2 late_collective.py [run_and_exit|sys_exit]
 

@@ -9,7 +9,7 @@ from pipeline.data import MicroBatchIterator, build_dataset
 from pipeline.model import GPTOSS, MoE
 from pipeline.train.config import load_run_config, resolve_model_config
 from pipeline.train.optim import lr_at, make_torch_adamw
-from pipeline.train.simple import plain_train_step
+from pipeline.train.single_process import plain_train_step
 
 
 def reference_run(config_path, world: int, overrides: list[str] = ()) -> tuple[dict[int, dict], GPTOSS]:

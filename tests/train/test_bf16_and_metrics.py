@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.train.conftest import SCRIPTS, read_metrics, torchrun, write_run_config
+from tests.ranks import torchrun
+from tests.runs import read_metrics, write_run_config
+
+SCRIPTS = Path(__file__).parent / "scripts"
 
 STEPS = 12
 

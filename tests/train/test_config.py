@@ -14,7 +14,8 @@ from pipeline.train.config import load_run_config
 from pipeline.train.ds_config import build_ds_config
 from pipeline.train.optim import lr_at
 from tests.conftest import REPO_ROOT
-from tests.train.conftest import rank_env, write_run_config
+from tests.ranks import rank_env
+from tests.runs import write_run_config
 
 
 @pytest.fixture

@@ -18,7 +18,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tests.conftest import REPO_ROOT
 from tests.evaluation.conftest import TASKS_DIR, TINY_TASKS, write_bad_tasks
-from tests.train.conftest import losses, rank_env, torchrun, train, write_run_config
+from tests.ranks import rank_env, torchrun
+from tests.runs import losses, train, write_run_config
 
 EVAL = {"tasks": TINY_TASKS, "task_paths": [str(TASKS_DIR)], "downstream_interval": 3, "limit": 8,
         "num_fewshot": 1, "batch_size": 8}

@@ -5,8 +5,11 @@ The first engine trains with the optimizer implementation=auto picks on CUDA (to
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-from tests.train.conftest import SCRIPTS, torchrun
+from tests.ranks import torchrun
+
+SCRIPTS = Path(__file__).parent / "scripts"
 
 
 def test_release_engine_frees_the_module_deepspeed_keeps(tmp_path):

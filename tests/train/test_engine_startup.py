@@ -1,16 +1,19 @@
 """Partitioned start-up builds the same model as building it whole: every parameter, gathered back
 from its ZeRO-3 partitions, equals the same tensor of `GPTOSS(config)` built from the same seed, in
 fp32 and bf16, with untied and tied embeddings. (Multi-rank and expert-parallel start-up are covered
-by tests/train/test_expert_parallel.py and tests/planning/test_comm.py.)"""
+by tests/distributed/test_expert_parallel.py and tests/planning/test_comm.py.)"""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.train.conftest import SCRIPTS, torchrun
+from tests.ranks import torchrun
+
+SCRIPTS = Path(__file__).parent / "scripts"
 
 CASES = {
     "debug-fp32": ("debug", {}, "fp32"),

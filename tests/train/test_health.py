@@ -19,7 +19,10 @@ from pipeline.errors import ConfigError
 from pipeline.train.config import load_run_config
 from pipeline.train.ds_config import build_ds_config
 from pipeline.train.health import CollapseMonitor, FaultInjection, SpikeDetector
-from tests.train.conftest import SCRIPTS, losses, torchrun, train, write_run_config
+from tests.ranks import torchrun
+from tests.runs import losses, train, write_run_config
+
+SCRIPTS = Path(__file__).parent / "scripts"
 
 
 def records(run_dir: Path) -> list[dict]:

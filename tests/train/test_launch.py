@@ -17,7 +17,8 @@ from deepspeed.launcher.runner import parse_args as parse_deepspeed_args
 
 from pipeline.train.__main__ import parse_args as parse_train_args
 from tests.conftest import REPO_ROOT
-from tests.train.conftest import losses, rank_env, read_metrics, write_run_config
+from tests.ranks import rank_env
+from tests.runs import losses, read_metrics, write_run_config
 from tests.train.reference import reference_run
 
 LAUNCH = REPO_ROOT / "launch"

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import torch
 
-from tests.train.conftest import SCRIPTS, losses, read_metrics, torchrun, write_run_config
+from tests.ranks import torchrun
+from tests.runs import losses, read_metrics, write_run_config
 from tests.train.reference import reference_run
+
+SCRIPTS = Path(__file__).parent / "scripts"
 
 RATE = 0.01
 

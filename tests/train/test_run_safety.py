@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 
 from pipeline.checkpoint import checkpoint_steps, read_latest
+from tests.checkpoint.test_checkpoint import kill_job, start_training
 from tests.conftest import REPO_ROOT
-from tests.train.checkpoint.test_checkpoint import kill_job, start_training
-from tests.train.conftest import rank_env, train, write_run_config
+from tests.ranks import rank_env
+from tests.runs import train, write_run_config
 from tests.train.test_launch import free_port
 
 

@@ -17,8 +17,9 @@ import pytest
 
 from pipeline.checkpoint import read_latest
 from tests.conftest import REPO_ROOT
-from tests.train.conftest import rank_env, write_run_config
-from tests.train.test_launch import LAUNCH, free_port
+from tests.ranks import free_port, rank_env
+from tests.runs import write_run_config
+from tests.train.test_launch import LAUNCH
 
 LONG = {"steps": 1000, "save_interval": 0}
 

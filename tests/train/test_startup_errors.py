@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 from tests.conftest import REPO_ROOT
-from tests.train.conftest import rank_env, train, write_run_config
+from tests.ranks import rank_env
+from tests.runs import train, write_run_config
 from tests.train.test_launch import free_port
 
 

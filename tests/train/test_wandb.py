@@ -17,7 +17,8 @@ from pipeline.errors import ConfigError
 from pipeline.train.config import WandbConfig, load_run_config
 from pipeline.train.metrics import WANDB_ID_FILE, WANDB_STEP, MetricsLogger
 from tests.conftest import REPO_ROOT
-from tests.train.conftest import rank_env, read_metrics, train, write_run_config
+from tests.ranks import rank_env
+from tests.runs import read_metrics, train, write_run_config
 
 wandb_pb = pytest.importorskip("wandb.proto.wandb_internal_pb2")  # pinned in requirements.txt
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from tests.train.conftest import losses, train, write_run_config
+from tests.runs import losses, train, write_run_config
 from tests.train.reference import reference_run
 
 

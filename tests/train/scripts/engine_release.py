@@ -1,7 +1,8 @@
-"""Rank-side driver: does a finished ZeRO-3 engine's module get freed? Writes OUT (JSON):
-{"plain_del": alive after `del engine; gc.collect()`, "released": alive after release_engine,
-"fused": the `fused` flag of the torch AdamW DeepSpeed built from the CUDA config of implementation=auto
-(torch's fused AdamW also runs on CPU, so the CUDA config is built and trained here)}.
+"""Rank script for tests/train/test_engine_release.py: does a finished ZeRO-3 engine's module get
+freed? Writes OUT (JSON): {"plain_del": alive after `del engine; gc.collect()`, "released": alive
+after release_engine, "fused": the `fused` flag of the torch AdamW DeepSpeed built from the CUDA
+config of implementation=auto (torch's fused AdamW also runs on CPU, so the CUDA config is built and
+trained here)}.
 
     torchrun --nproc_per_node 1 tests/train/scripts/engine_release.py OUT
 """

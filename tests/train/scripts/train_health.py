@@ -1,5 +1,5 @@
-"""Rank-side test driver: train with the real Trainer and record, for every step, whether this rank's
-share of the weights and of the optimizer state changed bit for bit.
+"""Rank script for tests/train/test_health.py: train with the real Trainer and record, for every
+step, whether this rank's share of the weights and of the optimizer state changed bit for bit.
 
 Writes RUN/health_rank{R}.json: {"changed": {step: bool}, "adam_steps": {step: int}}.
 

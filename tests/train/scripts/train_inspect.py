@@ -1,4 +1,6 @@
-"""Rank-side test driver: build the real Trainer, record what tests must check, then train.
+"""Rank script for tests/train/test_bf16_and_metrics.py, test_load_balancing.py and
+tests/distributed/test_expert_parallel.py: build the real Trainer, record what tests must check,
+then train.
 
 Writes RUN/inspect_rank{R}.json with, for every parameter, its ZeRO partition group (ranks) and
 sizes, and the number of block forward calls during training (recomputation under activation

@@ -1,10 +1,11 @@
-"""Rank-side driver: count host reads of device values in one expert-parallel forward + backward.
+"""Rank script for tests/distributed/test_ep_host_reads.py: count host reads of device values in one
+expert-parallel forward + backward.
 
 A host read (`.tolist()`, `.item()`, `bool(t)`, ...) is a device sync on a GPU. Under expert
 parallelism the splits of the token all-to-all must reach the host, once per MoE layer per pass;
 this counts every such read by its source line and writes RUN/host_reads_rank{R}.json.
 
-    torchrun --nproc_per_node 2 tests/train/scripts/ep_host_reads.py OUT_DIR
+    torchrun --nproc_per_node 2 tests/distributed/scripts/ep_host_reads.py OUT_DIR
 """
 
 import json

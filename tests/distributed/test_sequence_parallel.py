@@ -4,7 +4,7 @@ resume on other sequence-parallel sizes.
 
 Rank start-up dominates on CPU, so cases share launches: one 4-rank launch compares losses,
 gradients of every parameter and per-document logits against the unsplit model for SP 2 and 4
-(tests/train/scripts/sp_equivalence.py); two trainer runs compare 10 steps with the single-process
+(tests/distributed/scripts/sp_equivalence.py); two trainer runs compare 10 steps with the single-process
 reference; two resumes move the SP 2 run's checkpoint to SP 1 and SP 4.
 """
 
@@ -18,8 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.train.conftest import SCRIPTS, losses, torchrun, train, write_run_config
+from tests.ranks import torchrun
+from tests.runs import losses, train, write_run_config
 from tests.train.reference import reference_run
+
+SCRIPTS = Path(__file__).parent / "scripts"
 
 STEPS, SAVED = 10, 5
 

@@ -14,7 +14,8 @@ import pytest
 
 from pipeline.checkpoint.manager import read_latest
 from tests.conftest import REPO_ROOT
-from tests.train.conftest import losses, rank_env, train, write_run_config
+from tests.ranks import rank_env
+from tests.runs import losses, train, write_run_config
 
 STEPS, SAVED = 10, 6
 

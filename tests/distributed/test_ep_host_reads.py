@@ -4,8 +4,11 @@ every host read is a sync that stalls the step), and nothing else in a forward +
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-from tests.train.conftest import SCRIPTS, torchrun
+from tests.ranks import torchrun
+
+SCRIPTS = Path(__file__).parent / "scripts"
 
 
 def test_ep2_reads_splits_to_the_host_once_per_moe_layer(tmp_path):

@@ -5,7 +5,7 @@ import math
 import torch
 
 from pipeline.model import GPTOSS, get_preset
-from pipeline.train.simple import evaluate_loss, train_model
+from pipeline.train.single_process import evaluate_loss, train_model
 
 
 def test_train_model_learns_a_repeating_sequence(capsys):
@@ -23,3 +23,10 @@ def test_train_model_learns_a_repeating_sequence(capsys):
     ppl = float(out.strip().splitlines()[-1].split("val ppl ")[1])
     assert math.isfinite(ppl) and ppl < math.exp(before)
 
+
+
+def test_the_earlier_module_name_is_the_same_module():
+    import pipeline.train.simple as simple
+    import pipeline.train.single_process as single_process
+
+    assert simple is single_process and simple.train_model is train_model

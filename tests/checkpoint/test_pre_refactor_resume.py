@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from pipeline.checkpoint.hf_export import export, load_exported
-from tests.train.conftest import losses, train
+from tests.runs import losses, train
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pre_refactor_run"
 

@@ -11,7 +11,8 @@ from transformers import GptOssForCausalLM
 
 from pipeline.checkpoint.hf_export import load_exported
 from tests.conftest import REPO_ROOT
-from tests.train.conftest import rank_env, train, write_run_config
+from tests.ranks import rank_env
+from tests.runs import train, write_run_config
 from tests.train.reference import reference_run
 
 STEPS = 6

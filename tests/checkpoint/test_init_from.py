@@ -25,7 +25,8 @@ from pipeline.model.hf import config_to_hf
 from pipeline.model.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 from pipeline.train.config import load_run_config, resolve_model_config
 from tests.conftest import REPO_ROOT
-from tests.train.conftest import losses, rank_env, train, write_run_config
+from tests.ranks import rank_env
+from tests.runs import losses, train, write_run_config
 
 EXPERT_WEIGHTS = ("experts.gate_up_proj", "experts.down_proj")
 

@@ -1,8 +1,8 @@
-"""Rank script for tests/train/test_sequence_parallel.py: sequence parallelism (with and without
+"""Rank script for tests/distributed/test_sequence_parallel.py: sequence parallelism (with and without
 expert parallelism) against the unsplit model in the same process, without DeepSpeed's engine, so
 every parameter's gradient can be compared exactly.
 
-    torchrun --standalone --nproc_per_node 4 tests/train/scripts/sp_equivalence.py OUT.json
+    torchrun --standalone --nproc_per_node 4 tests/distributed/scripts/sp_equivalence.py OUT.json
 
 Per case (SP size, sequence length, document masking, EP size) every rank builds the same seeded
 model twice: the reference runs the whole batch; the other gets Ulysses attention (and EP experts)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from tests.train.test_expert_parallel import STEPS, assert_matches_reference, run_inspected
+from tests.distributed.test_expert_parallel import STEPS, assert_matches_reference, run_inspected
 
 
 def test_ep2_with_capacity_drop_equals_single_process(prepared_data, tmp_path):

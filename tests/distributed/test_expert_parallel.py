@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
-from tests.train.conftest import SCRIPTS, losses, torchrun, write_run_config
+from tests.ranks import torchrun
+from tests.runs import losses, write_run_config
 from tests.train.reference import reference_run
+
+TRAIN_SCRIPTS = Path(__file__).parents[1] / "train" / "scripts"
 
 STEPS = 10
 
@@ -17,7 +21,7 @@ STEPS = 10
 def run_inspected(tmp_path, data, nproc: int, **sections):
     run_dir = tmp_path / "run"
     cfg = write_run_config(tmp_path / "run.yaml", data, run_dir, **sections)
-    torchrun(nproc, [str(SCRIPTS / "train_inspect.py"), "--config", str(cfg)])
+    torchrun(nproc, [str(TRAIN_SCRIPTS / "train_inspect.py"), "--config", str(cfg)])
     reports = [json.loads((run_dir / f"inspect_rank{r}.json").read_text()) for r in range(nproc)]
     return cfg, run_dir, reports
 
