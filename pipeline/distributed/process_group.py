@@ -24,7 +24,7 @@ def quiet_library_warnings() -> None:
 def init_distributed(timeout_s: float | None = None) -> RankView:
     """Start (or join) the default process group; works under deepspeed, torchrun or alone (one
     rank on 127.0.0.1:$MASTER_PORT, default 29500). `timeout_s`: how long a collective may wait
-    for a peer before failing (None: the backend's default, 30 min for gloo / 10 min for NCCL)."""
+    for a peer before failing (None: DeepSpeed's default, 10 minutes)."""
     import deepspeed
 
     quiet_library_warnings()

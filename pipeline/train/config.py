@@ -146,10 +146,17 @@ class ParallelConfig:
     """Ranks each sample's sequence is split over (Ulysses, pipeline/distributed/sequence_parallel.py); must
     divide the world size, n_head and seq_len, and divide n_kv_head or be a multiple of it. The global
     batch is micro_batch_size x grad_accum_steps x world / sequence_parallel_size."""
+    collective_timeout_s: float | None = None
+    """Seconds a rank waits in a collective for its peers before the run fails (null: DeepSpeed's
+    default, 600). Raise it when a rank may legitimately lag that long (a checkpoint save to a slow
+    filesystem, a long first compile); lower it to fail sooner when a node dies."""
 
     def __post_init__(self):
         if self.sequence_parallel_size < 1:
             raise ConfigError(f"parallel.sequence_parallel_size ({self.sequence_parallel_size}) must be >= 1")
+        if self.collective_timeout_s is not None and self.collective_timeout_s <= 0:
+            raise ConfigError(f"parallel.collective_timeout_s ({self.collective_timeout_s}) must be > 0, "
+                              "or null for DeepSpeed's default")
 
 
 WANDB_MODES = ("online", "offline", "disabled")

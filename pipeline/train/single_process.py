@@ -140,7 +140,8 @@ def builtin_text(max_bytes: int) -> bytes:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.train.single_process", description=__doc__.split("\n\n")[1])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.train.single_process",
+                                     description=__doc__.split("\n\n")[1])
     parser.add_argument("--max-bytes", type=int, default=200_000, help="size of the built-in text (bytes = tokens)")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="tail of the text held out for validation")
     parser.add_argument("--epochs", type=int, default=3)

@@ -47,7 +47,7 @@ from pipeline.train.stop_signal import StopSignal
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg, t = cfg, cfg.train
-        self.ranks = init_distributed()
+        self.ranks = init_distributed(cfg.parallel.collective_timeout_s)
         self.rank, self.world = self.ranks.rank, self.ranks.world
         self.run_dir = Path(cfg.run_dir)
         self.model_cfg = resolve_model_config(cfg)
