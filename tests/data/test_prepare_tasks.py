@@ -19,6 +19,7 @@ from pipeline.errors import ConfigError
 from tests.data.conftest import make_docs, run_prepare, write_jsonl
 from tests.data.reader_util import read_mmidx
 from tests.data.test_resume_verify import _cli, kill_after_shards
+from tests.train.conftest import losses, train, write_run_config
 
 
 def documents(data_dir: Path, split: str) -> Counter:
@@ -88,6 +89,11 @@ def test_three_tasks_one_killed_merge_equal_a_single_task_prepare(spm_bpe, tmp_p
     again = json.loads((out / "manifest.json").read_text())
     assert code == 0 and "merged 3 tasks" in stdout
     assert {k: v for k, v in again.items() if k != "command"} == {k: v for k, v in merged.items() if k != "command"}
+
+    # The trainer reads the merged dir (pipeline.data.build_dataset) with 2 real ranks.
+    run_dir = tmp_path / "run"
+    train(2, write_run_config(tmp_path / "run.yaml", out, run_dir), "train.steps=4")
+    assert sorted(losses(run_dir)) == [1, 2, 3, 4] and all(v == v for v in losses(run_dir).values())
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
