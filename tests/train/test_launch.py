@@ -21,7 +21,7 @@ from tests.train.conftest import losses, rank_env, read_metrics, write_run_confi
 from tests.train.reference import reference_run
 
 LAUNCH = REPO_ROOT / "launch"
-SCRIPTS = ["single_node.sh", "multi_node_hostfile.sh", "slurm.sbatch"]
+SCRIPTS = ["single_node.sh", "multi_node_hostfile.sh", "slurm.sbatch", "prepare_array.sbatch"]
 
 
 def free_port() -> int:
