@@ -417,7 +417,11 @@ def _prepare_task(opts: PrepareOptions, sources: list[Source], report: SkipRepor
         if lock.note:
             print(lock.note, flush=True)
         manifest = _prepare_locked(task_opts, mine, report, task)
-    if all((task_dir(opts.output, t, n) / MANIFEST).is_file() for t in range(n)):
+    waiting = [t for t in range(n) if not (task_dir(opts.output, t, n) / MANIFEST).is_file()]
+    if waiting:
+        print(f"task {i} of {n} done; tasks {', '.join(map(str, waiting[:8]))}{' ...' if len(waiting) > 8 else ''} "
+              f"not finished yet: the last one to finish merges (or run --merge {opts.output})", flush=True)
+    else:
         try:
             merged = merge_tasks(opts.output, n, opts.command)
             print(f"merged the {n} tasks into {opts.output / MANIFEST}: "

@@ -26,7 +26,8 @@ def documents(data_dir: Path, split: str) -> Counter:
     """The multiset of per-document token sequences of `split`, read with the independent reader from
     the shards the manifest lists (in a merged dir they live under tasks/)."""
     m = json.loads((data_dir / "manifest.json").read_text())
-    seqs = [tuple(s.tolist()) for sh in m["splits"][split]["shards"] for s in read_mmidx(data_dir / sh["name"])["sequences"]]
+    shards = [read_mmidx(data_dir / sh["name"])["sequences"] for sh in m["splits"][split]["shards"]]
+    seqs = [tuple(seq.tolist()) for shard in shards for seq in shard]
     assert len(seqs) == m["splits"][split]["documents"]
     return Counter(seqs)
 
@@ -95,6 +96,13 @@ def test_three_tasks_one_killed_merge_equal_a_single_task_prepare(spm_bpe, tmp_p
     run_dir = tmp_path / "run"
     train(2, write_run_config(tmp_path / "run.yaml", out, run_dir), "train.steps=4")
     assert sorted(losses(run_dir)) == [1, 2, 3, 4] and all(v == v for v in losses(run_dir).values())
+
+    shard = task_dir(out, 1, n) / "train_00000.bin"  # --verify checks the tasks' shards through the merge
+    data = bytearray(shard.read_bytes())
+    data[3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    code, _, err = run_prepare(capsys, "--verify", out)
+    assert code == 1 and "tasks/task_00001_of_00003/train_00000.bin: sha256 mismatch" in err
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
