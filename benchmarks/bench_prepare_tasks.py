@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -26,9 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_data import REPO, documents_until, make_corpus, prepare_cmd, stdlib_sources  # noqa: E402
 
 
-def run_all(cmds: list[list[str]]) -> float:
-    """Start every command at once, wait for all; returns the wall seconds."""
+def run_all(cmds: list[list[str]]) -> tuple[float, float]:
+    """Start every command at once, wait for all; returns (wall s, CPU s of them and their children).
+    CPU seconds do not depend on what else the machine runs: their ratio is the tasks' overhead."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.time()
     procs = [subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for c in cmds]
@@ -36,7 +39,9 @@ def run_all(cmds: list[list[str]]) -> float:
         out, err = p.communicate()
         if p.returncode != 0:
             raise SystemExit(f"failed ({p.returncode}): {' '.join(c)}\n{out}\n{err}")
-    return time.time() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return time.time() - t0, cpu
 
 
 def counts(data_dir: Path) -> tuple[int, int]:
@@ -65,23 +70,25 @@ def main() -> None:
     train_sentencepiece(docs, "bpe", args.vocab_size, tok, max_bytes=4 << 20)
 
     n = args.tasks
-    single_s = run_all([prepare_cmd(corpus, work / "single", tok, 1)])
-    workers_s = run_all([prepare_cmd(corpus, work / "workers", tok, n)])
+    single = run_all([prepare_cmd(corpus, work / "single", tok, 1)])
+    workers = run_all([prepare_cmd(corpus, work / "workers", tok, n)])
     out = work / "tasks"
-    tasks_s = run_all([[*prepare_cmd(corpus, out, tok, 1), "--num-tasks", str(n), "--task-index", str(i)]
-                       for i in range(n)])
-    merge_s = run_all([[sys.executable, "-m", "pipeline.prepare", "--merge", str(out)]])
+    tasks = run_all([[*prepare_cmd(corpus, out, tok, 1), "--num-tasks", str(n), "--task-index", str(i)]
+                     for i in range(n)])
+    merge = run_all([[sys.executable, "-m", "pipeline.prepare", "--merge", str(out)]])
     docs_1, tokens = counts(work / "single")
     assert counts(out) == (docs_1, tokens), (counts(out), (docs_1, tokens))
 
     print(f"corpus: one {size / 1e6:.0f} MB JSONL, {docs_1:,} documents, {tokens:,} tokens; "
           f"{os.cpu_count()} cores; {work}")
-    print(f"{'':34s}{'wall s':>9s}{'tokens/s':>12s}{'vs 1 task':>11s}")
-    rows = [("1 task, --workers 1", single_s), (f"1 task, --workers {n}", workers_s),
-            (f"{n} tasks (concurrent) + merge", tasks_s + merge_s)]
-    for name, wall in rows:
-        print(f"{name:34s}{wall:9.1f}{tokens / wall:12,.0f}{single_s / wall:10.2f}x")
-    print(f"(the merge alone: {merge_s:.2f}s; merged counts equal the single task's)")
+    load = os.getloadavg()[0]
+    print(f"{'':34s}{'wall s':>9s}{'tokens/s':>12s}{'speed-up':>10s}{'CPU s':>8s}{'CPU vs 1 task':>15s}")
+    rows = [("1 task, --workers 1", single), (f"1 task, --workers {n}", workers),
+            (f"{n} tasks (concurrent) + merge", (tasks[0] + merge[0], tasks[1] + merge[1]))]
+    for name, (wall, cpu) in rows:
+        print(f"{name:34s}{wall:9.1f}{tokens / wall:12,.0f}{single[0] / wall:9.2f}x{cpu:8.1f}{cpu / single[1]:14.2f}x")
+    print(f"(the merge alone: {merge[0]:.2f}s wall; merged counts equal the single task's; load average "
+          f"{load:.1f} on {os.cpu_count()} cores: wall ratios need idle cores, CPU ratios do not)")
 
 
 if __name__ == "__main__":
