@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.input or not args.output:
             parser.error("--input and --output are required (or use --verify DIR / --merge DIR)")
         task_index, num_tasks = resolve_task(args.num_tasks, args.task_index)
+        if num_tasks > 1 and args.num_tasks is None:  # say so: an array job of unrelated prepares must not split
+            print(f"task {task_index} of {num_tasks} (from SLURM_ARRAY_TASK_*; pass --num-tasks 1 to prepare "
+                  "all inputs in this task)", flush=True)
         opts = PrepareOptions(
             inputs=args.input,
             output=args.output,

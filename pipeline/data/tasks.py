@@ -51,7 +51,7 @@ def resolve_task(num_tasks: int | None, task_index: int | None, env=os.environ) 
     SLURM_ARRAY_TASK_MIN; the task index is ID - MIN, so `--array=1-8` works as well as `0-7`."""
     if num_tasks is None and env.get("SLURM_ARRAY_TASK_COUNT"):
         num_tasks = int(env["SLURM_ARRAY_TASK_COUNT"])
-    if task_index is None and env.get("SLURM_ARRAY_TASK_ID") and num_tasks is not None:
+    if task_index is None and env.get("SLURM_ARRAY_TASK_ID") and num_tasks is not None and num_tasks > 1:
         task_index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN") or 0)
     num_tasks = 1 if num_tasks is None else num_tasks
     if num_tasks < 1:

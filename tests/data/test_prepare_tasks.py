@@ -173,6 +173,7 @@ def test_task_index_and_count_from_slurm_array_variables():
     assert resolve_task(None, None, env) == (2, 4)
     assert resolve_task(None, 1, env) == (1, 4)  # a flag wins over the variable
     assert resolve_task(None, None, {}) == (0, 1)
+    assert resolve_task(1, None, env) == (0, 1)  # --num-tasks 1: the whole prepare, inside any array job
     with pytest.raises(ConfigError, match=r"--task-index 4 is outside 0..3 .* sbatch --array=0-3"):
         resolve_task(4, 4, {})
     with pytest.raises(ConfigError, match="--num-tasks 3 needs --task-index"):
