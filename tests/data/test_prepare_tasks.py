@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -74,7 +75,8 @@ def test_three_tasks_one_killed_merge_equal_a_single_task_prepare(spm_bpe, tmp_p
     # The rerun resumes task 1 (its finished shards are kept) and, being the last, merges.
     code, stdout, err = run_prepare(capsys, *task_args(out, n, 1, common))
     assert code == 0, err
-    assert "reused 1 verified shard(s)" in stdout and f"merged the 3 tasks into {out / 'manifest.json'}" in stdout
+    assert re.search(r"reused [1-9]\d* verified shard\(s\)", stdout), stdout  # >= 1: SIGKILL lands a moment later
+    assert f"merged the 3 tasks into {out / 'manifest.json'}" in stdout
     single_vs_merged(single, out)
     assert run_prepare(capsys, "--verify", out)[0] == 0
 
