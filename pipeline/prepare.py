@@ -1,5 +1,7 @@
 """`python -m pipeline.prepare`: corpus -> tokenizer + .bin/.idx shards + manifest.json. Parses the
-flags and calls `pipeline.data` (prepare.py runs the streaming pipeline, verify.py rechecks).
+flags and calls `pipeline.data` (prepare.py runs the streaming pipeline, verify.py rechecks;
+`--num-tasks N --task-index I` runs one of N tasks across nodes, tasks.py / merge.py, and `--merge`
+writes their single manifest).
 
 User errors (bad flags, bad input, refused output dir) print `error: ...` and exit 2 with no
 traceback; a failed --verify exits 1; Ctrl-C exits 130 and the same command resumes.

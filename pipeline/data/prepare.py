@@ -7,6 +7,10 @@ results consumed in submission order) -> roll shards -> write manifest.json.
 
 Memory stays flat as the corpus grows: at most `2 * workers + 2` chunks of ~1 MB text are in
 flight and a shard's index holds one int32 per document.
+
+Across nodes (`num_tasks` > 1): the task reads its share of the inputs (tasks.py) into its own dir
+DIR/tasks/task_<i>_of_<n>/ through this same pipeline, so resume works per task; merge.py then
+writes DIR/manifest.json.
 """
 
 from __future__ import annotations
