@@ -186,3 +186,21 @@ def test_train_tokenizer_is_refused_with_several_tasks(small_inputs, tmp_path, c
     code, _, err = run_prepare(capsys, "--input", small_inputs, "--output", tmp_path / "o", "--train-tokenizer", "bpe",
                                "--vocab-size", "300", "--num-tasks", "2", "--task-index", "0")
     assert code == 2 and err.startswith("error: --num-tasks 2: every task must tokenise with the same tokenizer")
+
+
+def test_more_tasks_than_whole_files_leaves_tasks_empty(spm_bpe, tmp_path, capsys):
+    """Text files are not cut: with 2 files and 4 tasks, two tasks read nothing, and the merge still
+    equals the single-task prepare."""
+    root = tmp_path / "in"
+    root.mkdir()
+    for k in range(2):
+        (root / f"doc{k}.txt").write_text("\n\n".join(make_docs(seed=50 + k, n=40)), encoding="utf-8")
+    common = ["--input", root, "--tokenizer", spm_bpe, "--text-mode", "paragraph", "--valid-fraction", "0.2"]
+    assert run_prepare(capsys, *common, "--output", tmp_path / "single")[0] == 0
+    out, n = tmp_path / "tasks_out", 4
+    for i in range(n):
+        assert run_prepare(capsys, *task_args(out, n, i, common))[0] == 0
+    tasks = [json.loads((task_dir(out, i, n) / "manifest.json").read_text()) for i in range(n)]
+    assert sorted(len(m["inputs"]) for m in tasks) == [0, 0, 1, 1]
+    single_vs_merged(tmp_path / "single", out)
+    assert run_prepare(capsys, "--verify", out)[0] == 0
