@@ -25,11 +25,11 @@ from pipeline.errors import DataError
 from pipeline.io_utils import sha256_file
 from pipeline.run_lock import DirLock
 
-# What every task must share with task 0, and how a mismatch is named.
+# What every task must share with task 0, and how a mismatch is named. The tokenizer is compared by
+# identity (file sha256, vocab size, EOS/BOS ids), not by --tokenizer path: nodes may hold local copies.
 _SHARED = (
     (lambda m: {k: v for k, v in m["tokenizer"].items() if k != "dir"}, "tokenizer"),
     (lambda m: m["dtype"], "token dtype"),
-    (lambda m: m["fingerprint"]["tokenizer"], "tokenizer option (--tokenizer / --eos-token)"),
     (lambda m: {k: v for k, v in m["fingerprint"]["options"].items() if k in ("valid_fraction", "seed")},
      "split settings (--valid-fraction / --seed)"),
     (lambda m: m["fingerprint"]["options"], "reader / shard options"),

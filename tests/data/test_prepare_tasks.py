@@ -204,3 +204,14 @@ def test_more_tasks_than_whole_files_leaves_tasks_empty(spm_bpe, tmp_path, capsy
     assert sorted(len(m["inputs"]) for m in tasks) == [0, 0, 1, 1]
     single_vs_merged(tmp_path / "single", out)
     assert run_prepare(capsys, "--verify", out)[0] == 0
+
+
+def test_tasks_may_read_node_local_copies_of_the_tokenizer(small_inputs, spm_bpe, tmp_path, capsys):
+    copy = tmp_path / "node2" / "bpe.model"
+    copy.parent.mkdir()
+    shutil.copyfile(spm_bpe, copy)
+    out, n = tmp_path / "out", 2
+    for i, tok in enumerate((spm_bpe, copy)):
+        code, stdout, err = run_prepare(capsys, *task_args(out, n, i, ["--input", small_inputs, "--tokenizer", tok]))
+        assert code == 0, err
+    assert f"merged the 2 tasks into {out / 'manifest.json'}" in stdout
