@@ -1,5 +1,7 @@
 """`python -m pipeline.prepare`: corpus -> tokenizer + .bin/.idx shards + manifest.json. Parses the
-flags and calls `pipeline.data` (prepare.py runs the streaming pipeline, verify.py rechecks).
+flags and calls `pipeline.data` (prepare.py runs the streaming pipeline, verify.py rechecks;
+`--num-tasks N --task-index I` runs one of N tasks across nodes, tasks.py / merge.py, and `--merge`
+writes their single manifest).
 
 User errors (bad flags, bad input, refused output dir) print `error: ...` and exit 2 with no
 traceback; a failed --verify exits 1; Ctrl-C exits 130 and the same command resumes.
@@ -15,6 +17,7 @@ from pathlib import Path
 from pipeline.cli import user_errors_exit_2
 from pipeline.data.prepare import PrepareOptions, prepare
 from pipeline.data.readers import ReaderOptions
+from pipeline.data.tasks import resolve_task
 
 EPILOG = """examples:
   python -m pipeline.prepare --input corpus/ --output data/c1 \
@@ -22,6 +25,10 @@ EPILOG = """examples:
   python -m pipeline.prepare --input 'dumps/*.jsonl.zst' --text-key content \
       --output data/c2 --tokenizer data/c1
   python -m pipeline.prepare --verify data/c1
+  # across nodes: task I of N (under `sbatch --array=0-N-1` both come from SLURM), then one merge
+  python -m pipeline.prepare --input 'dumps/*.jsonl' --output data/c3 --tokenizer data/c1 \
+      --num-tasks 8 --task-index 0
+  python -m pipeline.prepare --merge data/c3
 """
 
 
@@ -51,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", type=Path, metavar="DIR", help="output dir (shards, manifest.json, tokenizer/)"
     )
     io.add_argument("--verify", type=Path, metavar="DIR", help="recheck checksums and index structure of DIR")
+    io.add_argument(
+        "--merge",
+        type=Path,
+        metavar="DIR",
+        help="write DIR/manifest.json from the finished tasks of a --num-tasks prepare into DIR",
+    )
     io.add_argument(
         "--format",
         dest="input_format",
@@ -128,6 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("run")
     run.add_argument("--workers", type=int, default=1, help="tokeniser processes (default: 1)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--num-tasks",
+        type=int,
+        help="split the inputs over N tasks (nodes), each run separately, then --merge "
+        "(default: SLURM_ARRAY_TASK_COUNT when set, else 1)",
+    )
+    run.add_argument(
+        "--task-index",
+        type=int,
+        help="which task this is, 0..N-1 (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN when set)",
+    )
     return p
 
 
@@ -148,8 +172,20 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             print(f"{args.verify}: all checksums and indexes verify")
             return 0
+        if args.merge is not None:
+            from pipeline.data.merge import merge_tasks
+
+            merged = merge_tasks(args.merge, args.num_tasks, shlex.join(["python", "-m", "pipeline.prepare", *argv]))
+            print(f"merged {merged['tasks']['count']} tasks into {args.merge / 'manifest.json'}: " + ", ".join(
+                f"{s} {m['documents']:,} docs / {m['tokens']:,} tokens in {len(m['shards'])} shard(s)"
+                for s, m in merged["splits"].items()))
+            return 0
         if not args.input or not args.output:
-            parser.error("--input and --output are required (or use --verify DIR)")
+            parser.error("--input and --output are required (or use --verify DIR / --merge DIR)")
+        task_index, num_tasks = resolve_task(args.num_tasks, args.task_index)
+        if num_tasks > 1 and args.num_tasks is None:  # say so: an array job of unrelated prepares must not split
+            print(f"task {task_index} of {num_tasks} (from SLURM_ARRAY_TASK_*; pass --num-tasks 1 to prepare "
+                  "all inputs in this task)", flush=True)
         opts = PrepareOptions(
             inputs=args.input,
             output=args.output,
@@ -180,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
             command=shlex.join(["python", "-m", "pipeline.prepare", *argv]),
+            num_tasks=num_tasks,
+            task_index=task_index,
         )
         prepare(opts)
         return 0

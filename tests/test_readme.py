@@ -31,6 +31,7 @@ from tests.ranks import rank_env
 README = REPO_ROOT / "README.md"
 RUN_BY_CI = ("pip install -r requirements.txt -e .", "python -m pytest tests -q")
 RUN_BY_E2E = ("bash launch/quickstart.sh",)
+PREPARE_ARRAY = "launch/prepare_array.sbatch"  # run under a stand-in sbatch (test_readme_prepare_array_...)
 LAUNCHERS = ("bash launch/single_node.sh", "bash launch/multi_node_hostfile.sh", "sbatch ", "deepspeed ")
 SCALE_DOWN = {"--vocab-size 32000": "--vocab-size 400", "--workers 8": "--workers 2",
               "python -m pipeline.model": "python -m pipeline.model --preset debug",
@@ -49,6 +50,8 @@ def readme_commands() -> list[str]:
 
 
 def classify(command: str) -> str:
+    if PREPARE_ARRAY in command:
+        return "prepare_array"
     if command in RUN_BY_CI:
         return "ci"
     if command in RUN_BY_E2E:
@@ -182,6 +185,56 @@ def test_readme_launcher_commands_dry_run(tmp_path):
             assert "--num_gpus 8" in printed
         if "hostfile" in command or command.startswith("sbatch"):
             assert "--hostfile" in printed
+
+
+# Runs a job at once, as SLURM would on a node: each index of an --array in turn, with SLURM's variables.
+STAND_IN_SBATCH = """#!/usr/bin/env bash
+set -euo pipefail
+array="" args=()
+for a in "$@"; do
+    case "$a" in --array=*) array=${a#--array=} ;; --parsable|--dependency=*) ;; *) args+=("$a") ;; esac
+done
+if [[ -n "$array" ]]; then
+    lo=${array%-*} hi=${array#*-}
+    for ((i = lo; i <= hi; i++)); do
+        SLURM_ARRAY_TASK_ID=$i SLURM_ARRAY_TASK_MIN=$lo SLURM_ARRAY_TASK_COUNT=$((hi - lo + 1)) \
+            SLURM_CPUS_PER_TASK=1 bash "${args[@]}" >&2
+    done
+else
+    bash "${args[@]}" >&2
+fi
+echo 41
+"""
+
+
+def test_readme_prepare_array_commands_run_under_a_stand_in_sbatch(tmp_path):
+    """The README's SLURM array prepare, run for real (array tasks one after another), equals the
+    single-task prepare of the same inputs and verifies."""
+    from tests.data.test_prepare_tasks import single_vs_merged
+
+    commands = [c for c in readme_commands() if classify(c) == "prepare_array"]
+    assert len(commands) == 2 and "--array=" in commands[0] and "--merge" in commands[1]
+    make_inputs(tmp_path)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(STAND_IN_SBATCH)
+    (bin_dir / "sbatch").chmod(0o755)
+    # Submitted from the sandbox (where the data paths point); sbatch runs a spool copy of the script,
+    # which finds the repo through REPO.
+    (tmp_path / "launch").symlink_to(REPO_ROOT / "launch")
+    env = dict(rank_env(), PATH=f"{bin_dir}:{os.environ['PATH']}", REPO=str(REPO_ROOT))
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", "\n".join(commands)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    out = tmp_path / shlex.split(commands[1])[-1]
+    n = int(re.search(r"--array=0-(\d+)", commands[0]).group(1)) + 1
+    assert f"merged the {n} tasks" in proc.stderr and f"merged {n} tasks" in proc.stderr
+    assert sorted(p.name for p in (out / "tasks").iterdir()) == [f"task_{i:05d}_of_{n:05d}" for i in range(n)]
+    single = shlex.split(commands[0].split("launch/prepare_array.sbatch ")[1].rstrip(")"))
+    single = [a.replace(str(out.name), "single") for a in single]
+    run(shlex.join(["python", "-m", "pipeline.prepare", *single, "--no-progress"]), tmp_path)
+    single_vs_merged(tmp_path / "data" / "single", out, nonempty=("train",))  # valid: 1% of few docs
+    run(f"python -m pipeline.prepare --verify {out}", tmp_path)
 
 
 def test_readme_python_snippet_runs(capsys):

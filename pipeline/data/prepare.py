@@ -7,6 +7,10 @@ results consumed in submission order) -> roll shards -> write manifest.json.
 
 Memory stays flat as the corpus grows: at most `2 * workers + 2` chunks of ~1 MB text are in
 flight and a shard's index holds one int32 per document.
+
+Across nodes (`num_tasks` > 1): the task reads its share of the inputs (tasks.py) into its own dir
+DIR/tasks/task_<i>_of_<n>/ through this same pipeline, so resume works per task; merge.py then
+writes DIR/manifest.json.
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ class PrepareOptions:
     overwrite: bool = False
     progress: bool = True
     command: str = ""
+    num_tasks: int = 1  # > 1: this run is task `task_index` of a multi-task prepare (tasks.py)
+    task_index: int = 0
 
 
 class DocumentEncoder:
@@ -365,7 +371,7 @@ def _progress_bar(opts: PrepareOptions, sources: list[Source]):
     from tqdm import tqdm
 
     plain = all(s.kind in ("text", "jsonl") and not s.path.endswith((".gz", ".zst")) for s in sources)
-    total = sum(os.path.getsize(s.path) for s in sources) if plain else None
+    total = sum(s.part[1] - s.part[0] if s.part else os.path.getsize(s.path) for s in sources) if plain else None
     return tqdm(
         total=total,
         unit="B",
@@ -388,6 +394,8 @@ def prepare(opts: PrepareOptions) -> dict:
         raise ConfigError("pass exactly one of --tokenizer PATH or --train-tokenizer {bpe,unigram}")
     report = SkipReport()
     sources = expand_inputs(opts.inputs, opts.reader.input_format, report)
+    if opts.num_tasks > 1:
+        return _prepare_task(opts, sources, report)
     # Two prepares into one dir would interleave their shards: one at a time (see run_lock.py).
     with DirLock(opts.output, "prepare") as lock:
         if lock.note:
@@ -395,7 +403,39 @@ def prepare(opts: PrepareOptions) -> dict:
         return _prepare_locked(opts, sources, report)
 
 
-def _prepare_locked(opts: PrepareOptions, sources: list[Source], report: SkipReport) -> dict:
+def _prepare_task(opts: PrepareOptions, sources: list[Source], report: SkipReport) -> dict:
+    """Task `task_index` of `num_tasks`: its share of the inputs into its own dir under DIR/tasks/,
+    then the merge if every task has finished (best effort: a dependent `--merge` job is the sure way)."""
+    from pipeline.data.merge import merge_tasks
+    from pipeline.data.tasks import plan_digest, task_dir, task_sources
+
+    i, n = opts.task_index, opts.num_tasks
+    if opts.train_tokenizer:
+        raise ConfigError(f"--num-tasks {n}: every task must tokenise with the same tokenizer, so "
+                          "--train-tokenizer cannot be used; train it once (a single-task prepare of a sample) "
+                          "and pass --tokenizer DIR")
+    task = {"index": i, "count": n, "plan": plan_digest(sources, n)}
+    task_opts = dataclasses.replace(opts, output=task_dir(opts.output, i, n))
+    mine = task_sources(sources, i, n)
+    with DirLock(task_opts.output, "prepare") as lock:
+        if lock.note:
+            print(lock.note, flush=True)
+        manifest = _prepare_locked(task_opts, mine, report, task)
+    waiting = [t for t in range(n) if not (task_dir(opts.output, t, n) / MANIFEST).is_file()]
+    if waiting:
+        print(f"task {i} of {n} done; tasks {', '.join(map(str, waiting[:8]))}{' ...' if len(waiting) > 8 else ''} "
+              f"not finished yet: the last one to finish merges (or run --merge {opts.output})", flush=True)
+    else:
+        try:
+            merged = merge_tasks(opts.output, n, opts.command)
+            print(f"merged the {n} tasks into {opts.output / MANIFEST}: "
+                  f"{sum(s['documents'] for s in merged['splits'].values()):,} documents", flush=True)
+        except (ConfigError, DataError) as e:  # the task itself succeeded: its exit code stays 0
+            print(f"not merged: {e}", flush=True)
+    return manifest
+
+
+def _prepare_locked(opts: PrepareOptions, sources: list[Source], report: SkipReport, task: dict | None = None) -> dict:
     fingerprint = _fingerprint(opts, sources)
     state = _prepare_output_dir(opts.output, fingerprint, opts.overwrite,
                                 lambda: [s.fingerprint(legacy=True) for s in sources])
@@ -413,10 +453,10 @@ def _prepare_locked(opts: PrepareOptions, sources: list[Source], report: SkipRep
     t0 = time.time()
     pipe = _Pipeline(opts, tok, dtype, state)
     n_docs = pipe.run(sources, report)
-    if n_docs == 0:
+    if n_docs == 0 and task is None:  # a task may get no input (more tasks than files): merge sums it
         raise DataError(f"no documents in {', '.join(opts.inputs)}: nothing to prepare\n{report.summary()}")
     elapsed = time.time() - t0
-    manifest = _write_manifest(opts, sources, fingerprint, tok_info, dtype, pipe, report, n_docs)
+    manifest = _write_manifest(opts, sources, fingerprint, tok_info, dtype, pipe, report, n_docs, task)
     (opts.output / STATE).unlink(missing_ok=True)  # the manifest now marks the dir as complete
     kept = sum(pipe.kept.values())
     print(
@@ -459,7 +499,7 @@ def _recheck_complete(out: Path) -> tuple[dict | None, dict | None]:
     return None, state
 
 
-def _write_manifest(opts, sources, fingerprint, tok_info, dtype, pipe: _Pipeline, report, n_docs) -> dict:
+def _write_manifest(opts, sources, fingerprint, tok_info, dtype, pipe: _Pipeline, report, n_docs, task) -> dict:
     out = opts.output
     files = {}
     splits = {}
@@ -486,9 +526,10 @@ def _write_manifest(opts, sources, fingerprint, tok_info, dtype, pipe: _Pipeline
         "documents_read": n_docs,
         "skipped": report.to_dict(),
         "files": files,
-        "inputs": [dataclasses.asdict(s) for s in sources],
+        "inputs": [s.record() for s in sources],
         "command": opts.command,
         "fingerprint": fingerprint,
+        **({"task": task} if task else {}),
     }
     write_json_atomic(out / MANIFEST, manifest)
     return manifest

@@ -50,6 +50,9 @@ class ReaderOptions:
 class Source:
     kind: str  # text | jsonl | parquet | hf_disk | hf_hub
     path: str
+    # One task's share of a file too big for one task (pipeline/data/tasks.py): [start, end) byte
+    # offsets of an uncompressed JSONL file (the lines that start there) or a Parquet row-group range.
+    part: tuple[int, int] | None = None
 
     def fingerprint(self, legacy: bool = False) -> list:
         """What must not change between a crashed run and its resume: every file's size and content
@@ -61,7 +64,12 @@ class Source:
         files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
         if legacy:
             return [self.kind, self.path, [[str(q), q.stat().st_size, q.stat().st_mtime_ns] for q in files]]
-        return [self.kind, self.path, [[str(q), q.stat().st_size, content_hash(q)] for q in files]]
+        whole = [self.kind, self.path, [[str(q), q.stat().st_size, content_hash(q)] for q in files]]
+        return whole if self.part is None else [*whole, list(self.part)]
+
+    def record(self) -> dict:
+        """The manifest's entry for this input (`part` only when it is one)."""
+        return {"kind": self.kind, "path": self.path, **({"part": list(self.part)} if self.part else {})}
 
 
 class SkipReport:
@@ -217,7 +225,8 @@ class _Decoder:
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            where = f"{path}: invalid UTF-8 at byte offset {offset + e.start} (line {lineno})"
+            line = f" (line {lineno})" if lineno else ""  # 0: read from a byte offset, line unknown
+            where = f"{path}: invalid UTF-8 at byte offset {offset + e.start}{line}"
             if self.policy == "error":
                 raise DataError(f"{where}; pass --on-invalid-utf8 skip or replace to go on") from None
             if self.policy == "skip":
@@ -362,16 +371,33 @@ def _text_value(record, key: str, where: str, opts: ReaderOptions, report: SkipR
     return value
 
 
-def _read_jsonl(path: str, opts: ReaderOptions, report: SkipReport, decode: _Decoder) -> Iterator[Doc]:
+def _seek_line(f, start: int) -> int:
+    """Position `f` at the first line that starts at byte `start` or later; returns that offset."""
+    if start == 0:
+        return 0
+    f.seek(start - 1)
+    if f.read(1) != b"\n":
+        f.readline()  # the line that straddles `start` belongs to the task before
+    return f.tell()
+
+
+def _read_jsonl(src: Source, opts: ReaderOptions, report: SkipReport, decode: _Decoder) -> Iterator[Doc]:
+    path = src.path
     try:
         f = _open_binary(path)
     except OSError as e:
         raise DataError(f"cannot open {path}: {e}") from e
+    start, end = src.part or (0, None)
     lineno, offset, records = 0, 0, 0
     with f:
         try:
-            for lineno, raw in enumerate(f, 1):  # noqa: B007
-                where = f"{path}:{lineno}"
+            offset = _seek_line(f, start)
+            for raw in iter(f.readline, b""):
+                if end is not None and offset >= end:
+                    break
+                # A part read from a byte offset cannot know its line numbers: it names offsets.
+                lineno = lineno + 1 if start == 0 else 0
+                where = f"{path}:{lineno}" if lineno else f"{path}: line at byte offset {offset}"
                 line = decode(raw, path, offset, lineno)
                 offset += len(raw)
                 if line is None or not line.strip():
@@ -387,7 +413,7 @@ def _read_jsonl(path: str, opts: ReaderOptions, report: SkipReport, decode: _Dec
                     yield from _limit(text, where, opts, report)
         except _stream_errors() as e:
             raise DataError(f"{path}: corrupt or truncated compressed file near line {lineno}: {e}") from e
-    if records == 0:
+    if records == 0 and src.part is None:
         report.add("empty file", path)
 
 
@@ -401,10 +427,11 @@ def _read_records(texts: Iterator, where_of, opts: ReaderOptions, report: SkipRe
             yield from _limit(text, where, opts, report)
 
 
-def _read_parquet(path: str, opts: ReaderOptions, report: SkipReport) -> Iterator[Doc]:
+def _read_parquet(src: Source, opts: ReaderOptions, report: SkipReport) -> Iterator[Doc]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    path = src.path
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as e:
@@ -416,12 +443,15 @@ def _read_parquet(path: str, opts: ReaderOptions, report: SkipReport) -> Iterato
             f"set --text-key"
         )
 
+    first, stop = src.part or (0, pf.num_row_groups)
+    first_row = sum(pf.metadata.row_group(k).num_rows for k in range(first))
+
     def values():
         # Record batches keep memory bounded by the batch, not the file or the row group.
-        for batch in pf.iter_batches(batch_size=1024, columns=[opts.text_key]):
+        for batch in pf.iter_batches(batch_size=1024, columns=[opts.text_key], row_groups=range(first, stop)):
             yield from batch.column(0).to_pylist()
 
-    yield from _read_records(values(), lambda r: f"{path}: row {r}", opts, report)
+    yield from _read_records(values(), lambda r: f"{path}: row {first_row + r}", opts, report)
 
 
 def _read_hf(source: Source, opts: ReaderOptions, report: SkipReport) -> Iterator[Doc]:
@@ -471,9 +501,9 @@ def iter_documents(sources: list[Source], opts: ReaderOptions, report: SkipRepor
         if src.kind == "text":
             yield from _read_text(src.path, opts, report, decode)
         elif src.kind == "jsonl":
-            yield from _read_jsonl(src.path, opts, report, decode)
+            yield from _read_jsonl(src, opts, report, decode)
         elif src.kind == "parquet":
-            yield from _read_parquet(src.path, opts, report)
+            yield from _read_parquet(src, opts, report)
         elif src.kind in ("hf_disk", "hf_hub"):
             yield from _read_hf(src, opts, report)
         else:

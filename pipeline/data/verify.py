@@ -23,14 +23,14 @@ _SCAN_TOKENS = 1 << 24  # ids checked per step: bounded memory on multi-GB shard
 
 
 def _check_shard(
-    prefix: Path, documents: int, tokens: int, dtype: np.dtype, eos_id: int, vocab: int
+    prefix: Path, documents: int, tokens: int, dtype: np.dtype, eos_id: int, vocab: int, name: str
 ) -> list[str]:
+    """`name`: the shard as the manifest names it (a merged multi-task dir: tasks/task_.../train_00000)."""
     problems = []
     try:
         ds = MMapIndexedDataset(prefix)
     except DataError as e:
         return [str(e)]
-    name = prefix.name
     if ds.dtype != dtype:
         problems.append(f"{name}.idx: dtype {ds.dtype}, manifest says {dtype}")
     if len(ds) != documents or ds.num_documents != documents:
@@ -83,6 +83,6 @@ def verify(data_dir: str | Path) -> list[str]:
     for split in m.splits.values():
         for shard in split.shards:
             problems += _check_shard(
-                data_dir / shard.name, shard.documents, shard.tokens, m.dtype, m.eos_id, m.vocab_size
+                data_dir / shard.name, shard.documents, shard.tokens, m.dtype, m.eos_id, m.vocab_size, shard.name
             )
     return problems

@@ -22,7 +22,7 @@ from tests.runs import losses, read_metrics, write_run_config
 from tests.train.reference import reference_run
 
 LAUNCH = REPO_ROOT / "launch"
-SCRIPTS = ["single_node.sh", "multi_node_hostfile.sh", "slurm.sbatch"]
+SCRIPTS = ["single_node.sh", "multi_node_hostfile.sh", "slurm.sbatch", "prepare_array.sbatch"]
 
 
 def free_port() -> int:
@@ -174,3 +174,23 @@ def test_slurm_outside_an_allocation_fails_clearly(tmp_path):
     env = {k: v for k, v in {**rank_env(), **slurm_env(tmp_path, "x", ["x"])}.items() if k != "SLURM_JOB_NODELIST"}
     proc = subprocess.run(["bash", str(LAUNCH / "slurm.sbatch")], env=env, capture_output=True, text=True)
     assert proc.returncode != 0 and "submit with sbatch" in proc.stderr
+
+
+def test_prepare_array_passes_task_flags_that_prepare_accepts():
+    from pipeline.prepare import build_parser
+
+    array = {"DRY_RUN": "1", "SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_COUNT": "4",
+             "SLURM_CPUS_PER_TASK": "16"}
+    cmd = launched(bash("prepare_array.sbatch", "--input", "a b.jsonl", "--output", "data/x", env=array))
+    assert cmd[1:3] == ["-m", "pipeline.prepare"]
+    args = build_parser().parse_args(cmd[3:])
+    assert args.input == ["a b.jsonl"] and (args.num_tasks, args.task_index, args.workers) == (4, 2, 16)
+    # Rerunning one task alone (`NUM_TASKS=4 sbatch --array=3`): the array says 1 task starting at 3.
+    rerun = {**array, "SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "3", "SLURM_ARRAY_TASK_COUNT": "1"}
+    args = build_parser().parse_args(launched(bash("prepare_array.sbatch", "--input", "x", "--output", "o",
+                                                   "--workers", "2", env={**rerun, "NUM_TASKS": "4"}))[3:])
+    assert (args.num_tasks, args.task_index, args.workers) == (4, 3, 2)
+    proc = bash("prepare_array.sbatch", "--input", "x", "--output", "o", env=rerun)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: array indices are task indices and start at 0")
+    merge = {k: v for k, v in array.items() if not k.startswith("SLURM_ARRAY")}
+    assert launched(bash("prepare_array.sbatch", "--merge", "data/x", env=merge))[3:] == ["--merge", "data/x"]
