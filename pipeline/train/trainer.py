@@ -377,6 +377,12 @@ class Trainer:
         return (f"stopped at once at step {self.step} by a second Ctrl-C, without a checkpoint; "
                 f"{self.ckpt.last_good_message()}")
 
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         self.log.close()
         if self.lock is not None:
