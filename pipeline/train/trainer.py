@@ -27,6 +27,7 @@ from pipeline.model import MoE
 from pipeline.model.flex_attention import resolve_attention_backend
 from pipeline.model.flops import flops_per_token
 from pipeline.planning.activations import math_kernel_notice
+from pipeline.process_exit import end_at_interpreter_exit
 from pipeline.train import health
 from pipeline.train.checkpoint.init_from import WeightsFolder, load_initial_weights
 from pipeline.train.checkpoint.manager import CheckpointManager
@@ -384,6 +385,10 @@ class Trainer:
         self.close()
 
     def close(self) -> None:
+        """Logs closed, run dir released; on gloo the process will end at interpreter exit without
+        teardown, so that no gloo worker thread can abort it then (pipeline/process_exit.py)."""
         self.log.close()
         if self.lock is not None:
             self.lock.release()
+        if dist.is_initialized() and dist.get_backend() == "gloo":
+            end_at_interpreter_exit()

@@ -7,11 +7,12 @@ No pipeline.cli.run_and_exit here: the interpreter tears down as after any user 
 worker thread left behind by the trainer would abort a rank ("terminate called without an active
 exception", exit -6) after the final checkpoint was saved.
 
-LATE_COLLECTIVE=1 makes that deterministic (tests/scripts/late_collective.py's provoker inside a
-trainer run): before leaving the `with` block, rank 1 joins an all-reduce over the trainer's
-DeepSpeed data-parallel group a second late with the handle dropped, and an unreachable object's
-finalizer holds teardown open for a second, so without the trainer's clean close the collective's
-tensors are released by gloo's worker once teardown has begun.
+LATE_COLLECTIVE=1 makes that deterministic: before leaving the `with` block each rank starts an
+all-reduce over the engine's data-parallel group and drops the handle (gloo's worker holds the last
+reference), rank 0 a second late. Rank 1 then keeps the GIL (no thread switch) until the all-reduce
+has finished, so the worker's release of its tensors waits for the GIL, and an unreachable object's
+finalizer releases the GIL only once teardown has begun: without a clean close, rank 1 aborts every
+time (tests/scripts/late_collective.py does the same to a bare process group).
 """
 
 import gc
@@ -35,25 +36,31 @@ class HoldsTeardownOpen:
         time.sleep(1)
 
 
-def late_collective(rank: int) -> None:
-    from deepspeed.utils import groups
-
-    if rank == 1:
+def start_late_collective(trainer: Trainer) -> float:
+    """Returns when rank 1 may let go of the GIL (the all-reduce has finished by then)."""
+    if trainer.rank == 0:
         time.sleep(1)
-    # Small: it completes just as rank 1 leaves. The handle is dropped: gloo's worker holds the last reference.
-    dist.all_reduce(torch.ones(2**16), group=groups._get_data_parallel_group(), async_op=True)
+    dist.all_reduce(torch.ones(2**16), group=trainer.engine.data_parallel_group, async_op=True)
+    return time.perf_counter() + 2
+
+
+def hold_gil_until(deadline: float) -> None:
+    sys.setswitchinterval(1000)
+    while time.perf_counter() < deadline:
+        pass
+    gc.disable()
+    HoldsTeardownOpen()
 
 
 def main() -> None:
     args = parse_args(sys.argv[1:])
+    late = bool(os.environ.get("LATE_COLLECTIVE"))
     with Trainer(load_run_config(args.config, args.overrides)) as trainer:
         trainer.fit()
-        if os.environ.get("LATE_COLLECTIVE"):
-            late_collective(trainer.rank)
-    if os.environ.get("LATE_COLLECTIVE"):
-        gc.disable()
-        HoldsTeardownOpen()
+        deadline = start_late_collective(trainer) if late else 0.0
     print(f"rank {trainer.rank}: script returned", flush=True)
+    if late and trainer.rank == 1:
+        hold_gil_until(deadline)  # last: writing to a stream would let the worker have the GIL
 
 
 if __name__ == "__main__":
