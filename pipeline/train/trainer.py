@@ -385,10 +385,11 @@ class Trainer:
         self.close()
 
     def close(self) -> None:
-        """Logs closed, run dir released; on gloo the process will end at interpreter exit without
-        teardown, so that no gloo worker thread can abort it then (pipeline/process_exit.py)."""
+        """Logs closed, run dir released; ranks of a multi-rank gloo job will end at interpreter exit
+        without teardown, so that no gloo worker thread can abort them then (pipeline/process_exit.py).
+        Not a single process (pytest, a notebook): a `raise SystemExit(n)` there would exit 0."""
         self.log.close()
         if self.lock is not None:
             self.lock.release()
-        if dist.is_initialized() and dist.get_backend() == "gloo":
+        if self.world > 1 and dist.is_initialized() and dist.get_backend() == "gloo":
             end_at_interpreter_exit()
