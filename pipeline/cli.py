@@ -13,17 +13,16 @@ corrupt shard it read) is printed by that rank.
 
 from __future__ import annotations
 
-import atexit
 import functools
 import os
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable
 from typing import NoReturn
 
 from pipeline.errors import ConfigError, DataError
+from pipeline.process_exit import end_process, exit_code_of
 
 EXIT_USER_ERROR = 2
 # A launcher stops every rank as soon as one has failed. A rank that leaves the line to local rank 0
@@ -65,9 +64,9 @@ def run_and_exit(main: Callable[[], int | None]) -> NoReturn:
     by ending that thread inside a C++ destructor: the rank aborts ("terminate called without an
     active exception", exit -6) after a run that trained and saved, and the launcher reports the job
     failed (1 run in ~40 of a 2-rank training on 2 busy cores). So the process ends here, without
-    teardown: the atexit handlers (W&B, logging, the run-dir lock) run and the streams are flushed
-    while the interpreter is whole, then os._exit. An unexpected error keeps its traceback and
-    exit code 1; Ctrl-C exits 130.
+    teardown (pipeline.process_exit.end_process): the atexit handlers (W&B, logging, the run-dir
+    lock) run and the streams are flushed while the interpreter is whole, then os._exit. An
+    unexpected error keeps its traceback and exit code 1; Ctrl-C exits 130.
     """
     try:
         code = main()
@@ -79,20 +78,6 @@ def run_and_exit(main: Callable[[], int | None]) -> NoReturn:
     except BaseException:
         traceback.print_exc()
         code = 1
-    if code is None:
-        code = 0
-    elif not isinstance(code, int):  # sys.exit("message"), as Python itself treats it
+    if code is not None and not isinstance(code, int):  # sys.exit("message"), as Python itself treats it
         print(code, file=sys.stderr)
-        code = 1
-    try:  # what interpreter teardown would have done first: wait for threads, then atexit handlers
-        for thread in threading.enumerate():
-            if thread is not threading.main_thread() and not thread.daemon:
-                thread.join()
-        atexit._run_exitfuncs()
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):  # a closed pipe or stream: nothing left to flush into
-                pass
-        os._exit(code)
+    end_process(exit_code_of(code))

@@ -38,3 +38,32 @@ def test_run_and_exit_keeps_what_a_normal_exit_gives():
     assert (proc.returncode, proc.stderr.strip()) == (1, "stopped: reason")
     proc = run_and_exit_on("return None")
     assert proc.returncode == 0
+
+
+def end_at_exit_on(body: str) -> subprocess.CompletedProcess:
+    """A script that installed pipeline.process_exit.end_at_interpreter_exit (as Trainer.close() does
+    on gloo) and then ends by `body`."""
+    code = ("import atexit, sys\nfrom pipeline.process_exit import end_at_interpreter_exit\n"
+            "atexit.register(print, 'atexit', flush=True)\nend_at_interpreter_exit()\n"
+            f"print('done', end='')\n{body}\n")
+    return subprocess.run([sys.executable, "-c", code], env=rank_env(), cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_exit_at_interpreter_exit_keeps_the_exit_code_and_handlers():
+    assert (end_at_exit_on("pass").returncode, end_at_exit_on("pass").stdout) == (0, "doneatexit\n")
+    proc = end_at_exit_on("sys.exit(3)")
+    assert (proc.returncode, proc.stdout) == (3, "doneatexit\n")
+    proc = end_at_exit_on("sys.exit('stopped: reason')")
+    assert (proc.returncode, proc.stderr.strip()) == (1, "stopped: reason")
+    proc = end_at_exit_on("raise RuntimeError('boom')")
+    assert proc.returncode == 1 and "RuntimeError: boom" in proc.stderr and proc.stdout == "doneatexit\n"
+    # A handler registered later has already run when ours would: Python ends the process itself.
+    proc = end_at_exit_on("atexit.register(print, 'later', flush=True)")
+    assert (proc.returncode, proc.stdout) == (0, "donelater\natexit\n")
+
+
+def test_run_and_exit_keeps_its_code_after_the_exit_was_installed():
+    proc = run_and_exit_on("from pipeline.process_exit import end_at_interpreter_exit\n"
+                           "    end_at_interpreter_exit(); return 3")
+    assert (proc.returncode, proc.stdout) == (3, "atexit\n")

@@ -48,3 +48,9 @@ def shutdown() -> None:
     """Destroy the default process group if one is up (NCCL aborts its communicators here)."""
     if initialized():
         dist.destroy_process_group()
+
+
+def multi_rank_gloo() -> bool:
+    """This process is one of several ranks of a gloo job: its gloo worker threads outlive
+    destroy_process_group and can abort interpreter teardown (pipeline/process_exit.py)."""
+    return initialized() and dist.get_world_size() > 1 and dist.get_backend() == "gloo"

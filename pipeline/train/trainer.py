@@ -25,12 +25,13 @@ from pipeline.checkpoint.run_state import RunState
 from pipeline.data import source_paths
 from pipeline.distributed.collectives import sum_over_ranks
 from pipeline.distributed.parallel_dims import ParallelDims
-from pipeline.distributed.process_group import init_distributed
+from pipeline.distributed.process_group import init_distributed, multi_rank_gloo
 from pipeline.evaluation.downstream import DownstreamEvaluator
 from pipeline.hardware import detect_peak_tflops
 from pipeline.model.activation_memory import math_kernel_notice
 from pipeline.model.flex_attention import resolve_attention_backend
 from pipeline.model.flops import flops_per_token
+from pipeline.process_exit import end_at_interpreter_exit
 from pipeline.run_lock import hold_run_dir
 from pipeline.train import health
 from pipeline.train.config import RunConfig, resolve_model_config, resolved_config, resolved_model
@@ -272,7 +273,18 @@ class Trainer:
         return (f"stopped at once at step {self.step} by a second Ctrl-C, without a checkpoint; "
                 f"{self.ckpt.last_good_message()}")
 
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
+        """Logs closed, run dir released; ranks of a multi-rank gloo job will end at interpreter exit
+        without teardown, so that no gloo worker thread can abort them then (pipeline/process_exit.py).
+        Not a single process (pytest, a notebook): a `raise SystemExit(n)` there would exit 0."""
         self.log.close()
         if self.lock is not None:
             self.lock.release()
+        if multi_rank_gloo():
+            end_at_interpreter_exit()
