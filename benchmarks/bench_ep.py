@@ -12,18 +12,19 @@ work it moves (on CPU the ranks share the cores, so its all-to-all is pure overh
 
 Run with plain python: it launches the ranks itself (torchrun --standalone).
 
+Runs, side by side: EP 1, EP N with DeepSpeed's own ZeRO-3 bucketing, EP N with one gradient bucket
+per partition group (pipeline/train/zero3_buckets.py, what the trainer uses; docs/deepspeed_zero3_ep_buckets.md).
+
 What the profile showed (2 shared CPU cores, rank 0, per step; EP1 -> EP2): the collectives that
 synchronise the two ranks go from 71 all-gathers + 1 reduce-scatter to 55 all-gathers (the local
-experts need none) + 20 all-to-alls + 9 reduce-scatters. The all-to-alls' autograd functions spend
-~107 ms/step waiting for the other rank (the gloo transfer itself takes 14 ms), and AccumulateGrad,
-where ZeRO-3's gradient hooks run, 0.97 ms per call instead of 0.11: DeepSpeed 0.19.8 flushes its
-gradient bucket whenever the next gradient belongs to another partition group
-(runtime/zero/stage3.py, reduce_independent_p_g_buckets_and_remove_grads), so every MoE layer's
-expert gradients (expert-data-parallel group) force a blocking reduce-scatter of the bucket
-collected so far, mid-backward, over all ranks. Neither depends on a setting (reduce_bucket_size
-does not apply; overlap_comm moves these reduce-scatters to a side stream on GPUs, where they do not
-block the host). What is left is waiting: every sync point lets the slower rank (more routed
-tokens, or descheduled on busy cores) hold the other; capacity_factor=1.0 bounds the first.
+experts need none) + 20 all-to-alls + 9 reduce-scatters with DeepSpeed's bucketing, which flushes
+its gradient bucket whenever the next gradient belongs to another partition group, so every MoE
+layer forced a blocking reduce-scatter mid-backward (AccumulateGrad, where ZeRO-3's gradient hooks
+run: 3.2 -> 40 ms/step). With a bucket per partition group: 2 reduce-scatters, AccumulateGrad 7 ms/step.
+What is left is waiting in the all-to-alls' autograd functions (66-111 ms/step; the gloo transfer
+itself is a few ms): every all-to-all lets the slower rank (more routed tokens, or descheduled on
+busy cores) hold the other, and on CPU the ranks share the cores, so the exchange is pure overhead;
+capacity_factor=1.0 bounds the routing imbalance.
 """
 
 from __future__ import annotations

@@ -63,9 +63,9 @@ def ours(args, rank: int, world: int) -> dict:
 
 
 def hf(args, rank: int, world: int) -> dict:
+    from bench_ep import run_config
     from transformers import GptOssForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    from bench_ep import run_config
     from pipeline.model import get_preset
     from pipeline.model.hf import config_to_hf
     from pipeline.train.ds_config import build_ds_config
@@ -137,13 +137,15 @@ def main() -> None:
             proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True)
             lines = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
-                raise SystemExit(f"{side} run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+                tail = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+                raise SystemExit(f"{side} run failed ({proc.returncode}):\n{tail}")
             for key, seconds in json.loads(lines[-1]).items():
                 best[key] = min(best.get(key, float("inf")), seconds)
             loads.append(f"{side} {os.getloadavg()[0]:.1f}")
     tokens = args.micro_batch * args.seq * args.nproc
-    print(f"debug model, fp32, ZeRO-3, {args.nproc} ranks, micro-batch {args.micro_batch} x {args.seq} tokens per rank; "
-          f"best of {args.repeats} medians over {args.steps} steps; load average after each run: {', '.join(loads)}")
+    print(f"debug model, fp32, ZeRO-3, {args.nproc} ranks, micro-batch {args.micro_batch} x {args.seq} tokens "
+          f"per rank; best of {args.repeats} medians over {args.steps} steps; "
+          f"load average after each run: {', '.join(loads)}")
     names = {"hf": "HF Trainer + DeepSpeed ZeRO-3", "ours_ep1": "ours, expert_parallel_size=1",
              f"ours_ep{args.nproc}": f"ours, expert_parallel_size={args.nproc}"}
     for key, name in names.items():

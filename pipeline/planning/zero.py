@@ -22,8 +22,8 @@ ZeRO-3 (`runtime/zero/partition_parameters.py`, `runtime/zero/stage3.py`)
     its direct parameters) plus up to stage3_prefetch_bucket_size prefetched elements; backward
     produces that module's full-size gradients, copied into the reduce bucket of reduce_bucket_size
     elements (preallocated with contiguous_gradients), one bucket per partition group: our trainer's
-    patch (pipeline/train/zero3_buckets.py) gives the expert-data-parallel group its own. The optimizer step upcasts one sub-group of
-    gradient partitions (<= sub_group_size elements) to fp32.
+    patch (pipeline/train/zero3_buckets.py) gives the expert-data-parallel group its own. The optimizer
+    step upcasts one sub-group of gradient partitions (<= sub_group_size elements) to fp32.
 ZeRO-2 (`runtime/zero/stage_1_and_2.py`): parameters stay whole on every rank; each parameter group
   is flattened and padded to a multiple of 2 x world (`nccl_start_alignment_factor`), and the fp32
   master, Adam moments and gradient partitions are 1/world of it. Modelled as one group.
