@@ -67,6 +67,11 @@ class BucketsPerPartitionGroup(dict):
     def items(self):
         return [(dtype, b) for (dtype, _), b in self.by_group.items()] or list(dict.items(self))
 
+    def clear(self):  # the optimizer's destroy(): free every bucket's buffer, not only the active ones
+        self.by_group.clear()
+        self._unclaimed.clear()
+        super().clear()
+
 
 def keep_bucket_per_partition_group(optimizer) -> bool:
     """Patch a ZeRO-3 optimizer in place (see the module docstring). Returns False, changing
