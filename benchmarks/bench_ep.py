@@ -12,18 +12,19 @@ work it moves (on CPU the ranks share the cores, so its all-to-all is pure overh
 
 Run with plain python: it launches the ranks itself (torchrun --standalone).
 
+Runs, side by side: EP 1, EP N with DeepSpeed's own ZeRO-3 bucketing, EP N with one gradient bucket
+per partition group (pipeline/train/zero3_buckets.py, what the trainer uses; docs/deepspeed_zero3_ep_buckets.md).
+
 What the profile showed (2 shared CPU cores, rank 0, per step; EP1 -> EP2): the collectives that
 synchronise the two ranks go from 71 all-gathers + 1 reduce-scatter to 55 all-gathers (the local
-experts need none) + 20 all-to-alls + 9 reduce-scatters. The all-to-alls' autograd functions spend
-~107 ms/step waiting for the other rank (the gloo transfer itself takes 14 ms), and AccumulateGrad,
-where ZeRO-3's gradient hooks run, 0.97 ms per call instead of 0.11: DeepSpeed 0.19.8 flushes its
-gradient bucket whenever the next gradient belongs to another partition group
-(runtime/zero/stage3.py, reduce_independent_p_g_buckets_and_remove_grads), so every MoE layer's
-expert gradients (expert-data-parallel group) force a blocking reduce-scatter of the bucket
-collected so far, mid-backward, over all ranks. Neither depends on a setting (reduce_bucket_size
-does not apply; overlap_comm moves these reduce-scatters to a side stream on GPUs, where they do not
-block the host). What is left is waiting: every sync point lets the slower rank (more routed
-tokens, or descheduled on busy cores) hold the other; capacity_factor=1.0 bounds the first.
+experts need none) + 20 all-to-alls + 9 reduce-scatters with DeepSpeed's bucketing, which flushes
+its gradient bucket whenever the next gradient belongs to another partition group, so every MoE
+layer forced a blocking reduce-scatter mid-backward (AccumulateGrad, where ZeRO-3's gradient hooks
+run: 3.2 -> 40 ms/step). With a bucket per partition group: 2 reduce-scatters, AccumulateGrad 7 ms/step.
+What is left is waiting in the all-to-alls' autograd functions (66-111 ms/step; the gloo transfer
+itself is a few ms): every all-to-all lets the slower rank (more routed tokens, or descheduled on
+busy cores) hold the other, and on CPU the ranks share the cores, so the exchange is pure overhead;
+capacity_factor=1.0 bounds the routing imbalance.
 """
 
 from __future__ import annotations
@@ -70,8 +71,9 @@ def run_config(args, ep: int):
     return from_dict(RunConfig, apply_overrides(raw, args.set))
 
 
-def measure(args, ep: int, world: int, rank: int) -> tuple[float, str | None]:
-    """(median step seconds, profiler table or None) of one engine with expert_parallel_size=ep."""
+def measure(args, ep: int, world: int, rank: int, patched: bool = True) -> tuple[float, str | None]:
+    """(median step seconds, profiler table or None) of one engine with expert_parallel_size=ep;
+    `patched=False`: DeepSpeed's own ZeRO-3 bucketing (pipeline/train/zero3_buckets.py off)."""
     from pipeline.model import get_preset
     from pipeline.train.ds_config import build_ds_config
     from pipeline.train.engine import build_engine, release_engine
@@ -79,7 +81,7 @@ def measure(args, ep: int, world: int, rank: int) -> tuple[float, str | None]:
 
     run = run_config(args, ep)
     model_cfg = get_preset("debug", capacity_factor=args.capacity_factor, block_size=max(128, args.seq))
-    engine = build_engine(run, model_cfg, build_ds_config(run, world), world)
+    engine = build_engine(run, model_cfg, build_ds_config(run, world), world, bucket_per_partition_group=patched)
     gen = torch.Generator().manual_seed(rank)  # each rank its own samples, the same for both runs
     batches = [torch.randint(0, model_cfg.vocab_size, (args.micro_batch, args.seq + 1), generator=gen)
                for _ in range(4)]
@@ -133,21 +135,26 @@ def rank_main(args) -> None:
     view = init_distributed()
 
     rank, world = view.rank, view.world
-    best: dict[int, float] = {}
+    # (ep, bucket per partition group): EP 1 has one partition group, so the patch changes nothing there.
+    runs = [(1, True), (world, False), (world, True)]
+    names = {(1, True): "expert_parallel_size=1", (world, False): f"expert_parallel_size={world}, DeepSpeed buckets",
+             (world, True): f"expert_parallel_size={world}, bucket per group"}
+    best: dict[tuple[int, bool], float] = {}
     for _ in range(args.repeats):
-        for ep in (1, world):
-            seconds, table = measure(args, ep, world, rank)
-            best[ep] = min(best.get(ep, float("inf")), seconds)
+        for run in runs:
+            seconds, table = measure(args, run[0], world, rank, patched=run[1])
+            best[run] = min(best.get(run, float("inf")), seconds)
             if rank == 0 and table is not None:
-                print(f"\n--- profile, expert_parallel_size={ep}, rank 0, {args.steps} steps ---\n{table}", flush=True)
+                print(f"\n--- profile, {names[run]}, rank 0, {args.steps} steps ---\n{table}", flush=True)
     if rank == 0:
         tokens = args.micro_batch * args.seq * world
         print(f"\ndebug model, fp32, ZeRO-3, {world} ranks, micro-batch {args.micro_batch} x {args.seq} tokens "
               f"per rank, capacity_factor {args.capacity_factor}, {' '.join(args.set) or 'no overrides'}; "
-              f"best of {args.repeats} medians over {args.steps} steps")
-        for ep in (1, world):
-            print(f"  expert_parallel_size={ep}: {1e3 * best[ep]:7.1f} ms/step  {tokens / best[ep]:9,.0f} tokens/s")
-        print(f"  EP{world} / EP1 step time: {best[world] / best[1]:.2f}x", flush=True)
+              f"best of {args.repeats} medians over {args.steps} steps; load average {os.getloadavg()[0]:.1f}")
+        for run in runs:
+            print(f"  {names[run]:<44}{1e3 * best[run]:7.1f} ms/step  {tokens / best[run]:9,.0f} tokens/s")
+        print(f"  EP{world} / EP1 step time: {best[(world, False)] / best[(1, True)]:.2f}x with DeepSpeed's buckets, "
+              f"{best[(world, True)] / best[(1, True)]:.2f}x with a bucket per partition group", flush=True)
 
 
 def main() -> None:

@@ -21,8 +21,9 @@ ZeRO-3 (`runtime/zero/partition_parameters.py`, `runtime/zero/stage3.py`)
   - Working memory: the parameters of the module being run are all-gathered (ZeRO fetches per module,
     its direct parameters) plus up to stage3_prefetch_bucket_size prefetched elements; backward
     produces that module's full-size gradients, copied into the reduce bucket of reduce_bucket_size
-    elements (preallocated with contiguous_gradients). The optimizer step upcasts one sub-group of
-    gradient partitions (<= sub_group_size elements) to fp32.
+    elements (preallocated with contiguous_gradients), one bucket per partition group: our trainer's
+    patch (pipeline/train/zero3_buckets.py) gives the expert-data-parallel group its own. The optimizer
+    step upcasts one sub-group of gradient partitions (<= sub_group_size elements) to fp32.
 ZeRO-2 (`runtime/zero/stage_1_and_2.py`): parameters stay whole on every rank; each parameter group
   is flattened and padded to a multiple of 2 x world (`nccl_start_alignment_factor`), and the fp32
   master, Adam moments and gradient partitions are 1/world of it. Modelled as one group.
@@ -146,6 +147,9 @@ class RankElements:
     """Parameters ZeRO-3 gathers at once for the biggest module (experts: this rank's slice)."""
     optimizer_sub_group: int
     """Largest set of partitions upcast to fp32 together in the optimizer step."""
+    gradient_buckets: int = 1
+    """Reduce buckets of reduce_bucket_size allocated: ZeRO-3 keeps one per partition group
+    (pipeline/train/zero3_buckets.py), so expert parallelism adds the expert-data-parallel group's."""
 
 
 def rank_elements(params: list[ParamTensor], zero: ZeroSettings, world: int, ep: int) -> RankElements:
@@ -223,6 +227,7 @@ def _zero3_elements(params: list[ParamTensor], zero: ZeroSettings, world: int, e
         persistent_count=persistent_count,
         largest_module=_largest_module(params, ep),
         optimizer_sub_group=max(sub_groups),
+        gradient_buckets=sum(1 for parts in parts_by_group.values() if parts),
     )
 
 
@@ -278,6 +283,8 @@ def state_memory(el: RankElements, zero: ZeroSettings) -> StateMemory:
         full_grads = el.largest_module * pb
     else:
         full_grads = 0
-    bucket = zero.reduce_bucket_size * pb if zero.contiguous_gradients else 0
-    rows.append(("gradient reduce: full grads of one module + bucket", full_grads + bucket, 0))
+    buckets = el.gradient_buckets
+    bucket = buckets * zero.reduce_bucket_size * pb if zero.contiguous_gradients else 0
+    label = "bucket" if buckets == 1 else f"{buckets} buckets"  # one per partition group
+    rows.append((f"gradient reduce: full grads of one module + {label}", full_grads + bucket, 0))
     return StateMemory(rows)

@@ -109,6 +109,9 @@ def test_zero3_state_equals_deepspeed_engine(engine_state, case_idx):
         assert real["grad_bytes"] == gpu_bytes("gradients: partition")
         assert real["master_bytes"] == gpu_bytes("optimizer: fp32 master")
         assert real["adam_bytes"] == gpu_bytes("optimizer: Adam")
+        # one reduce bucket per partition group (pipeline/train/zero3_buckets.py): EP adds the experts'
+        assert real["gradient_buckets"] == el.gradient_buckets == (2 if case["ep"] > 1 else 1)
+        assert real["bucket_bytes"] == el.gradient_buckets * zero.reduce_bucket_size * zero.param_bytes
     if case["ep"] == 1:
         assert el.padding > 0  # the odd sizes really exercise the padding rule
     else:

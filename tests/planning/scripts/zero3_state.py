@@ -1,5 +1,6 @@
 """Rank script for tests/planning/test_plan.py: build the trainer's ZeRO-3 (+ expert-parallel) engine
-on CPU/gloo, run one step, and print what DeepSpeed actually holds on this rank as one JSON line.
+on CPU/gloo (with the trainer's bucket per partition group), run one step, and print what DeepSpeed
+actually holds on this rank as one JSON line.
 
     torchrun --standalone --nproc_per_node 2 tests/planning/scripts/zero3_state.py '{"ep": 2, ...}'
 
@@ -16,6 +17,7 @@ import torch.distributed as dist
 
 from pipeline.distributed.expert_parallel import apply_expert_parallel, create_expert_groups, is_expert_parameter
 from pipeline.model import GPTOSS, get_preset
+from pipeline.train.zero3_buckets import keep_bucket_per_partition_group
 
 
 def ds_config(case: dict) -> dict:
@@ -45,6 +47,7 @@ def run_case(case: dict) -> dict:
     if groups is not None:
         apply_expert_parallel(model, groups)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config(case))
+    keep_bucket_per_partition_group(engine.optimizer)  # as train/engine.py's build_engine does
     x = torch.randint(0, cfg.vocab_size, (1, 32))
     _, loss, aux = engine(x, x)
     engine.backward(loss + aux)
@@ -54,6 +57,7 @@ def run_case(case: dict) -> dict:
     params = list(engine.module.parameters())
     adam = [s for s in opt.optimizer.state.values() if "exp_avg" in s]
     grad_buffer = opt.grad_partitions_flat_buffer
+    buckets = {id(b.buffer): b.buffer for b in opt.ipg_buckets.values() if b.buffer is not None}
     return {
         "numel": sum(p.ds_numel for p in params),
         # ZeRO-3 pads each parameter to a multiple of its partition group; the padding sits in the
@@ -77,6 +81,8 @@ def run_case(case: dict) -> dict:
         "adam_bytes": sum(s["exp_avg"].numel() * s["exp_avg"].element_size()
                           + s["exp_avg_sq"].numel() * s["exp_avg_sq"].element_size() for s in adam),
         "sub_groups": [t.numel() for t in opt.fp32_partitioned_groups_flat],
+        "gradient_buckets": len(buckets),
+        "bucket_bytes": sum(b.numel() * b.element_size() for b in buckets.values()),
     }
 
 

@@ -1,0 +1,160 @@
+"""Our engine's tokens/s against Hugging Face Trainer + DeepSpeed ZeRO-3 on the same model and ranks.
+
+    python benchmarks/bench_hf_trainer.py [--nproc 2] [--steps 20] [--warmup 3] [--repeats 2]
+
+Both sides train the debug preset in fp32 under DeepSpeed ZeRO-3 on the same ranks with the same
+ZeRO section, the same DeepSpeed AdamW (torch_adam), micro-batches of the same shape (--micro-batch
+x --seq tokens per rank, random tokens) and one micro-batch per step:
+  - ours: the trainer's engine (train/engine.py build_engine, with one ZeRO-3 gradient bucket per
+    partition group) with expert_parallel_size 1 and --nproc, timed as benchmarks/bench_ep.py
+    times it (`measure`: a barrier, then forward + backward + step);
+  - Hugging Face: `transformers.GptOssForCausalLM` from the same config (pipeline/model/hf.py
+    `config_to_hf`; every rank computes every expert: transformers has no expert parallelism),
+    `transformers.Trainer` with `TrainingArguments(deepspeed=...)`, timed from `on_step_begin` to
+    `on_step_end` (the same forward + backward + step).
+Each side runs in its own torchrun (HF's Accelerate owns its process state); the sides alternate
+--repeats times and each keeps its best median step time, so a burst of load from other processes
+moves the ratio little. Prints tokens/s per side, ours / HF, and the load average after each run
+(on a shared machine the figures are noisy). Run with plain python: it launches the ranks itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--side", choices=["ours", "hf"], help=argparse.SUPPRESS)  # set for the rank processes
+    return parser.parse_args(argv)
+
+
+def bench_ep_args(args):
+    """bench_ep.py's arguments for the same work (its `measure` is the one way we time our step)."""
+    from bench_ep import parse_args as ep_args
+
+    return ep_args(["--steps", str(args.steps), "--warmup", str(args.warmup), "--micro-batch", str(args.micro_batch),
+                    "--seq", str(args.seq)])
+
+
+def ours(args, rank: int, world: int) -> dict:
+    from bench_ep import measure
+
+    return {f"ours_ep{ep}": measure(bench_ep_args(args), ep, world, rank)[0] for ep in (1, world)}
+
+
+def hf(args, rank: int, world: int) -> dict:
+    from bench_ep import run_config
+    from transformers import GptOssForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from pipeline.model import get_preset
+    from pipeline.model.hf import config_to_hf
+    from pipeline.train.ds_config import build_ds_config
+
+    run = run_config(bench_ep_args(args), 1)
+    model_cfg = get_preset("debug", block_size=max(128, args.seq))
+    ours_ds = build_ds_config(run, world)
+    # Our ZeRO section and optimizer type; every value HF's integration fills from TrainingArguments "auto".
+    ds = {"zero_optimization": ours_ds["zero_optimization"], "train_micro_batch_size_per_gpu": "auto",
+          "gradient_accumulation_steps": "auto", "train_batch_size": "auto", "gradient_clipping": "auto",
+          "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                    "weight_decay": "auto", "torch_adam": True}},
+          "steps_per_print": 10**9}
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(config_to_hf(model_cfg))
+    gen = torch.Generator().manual_seed(0)
+    n = (args.warmup + args.steps) * args.micro_batch * world
+    tokens = torch.randint(0, model_cfg.vocab_size, (n, args.seq), generator=gen)
+    data = [{"input_ids": t, "labels": t} for t in tokens]
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            times.append(time.perf_counter() - self.start)
+
+    with tempfile.TemporaryDirectory() as out:
+        training = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=args.micro_batch, max_steps=args.warmup + args.steps,
+            learning_rate=run.optim.lr, weight_decay=run.optim.weight_decay, adam_beta1=run.optim.beta1,
+            adam_beta2=run.optim.beta2, adam_epsilon=run.optim.eps, max_grad_norm=run.optim.grad_clip,
+            lr_scheduler_type="constant", logging_steps=10**6, save_strategy="no", report_to=[],
+            deepspeed=ds, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, seed=0,
+        )
+        trainer = Trainer(model=model, args=training, train_dataset=data, callbacks=[StepTimer()])
+        trainer.train()
+    return {"hf": statistics.median(times[args.warmup:])}
+
+
+def rank_main(args) -> None:
+    import torch.distributed as dist
+
+    if args.side == "ours":
+        from pipeline.distributed.process_group import init_distributed
+
+        view = init_distributed()
+        result = ours(args, view.rank, view.world)
+    else:
+        result = hf(args, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps(result), flush=True)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.side is not None:
+        rank_main(args)
+        return
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    best: dict[str, float] = {}
+    loads: list[str] = []
+    for _ in range(args.repeats):
+        for side in ("ours", "hf"):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+                   __file__, *sys.argv[1:], "--side", side]
+            proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True)
+            lines = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                tail = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+                raise SystemExit(f"{side} run failed ({proc.returncode}):\n{tail}")
+            for key, seconds in json.loads(lines[-1]).items():
+                best[key] = min(best.get(key, float("inf")), seconds)
+            loads.append(f"{side} {os.getloadavg()[0]:.1f}")
+    tokens = args.micro_batch * args.seq * args.nproc
+    print(f"debug model, fp32, ZeRO-3, {args.nproc} ranks, micro-batch {args.micro_batch} x {args.seq} tokens "
+          f"per rank; best of {args.repeats} medians over {args.steps} steps; "
+          f"load average after each run: {', '.join(loads)}")
+    names = {"hf": "HF Trainer + DeepSpeed ZeRO-3", "ours_ep1": "ours, expert_parallel_size=1",
+             f"ours_ep{args.nproc}": f"ours, expert_parallel_size={args.nproc}"}
+    for key, name in names.items():
+        print(f"  {name:<34}{1e3 * best[key]:7.1f} ms/step  {tokens / best[key]:9,.0f} tokens/s")
+    for ep in (1, args.nproc):
+        print(f"  ours (EP {ep}) / HF tokens/s: {best['hf'] / best[f'ours_ep{ep}']:.2f}x")
+
+
+if __name__ == "__main__":
+    from pipeline.cli import run_and_exit
+
+    run_and_exit(main)  # no interpreter teardown with gloo threads alive (see run_and_exit)
