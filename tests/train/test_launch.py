@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import shlex
-import socket
 import subprocess
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from deepspeed.launcher.runner import parse_args as parse_deepspeed_args
 
 from pipeline.train.__main__ import parse_args as parse_train_args
 from tests.conftest import REPO_ROOT
-from tests.ranks import rank_env
+from tests.ranks import free_port, rank_env
 from tests.runs import losses, read_metrics, write_run_config
 from tests.train.reference import reference_run
 
@@ -25,14 +24,11 @@ LAUNCH = REPO_ROOT / "launch"
 SCRIPTS = ["single_node.sh", "multi_node_hostfile.sh", "slurm.sbatch", "prepare_array.sbatch"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bash(script: str, *args: str, env: dict | None = None, cwd: Path = REPO_ROOT, timeout: int = 60):
-    return subprocess.run(["bash", str(LAUNCH / script), *args], env={**rank_env(), **(env or {})}, cwd=cwd,
+    """Run a launch script with this environment, less a MASTER_PORT of the caller's (the scripts'
+    own default port is under test), plus `env`."""
+    inherited = {k: v for k, v in rank_env().items() if k != "MASTER_PORT"}
+    return subprocess.run(["bash", str(LAUNCH / script), *args], env={**inherited, **(env or {})}, cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
 
 
