@@ -1,8 +1,9 @@
 """What a run was trained on, and whether the data still is what its manifest says.
 
-- `data_identity(sources)`: the tokenizer identity, the shard set with the sha256 prepare recorded
-  for each file, and the blend weights of `data.train`; stored in every checkpoint so that a resume
-  on other data (another tokenizer of the same vocab size, other shards, another blend) is caught.
+- `data_identity(sources)`: the sample-order scheme (dataset.ORDER_SCHEME), the tokenizer identity,
+  the shard set with the sha256 prepare recorded for each file, and the blend weights of `data.train`;
+  stored in every checkpoint so that a resume on other data (another tokenizer of the same vocab
+  size, other shards, another blend) or in another sample order is caught.
 - `identity_change(old, new)`: one phrase saying what changed, or None.
 - `check_token_ranges(dirs, vocab_size)`: each shard's min/max token id (recorded by prepare) must
   fit the model, checked before the engine is built.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.data.dataset import is_weighted, source_paths
+from pipeline.data.dataset import ORDER_SCHEME, is_weighted, source_paths
 from pipeline.data.indexed import bin_path, prefix_of
 from pipeline.data.manifest import MANIFEST, Manifest, load_manifest
 from pipeline.data.verify import sha256_problem
@@ -29,7 +30,7 @@ def _weighted(sources: list) -> list[tuple[float | None, str]]:
 
 
 def data_identity(sources: list) -> dict:
-    """{"sources": [{"path", "weight", "tokenizer", "shards": {file: sha256}}]} of `data.train`."""
+    """{"order", "sources": [{"path", "weight", "tokenizer", "shards": {file: sha256}}]} of `data.train`."""
     out = []
     for weight, path in _weighted(sources):
         entry: dict = {"path": path, "weight": weight}
@@ -42,11 +43,16 @@ def data_identity(sources: list) -> dict:
             prefix = prefix_of(path)
             entry["shards"] = {f"{prefix}.bin": f"size:{bin_path(prefix).stat().st_size}"}
         out.append(entry)
-    return {"sources": out}
+    return {"order": ORDER_SCHEME, "sources": out}
 
 
 def identity_change(old: dict, new: dict) -> str | None:
     """What differs between two `data_identity` records, in words (None: the same data)."""
+    if old.get("order") != new.get("order"):
+        # Checkpoints written before issue 24 record no order: their run read per-document permutation arrays.
+        was = old.get("order") or "per-document permutation arrays (before the O(shards) loader)"
+        return (f"its samples were drawn in another order ({was}; now {new.get('order')}): the same data would "
+                "be read in a different sequence from here on")
     a, b = old.get("sources", []), new.get("sources", [])
     if len(a) != len(b):
         return (f"data.train had {len(a)} source(s) ({', '.join(s['path'] for s in a)}), now {len(b)} "

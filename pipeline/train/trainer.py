@@ -21,6 +21,7 @@ import yaml
 
 from pipeline.config_utils import to_dict
 from pipeline.data import MicroBatchIterator, build_dataset, check_vocab_compatible, source_paths
+from pipeline.data.shard_cache import ShardCache
 from pipeline.evaluation.downstream import DownstreamEvaluator
 from pipeline.hardware import detect_peak_tflops
 from pipeline.model import MoE
@@ -93,11 +94,13 @@ class Trainer:
             self.step, consumed = state["step"], state["consumed_samples"]
             self.eval_history = state.get("eval_history", [])
         t, seed, seq_len = cfg.train, cfg.data.seed, cfg.data.seq_len
-        self.train_data = build_dataset(cfg.data.train, "train", seq_len, seed)
+        shards = ShardCache(cfg.data.max_open_files)  # one bound on open data files for both splits
+        self.train_data = build_dataset(cfg.data.train, "train", seq_len, seed, shards)
+        self.valid_data = build_dataset(cfg.data.valid or cfg.data.train, "valid", seq_len, seed, shards)
+        # The next micro-batches are read while the step computes (the step's wait is time/data_wait).
         self.train_iter = MicroBatchIterator(
-            self.train_data, t.micro_batch_size, self.dp_rank, self.dp_world, consumed
+            self.train_data, t.micro_batch_size, self.dp_rank, self.dp_world, consumed, prefetch=t.grad_accum_steps + 1
         )
-        self.valid_data = build_dataset(cfg.data.valid or cfg.data.train, "valid", seq_len, seed)
 
         self.tokens_per_step = t.micro_batch_size * t.grad_accum_steps * self.dp_world * seq_len
         self.flops_per_token = flops_per_token(self.model_cfg, seq_len)["total"]
@@ -260,6 +263,7 @@ class Trainer:
             "optim/grad_norm": interval.grad_norm,
             **perf,
             "perf/consumed_samples": self.train_iter.consumed_samples,
+            "time/data_wait": self.train_iter.take_wait_seconds() / steps,  # s per step this rank waited for data
             **memory_stats(),
         }
         if tokens_LE.numel():
@@ -378,6 +382,7 @@ class Trainer:
                 f"{self.ckpt.last_good_message()}")
 
     def close(self) -> None:
+        self.train_iter.close()
         self.log.close()
         if self.lock is not None:
             self.lock.release()
