@@ -74,6 +74,7 @@ class GPTDataset:
         if seed < 0:
             raise ConfigError(f"data seed must be >= 0, got {seed}")
         self.shards = list(shards)
+        self._prefix = [str(h.prefix) for h in self.shards]
         self.seq_len = int(seq_len)
         self.seed = int(seed)
         self.stream = int(stream)
@@ -117,7 +118,7 @@ class GPTDataset:
             hit = self._blocks.get(key)
             if hit is not None:
                 return hit
-        shard = self.cache.get(self.shards[k].prefix)
+        shard = self.cache.get(self._prefix[k])
         item = shard.dtype.itemsize
         first = b * BLOCK_DOCS
         last = min(first + BLOCK_DOCS, self.shards[k].documents)
@@ -144,7 +145,7 @@ class GPTDataset:
 
     def _block_of(self, k: int, token: int) -> tuple[int, int]:
         """(block, its first token in .bin) of the block of shard k holding .bin token `token`."""
-        shard = self.cache.get(self.shards[k].prefix)
+        shard = self.cache.get(self._prefix[k])
         n_blocks = -(-self.shards[k].documents // BLOCK_DOCS)
         n_seq, item = len(shard.sizes), shard.dtype.itemsize
 
@@ -171,7 +172,7 @@ class GPTDataset:
         while filled < need:
             block = self._block(epoch, k, b)
             q = int(np.searchsorted(block.cum, offset, side="right")) - 1
-            shard = self.cache.get(self.shards[k].prefix)
+            shard = self.cache.get(self._prefix[k])
             while filled < need and q < len(block.doc):
                 into = offset - int(block.cum[q])
                 take = min(int(block.cum[q + 1] - block.cum[q]) - into, need - filled)

@@ -33,11 +33,12 @@ class ShardCache:
                               f"{FILES_PER_SHARD} files open), got {max_open_files}")
         self.max_open_files = int(max_open_files)
         self.max_shards = self.max_open_files // FILES_PER_SHARD
-        self._open: OrderedDict[Path, MMapIndexedDataset] = OrderedDict()
+        self._open: OrderedDict[str, MMapIndexedDataset] = OrderedDict()
         self._lock = threading.Lock()
         self.opened = 0  # shards opened so far (a benchmark's and a test's view of the churn)
 
-    def get(self, prefix: Path) -> MMapIndexedDataset:
+    def get(self, prefix: str | Path) -> MMapIndexedDataset:
+        prefix = str(prefix)  # str keys: hashing a Path costs more than a sample's other work
         with self._lock:
             shard = self._open.get(prefix)
             if shard is not None:
