@@ -10,7 +10,7 @@ over two epochs (the old loader also rebuilds its epoch arrays once per new epoc
     python benchmarks/data_scale.py --tokens 15e12 --shards 8000 --docs 2e8 --order new
     python benchmarks/data_scale.py --tokens 1e9 --shards 100 --docs 2e6     # the old loader fits here
 
-The old loader (benchmarks/legacy_gpt_dataset.py) keeps ~32 B per document and 8 B per window per
+The old loader (pipeline/data/legacy_order.py, which only runs started with it still use) keeps ~32 B per document and 8 B per window per
 rank; it is skipped, with its estimated size printed, where that exceeds --old-max-gb.
 """
 
@@ -80,10 +80,8 @@ def measure(order: str, root: Path, seq_len: int, samples: int) -> dict:
 
         ds = GPTDataset([read_index_header(p) for p in prefixes], seq_len, seed=1)
     else:
-        sys.path.insert(0, str(REPO / "benchmarks"))
-        from legacy_gpt_dataset import GPTDataset as LegacyGPTDataset
-
         from pipeline.data.indexed import MMapIndexedDataset
+        from pipeline.data.legacy_order import LegacyGPTDataset
 
         ds = LegacyGPTDataset([MMapIndexedDataset(p) for p in prefixes], seq_len, seed=1)
     startup = time.perf_counter() - t0

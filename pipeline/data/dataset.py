@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.indexed import IndexHeader, idx_path, prefix_of, read_index_header
+from pipeline.data.indexed import IndexHeader, MMapIndexedDataset, idx_path, prefix_of, read_index_header
+from pipeline.data.legacy_order import LEGACY_ORDER, LegacyGPTDataset
 from pipeline.data.manifest import MANIFEST, Manifest, check_vocab_compatible, load_manifest
 from pipeline.data.permutation import FeistelPermutation, derive_key
 from pipeline.data.shard_cache import ShardCache
@@ -251,15 +252,24 @@ def _shards_of(path: str | Path, split: str) -> tuple[list[IndexHeader], Manifes
     raise DataError(f"data source {path} is neither a prepared data dir nor a Megatron .bin/.idx prefix")
 
 
-def build_dataset(sources, split: str, seq_len: int, seed: int, cache: ShardCache | None = None):
+def build_dataset(sources, split: str, seq_len: int, seed: int, cache: ShardCache | None = None,
+                  order: str = ORDER_SCHEME):
     """Dataset over `sources`: paths (one corpus) or (weight, path) pairs (exact weighted blend).
     Shards are opened through `cache` (one bounded set of open files; a new default one if None).
+    `order` is ORDER_SCHEME, or legacy_order.LEGACY_ORDER for a run started before it (identity.resume_order).
 
     Returns an object with `__getitem__(i)` for any i >= 0 -> int64 [seq_len + 1],
     `samples_per_epoch` and `__len__ == samples_per_epoch`.
     """
     from pipeline.data.blending import BlendedDataset
 
+    if order == ORDER_SCHEME:
+        make = GPTDataset
+    elif order == LEGACY_ORDER:
+        def make(headers, *args, cache, **kw):
+            return LegacyGPTDataset([MMapIndexedDataset(h.prefix) for h in headers], *args, **kw)
+    else:
+        raise ConfigError(f"unknown sample order {order!r}; this version reads {ORDER_SCHEME} and {LEGACY_ORDER}")
     if isinstance(sources, (str, Path)):
         sources = [sources]
     sources = list(sources)
@@ -279,7 +289,7 @@ def build_dataset(sources, split: str, seq_len: int, seed: int, cache: ShardCach
         check_vocab_compatible(dirs, max(v for v in vocab if v is not None))
     cache = cache if cache is not None else ShardCache()
     if not weighted:
-        return GPTDataset(
+        return make(
             [s for shards in per_source for s in shards],
             seq_len,
             seed,
@@ -288,7 +298,7 @@ def build_dataset(sources, split: str, seq_len: int, seed: int, cache: ShardCach
             cache=cache,
         )
     components = [
-        GPTDataset(shards, seq_len, seed, stream=i, name=f"{split} of {p}", vocab_size=v, cache=cache)
+        make(shards, seq_len, seed, stream=i, name=f"{split} of {p}", vocab_size=v, cache=cache)
         for i, (shards, p, v) in enumerate(zip(per_source, paths, vocab, strict=True))
     ]
     return BlendedDataset(components, [float(w) for w, _ in sources])

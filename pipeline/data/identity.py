@@ -5,6 +5,9 @@
   stored in every checkpoint so that a resume on other data (another tokenizer of the same vocab
   size, other shards, another blend) or in another sample order is caught.
 - `identity_change(old, new)`: one phrase saying what changed, or None.
+- `resume_order(saved)`: the sample order a resume continues in: the one the checkpoint recorded;
+  a checkpoint that records none was written before the O(shards) loader and keeps the legacy order
+  (legacy_order.py), so runs started before it are never silently re-ordered.
 - `check_token_ranges(dirs, vocab_size)`: each shard's min/max token id (recorded by prepare) must
   fit the model, checked before the engine is built.
 - `verify_checksums(dirs, rank, world)`: sha256 of every shard file against the manifest, files
@@ -16,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.data.dataset import ORDER_SCHEME, is_weighted, source_paths
+from pipeline.data.legacy_order import LEGACY_ORDER
 from pipeline.data.indexed import bin_path, prefix_of
 from pipeline.data.manifest import MANIFEST, Manifest, load_manifest
 from pipeline.data.verify import sha256_problem
@@ -27,6 +31,19 @@ def _weighted(sources: list) -> list[tuple[float | None, str]]:
     if is_weighted(sources):
         return [(float(w), str(p)) for w, p in sources]
     return [(None, p) for p in source_paths(sources)]
+
+
+def resume_order(saved: dict | None, checkpoint: Path | None) -> tuple[str, list[str]]:
+    """(sample order of this run, notes to log): ORDER_SCHEME for a new run; resuming `checkpoint`,
+    the order it recorded (the legacy order where its data identity, or the identity itself,
+    predates recording one)."""
+    if checkpoint is None:
+        return ORDER_SCHEME, []
+    order = (saved or {}).get("order") or LEGACY_ORDER
+    if order == ORDER_SCHEME:
+        return order, []
+    return order, [f"{checkpoint} was started in the sample order {order}: resuming in it (a new run uses "
+                   f"{ORDER_SCHEME})"]
 
 
 def data_identity(sources: list) -> dict:
@@ -48,11 +65,10 @@ def data_identity(sources: list) -> dict:
 
 def identity_change(old: dict, new: dict) -> str | None:
     """What differs between two `data_identity` records, in words (None: the same data)."""
-    if old.get("order") != new.get("order"):
-        # Checkpoints written before issue 24 record no order: their run read per-document permutation arrays.
-        was = old.get("order") or "per-document permutation arrays (before the O(shards) loader)"
-        return (f"its samples were drawn in another order ({was}; now {new.get('order')}): the same data would "
-                "be read in a different sequence from here on")
+    was, now = old.get("order") or LEGACY_ORDER, new.get("order") or LEGACY_ORDER  # none recorded: legacy
+    if was != now:
+        return (f"its samples were drawn in another order ({was}; now {now}): the same data would be read in a "
+                "different sequence from here on")
     a, b = old.get("sources", []), new.get("sources", [])
     if len(a) != len(b):
         return (f"data.train had {len(a)} source(s) ({', '.join(s['path'] for s in a)}), now {len(b)} "

@@ -21,6 +21,7 @@ import yaml
 
 from pipeline.config_utils import to_dict
 from pipeline.data import MicroBatchIterator, build_dataset, check_vocab_compatible, source_paths
+from pipeline.data.identity import resume_order
 from pipeline.data.shard_cache import ShardCache
 from pipeline.evaluation.downstream import DownstreamEvaluator
 from pipeline.hardware import detect_peak_tflops
@@ -30,7 +31,7 @@ from pipeline.model.flops import flops_per_token
 from pipeline.planning.activations import math_kernel_notice
 from pipeline.train import health
 from pipeline.train.checkpoint.init_from import WeightsFolder, load_initial_weights
-from pipeline.train.checkpoint.manager import CheckpointManager
+from pipeline.train.checkpoint.manager import TRAINER_STATE, CheckpointManager
 from pipeline.train.config import RunConfig, resolve_model_config, run_config_to_dict
 from pipeline.train.ds_config import build_ds_config
 from pipeline.train.engine import build_engine, init_distributed
@@ -74,6 +75,11 @@ class Trainer:
         self.downstream = DownstreamEvaluator.for_data(cfg.eval, source_paths(cfg.data.train)[0],
                                                        self.model_cfg.block_size, self.rank, self.world)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last)
+        # A resume keeps the sample order its run started with (runs before the O(shards) loader: legacy).
+        where = self.ckpt.latest()
+        saved = json.loads((where / TRAINER_STATE).read_text()).get("data") if where is not None else None
+        self.data_identity["order"], order_notes = resume_order(saved, where)
+        notes += order_notes
         notes += self.ckpt.check_resume(self.resolved_model(), cfg.train, self.run_dir,
                                         cfg.parallel.sequence_parallel_size, self.data_identity)
         init_folder = None
@@ -95,8 +101,9 @@ class Trainer:
             self.eval_history = state.get("eval_history", [])
         t, seed, seq_len = cfg.train, cfg.data.seed, cfg.data.seq_len
         shards = ShardCache(cfg.data.max_open_files)  # one bound on open data files for both splits
-        self.train_data = build_dataset(cfg.data.train, "train", seq_len, seed, shards)
-        self.valid_data = build_dataset(cfg.data.valid or cfg.data.train, "valid", seq_len, seed, shards)
+        order = self.data_identity["order"]
+        self.train_data = build_dataset(cfg.data.train, "train", seq_len, seed, shards, order)
+        self.valid_data = build_dataset(cfg.data.valid or cfg.data.train, "valid", seq_len, seed, shards, order)
         # The next micro-batches are read while the step computes (the step's wait is time/data_wait).
         self.train_iter = MicroBatchIterator(
             self.train_data, t.micro_batch_size, self.dp_rank, self.dp_world, consumed, prefetch=t.grad_accum_steps + 1

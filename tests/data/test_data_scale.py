@@ -11,8 +11,9 @@ import pytest
 
 from pipeline.data import MicroBatchIterator, build_dataset
 from pipeline.data.dataset import BLOCK_DOCS, ORDER_SCHEME, GPTDataset
-from pipeline.data.identity import identity_change
+from pipeline.data.identity import identity_change, resume_order
 from pipeline.data.indexed import encode_index, read_index_header
+from pipeline.data.legacy_order import LEGACY_ORDER
 from pipeline.data.permutation import FeistelPermutation
 from pipeline.data.shard_cache import ShardCache
 from pipeline.errors import ConfigError, DataError
@@ -83,14 +84,22 @@ def test_documents_are_mixed_every_epoch_and_state_does_not_grow_with_documents(
     assert len(ds._blocks) <= ds._block_cache and len(ds.cache) <= ds.cache.max_shards
 
 
-def test_an_unknown_order_in_a_checkpoint_identity_is_a_change(tmp_path):
-    """A checkpoint written before this loader stored no order: resuming would silently re-order."""
+def test_a_checkpoint_without_an_order_resumes_in_the_legacy_order(tmp_path):
+    """A checkpoint written before this loader stored no order: its run goes on in the legacy order,
+    and comparing it with the new order is a change (what check_resume would refuse)."""
     new = {"order": ORDER_SCHEME, "sources": [{"path": "d", "weight": None, "shards": {"a.bin": "x"}}]}
     old = {"sources": new["sources"]}  # what data_identity wrote before the order was recorded
+    assert resume_order(None, None) == (ORDER_SCHEME, [])  # a new run
+    assert resume_order(new, tmp_path) == (ORDER_SCHEME, [])
+    for saved in (old, None):  # no order recorded; no data identity at all (older still)
+        order, [note] = resume_order(saved, tmp_path)
+        assert order == LEGACY_ORDER and note.startswith(f"{tmp_path} was started in the sample order {LEGACY_ORDER}")
+    assert identity_change(old, {**new, "order": LEGACY_ORDER}) is None
     change = identity_change(old, new)
-    assert change.startswith("its samples were drawn in another order (per-document permutation arrays")
-    assert ORDER_SCHEME in change
-    assert identity_change(new, dict(new)) is None
+    assert change == (f"its samples were drawn in another order ({LEGACY_ORDER}; now {ORDER_SCHEME}): the same "
+                      "data would be read in a different sequence from here on")
+    with pytest.raises(ConfigError, match="unknown sample order 'x/v9'"):
+        build_dataset([tmp_path / "none"], "train", 8, 0, order="x/v9")
 
 
 def test_shard_cache_bounds_open_shards_and_reads_stay_exact(tmp_path):

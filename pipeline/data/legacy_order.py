@@ -1,8 +1,10 @@
-"""The sample order before issue 24, kept for benchmarks/data_scale.py only (not used by training).
+"""The sample order before the O(shards) loader, kept so that runs started with it resume in it.
 
 Per epoch: a permutation of every document, their cumulative token counts, and a permutation of
 every window, all as arrays as long as the corpus (~32 B per document + 8 B per window per rank),
-rebuilt each epoch; every shard opened (two descriptors each) at start-up.
+rebuilt each epoch; every shard opened (two descriptors each) at start-up. New runs never use it
+(dataset.GPTDataset); a checkpoint whose data identity records no order was written with this one
+(identity.resume_order), and benchmarks/data_scale.py measures it against the new loader.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ def _rng(seed: int, epoch: int, salt: int, stream: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, epoch, salt, stream]))
 
 
-class GPTDataset:
+LEGACY_ORDER = "per-document-arrays/v0"
+
+
+class LegacyGPTDataset:
     """`ds[i]` -> int64 [seq_len + 1] for any i >= 0; epochs wrap with a new shuffle each."""
 
     def __init__(
