@@ -4,7 +4,9 @@ Writes a synthetic corpus of real MMIDIDX .idx files and sparse .bin files (thei
 token 0 and use no disk), then, in a fresh process per loader (one rank's view), measures:
 start-up seconds (build_dataset over every shard), private memory added (RssAnon of
 /proc/self/status), open file descriptors, and microseconds per sample at random global indices
-over two epochs (the old loader also rebuilds its epoch arrays once per new epoch: included).
+over two epochs, wall-clock and CPU time (the old loader also rebuilds its epoch arrays once per
+new epoch: included). Start-up is build_dataset's work for one rank; every rank does the same alone
+(no rank-0 build, no barrier, nothing cached on disk).
 
     python benchmarks/data_scale.py --tokens 1e12 --shards 8000 --docs 2e6
     python benchmarks/data_scale.py --tokens 15e12 --shards 8000 --docs 2e8 --order new
@@ -89,13 +91,14 @@ def measure(order: str, root: Path, seq_len: int, samples: int) -> dict:
     rng = np.random.default_rng(0)
     n = ds.samples_per_epoch
     idx = np.concatenate([rng.integers(0, n, samples // 2), rng.integers(n, 2 * n, samples - samples // 2)])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i in idx:
         ds[int(i)]
     per_sample = (time.perf_counter() - t0) / len(idx)
+    cpu_per_sample = (time.process_time() - c0) / len(idx)  # robust to a shared, busy machine
     return {"order": order, "startup_s": startup, "rss_anon_start_mb": (rss_start - rss0) / 2**20,
             "rss_anon_mb": (_status("RssAnon") - rss0) / 2**20, "fds": len(os.listdir("/proc/self/fd")),
-            "us_per_sample": per_sample * 1e6, "samples_per_epoch": n}
+            "us_per_sample": per_sample * 1e6, "cpu_us_per_sample": cpu_per_sample * 1e6, "samples_per_epoch": n}
 
 
 def main() -> None:
@@ -111,7 +114,7 @@ def main() -> None:
     ap.add_argument("--child", choices=["old", "new"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     tokens, docs = int(a.tokens), int(a.docs)
-    root = a.dir / f"t{a.tokens:.0e}_s{a.shards}_d{a.docs:.0e}".replace("+", "")
+    root = a.dir / f"t{tokens}_s{a.shards}_d{docs}"
     if a.child:
         print(json.dumps(measure(a.child, root, a.seq_len, a.samples)))
         return
@@ -123,7 +126,7 @@ def main() -> None:
     windows = (tokens - 1) // a.seq_len
     old_gb = (32 * docs + 8 * windows) / 1e9
     print(f"{'order':<5} {'start-up s':>10} {'RssAnon MB (start)':>18} {'RssAnon MB (end)':>16} {'fds':>6} "
-          f"{'us/sample':>10}")
+          f"{'us/sample':>10} {'CPU us/sample':>13}")
     for order in (["old", "new"] if a.order == "both" else [a.order]):
         if order == "old" and old_gb > a.old_max_gb:
             print(f"{'old':<5} not run: its per-document and per-window arrays need ~{old_gb:.1f} GB per rank "
@@ -137,7 +140,7 @@ def main() -> None:
             continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{order:<5} {r['startup_s']:>10.2f} {r['rss_anon_start_mb']:>18.1f} {r['rss_anon_mb']:>16.1f} "
-              f"{r['fds']:>6} {r['us_per_sample']:>10.0f}")
+              f"{r['fds']:>6} {r['us_per_sample']:>10.0f} {r['cpu_us_per_sample']:>13.0f}")
 
 
 if __name__ == "__main__":
