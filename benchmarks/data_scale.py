@@ -12,8 +12,9 @@ new epoch: included). Start-up is build_dataset's work for one rank; every rank 
     python benchmarks/data_scale.py --tokens 15e12 --shards 8000 --docs 2e8 --order new
     python benchmarks/data_scale.py --tokens 1e9 --shards 100 --docs 2e6     # the old loader fits here
 
-The old loader (pipeline/data/legacy_order.py, which only runs started with it still use) keeps ~32 B per document and 8 B per window per
-rank; it is skipped, with its estimated size printed, where that exceeds --old-max-gb.
+The old loader (pipeline/data/legacy_order.py: only runs started with it still use it) keeps
+~32 B per document and 8 B per window per rank; it is skipped, with its estimated size printed,
+where that exceeds --old-max-gb.
 """
 
 from __future__ import annotations
@@ -136,7 +137,8 @@ def main() -> None:
                                str(a.shards), "--docs", str(a.docs), "--seq-len", str(a.seq_len), "--samples",
                                str(a.samples), "--dir", str(a.dir)], capture_output=True, text=True)
         if proc.returncode != 0:
-            print(f"{order:<5} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+            why = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode
+            print(f"{order:<5} failed: {why}")
             continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{order:<5} {r['startup_s']:>10.2f} {r['rss_anon_start_mb']:>18.1f} {r['rss_anon_mb']:>16.1f} "

@@ -19,8 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.data.dataset import ORDER_SCHEME, is_weighted, source_paths
-from pipeline.data.legacy_order import LEGACY_ORDER
 from pipeline.data.indexed import bin_path, prefix_of
+from pipeline.data.legacy_order import LEGACY_ORDER
 from pipeline.data.manifest import MANIFEST, Manifest, load_manifest
 from pipeline.data.verify import sha256_problem
 from pipeline.errors import DataError

@@ -120,7 +120,8 @@ def test_shard_cache_bounds_open_shards_and_reads_stay_exact(tmp_path):
 
 def test_thousands_of_shards_read_under_ulimit_1024(tmp_path):
     """1500 shards (3000 files) read through the default cap in a process limited to 1024 descriptors,
-    every token of every shard but the last (cut by the last window) read; opening every shard at once (the old loader) fails there."""
+    every token of every shard but the last (cut by the last window) read; opening every shard at
+    once (the old loader) fails there."""
     script = textwrap.dedent(f"""
         import os, resource, sys
         import numpy as np
