@@ -5,8 +5,8 @@ Public API (used by the trainer and the text generator)::
     load_tokenizer(path) -> Tokenizer
     load_manifest(data_dir) -> Manifest
     check_vocab_compatible(data_dirs, model_vocab_size) -> None
-    build_dataset(sources, split, seq_len, seed) -> dataset
-    MicroBatchIterator(dataset, micro_batch_size, dp_rank, dp_world, consumed_samples=0)
+    build_dataset(sources, split, seq_len, seed, cache=None, order=ORDER_SCHEME) -> dataset
+    MicroBatchIterator(dataset, micro_batch_size, dp_rank, dp_world, consumed_samples=0, prefetch=0)
     MMapIndexedDataset(prefix)
 """
 

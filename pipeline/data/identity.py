@@ -1,9 +1,13 @@
 """What a run was trained on, and whether the data still is what its manifest says.
 
-- `data_identity(sources)`: the tokenizer identity, the shard set with the sha256 prepare recorded
-  for each file, and the blend weights of `data.train`; stored in every checkpoint so that a resume
-  on other data (another tokenizer of the same vocab size, other shards, another blend) is caught.
+- `data_identity(sources)`: the sample-order scheme (dataset.ORDER_SCHEME), the tokenizer identity,
+  the shard set with the sha256 prepare recorded for each file, and the blend weights of `data.train`;
+  stored in every checkpoint so that a resume on other data (another tokenizer of the same vocab
+  size, other shards, another blend) or in another sample order is caught.
 - `identity_change(old, new)`: one phrase saying what changed, or None.
+- `resume_order(saved)`: the sample order a resume continues in: the one the checkpoint recorded;
+  a checkpoint that records none was written before the O(shards) loader and keeps the legacy order
+  (legacy_order.py), so runs started before it are never silently re-ordered.
 - `check_token_ranges(dirs, vocab_size)`: each shard's min/max token id (recorded by prepare) must
   fit the model, checked before the engine is built.
 - `verify_checksums(dirs, rank, world)`: sha256 of every shard file against the manifest, files
@@ -14,8 +18,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.data.dataset import is_weighted, source_paths
+from pipeline.data.dataset import ORDER_SCHEME, is_weighted, source_paths
 from pipeline.data.indexed import bin_path, prefix_of
+from pipeline.data.legacy_order import LEGACY_ORDER
 from pipeline.data.manifest import MANIFEST, Manifest, load_manifest
 from pipeline.data.verify import sha256_problem
 from pipeline.errors import DataError
@@ -28,8 +33,21 @@ def _weighted(sources: list) -> list[tuple[float | None, str]]:
     return [(None, p) for p in source_paths(sources)]
 
 
+def resume_order(saved: dict | None, checkpoint: Path | None) -> tuple[str, list[str]]:
+    """(sample order of this run, notes to log): ORDER_SCHEME for a new run; resuming `checkpoint`,
+    the order it recorded (the legacy order where its data identity, or the identity itself,
+    predates recording one)."""
+    if checkpoint is None:
+        return ORDER_SCHEME, []
+    order = (saved or {}).get("order") or LEGACY_ORDER
+    if order == ORDER_SCHEME:
+        return order, []
+    return order, [f"{checkpoint} was started in the sample order {order}: resuming in it (a new run uses "
+                   f"{ORDER_SCHEME})"]
+
+
 def data_identity(sources: list) -> dict:
-    """{"sources": [{"path", "weight", "tokenizer", "shards": {file: sha256}}]} of `data.train`."""
+    """{"order", "sources": [{"path", "weight", "tokenizer", "shards": {file: sha256}}]} of `data.train`."""
     out = []
     for weight, path in _weighted(sources):
         entry: dict = {"path": path, "weight": weight}
@@ -42,11 +60,15 @@ def data_identity(sources: list) -> dict:
             prefix = prefix_of(path)
             entry["shards"] = {f"{prefix}.bin": f"size:{bin_path(prefix).stat().st_size}"}
         out.append(entry)
-    return {"sources": out}
+    return {"order": ORDER_SCHEME, "sources": out}
 
 
 def identity_change(old: dict, new: dict) -> str | None:
     """What differs between two `data_identity` records, in words (None: the same data)."""
+    was, now = old.get("order") or LEGACY_ORDER, new.get("order") or LEGACY_ORDER  # none recorded: legacy
+    if was != now:
+        return (f"its samples were drawn in another order ({was}; now {now}): the same data would be read in a "
+                "different sequence from here on")
     a, b = old.get("sources", []), new.get("sources", [])
     if len(a) != len(b):
         return (f"data.train had {len(a)} source(s) ({', '.join(s['path'] for s in a)}), now {len(b)} "

@@ -12,6 +12,7 @@ one sequence per document, so `doc_idx == arange(n + 1)`; the reader accepts any
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import struct
@@ -128,6 +129,68 @@ class IndexedDatasetWriter:
         self._file.close()
         self._bin.discard()
         self._idx.discard()
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexHeader:
+    """What a shard's .idx says about it, read with a few `pread`s (no pass over its documents)."""
+
+    prefix: Path
+    dtype: np.dtype
+    sequences: int
+    documents: int
+    tokens: int  # .bin tokens covered by the index (sequences back to back, as Megatron writes them)
+
+
+def read_index_header(prefix: str | Path) -> IndexHeader:
+    """The header, last pointer and size of `PREFIX.idx`, checked against the file sizes; the
+    descriptor is closed before returning (a corpus of 8000 shards must not hold 8000 files)."""
+    prefix = Path(prefix)
+    ip, bp = idx_path(prefix), bin_path(prefix)
+    for p in (ip, bp):
+        if not p.is_file():
+            raise DataError(f"{p} does not exist: not a complete indexed dataset (prefix {prefix})")
+    try:
+        fd = os.open(ip, os.O_RDONLY)
+    except OSError as e:
+        raise DataError(f"{ip} cannot be read ({e.strerror or e}); check the file and its permissions, "
+                        "or re-prepare the data") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size < _HEADER.size:
+            raise DataError(f"{ip} is truncated ({size} bytes): re-run prepare or --verify the dir")
+        magic, version, code, n, n_doc = _HEADER.unpack(os.pread(fd, _HEADER.size, 0))
+        if magic != MAGIC:
+            raise DataError(f"{ip} is not an MMIDIDX index (magic {magic!r})")
+        if version != VERSION:
+            raise DataError(f"{ip} has index version {version}; only version {VERSION} is supported")
+        if code not in DTYPE_CODES:
+            raise DataError(f"{ip} has unknown dtype code {code}")
+        expected = _HEADER.size + 4 * n + 8 * n + 8 * n_doc
+        if size != expected or n_doc < 1:
+            raise DataError(f"{ip} is {size} bytes, its header implies {expected}: the file is corrupt")
+        dtype = np.dtype(DTYPE_CODES[code])
+        off = _HEADER.size
+        first_doc, last_doc = struct.unpack("<q", os.pread(fd, 8, off + 12 * n))[0], struct.unpack(
+            "<q", os.pread(fd, 8, off + 12 * n + 8 * (n_doc - 1)))[0]
+        tokens = 0
+        if n:
+            (last_size,) = struct.unpack("<i", os.pread(fd, 4, off + 4 * (n - 1)))
+            (first_ptr,) = struct.unpack("<q", os.pread(fd, 8, off + 4 * n))
+            (last_ptr,) = struct.unpack("<q", os.pread(fd, 8, off + 4 * n + 8 * (n - 1)))
+            if first_ptr != 0:
+                raise DataError(f"{ip}: its first sequence starts at byte {first_ptr} of .bin, not 0: "
+                                "the file is corrupt")
+            tokens = last_ptr // dtype.itemsize + last_size
+    finally:
+        os.close(fd)
+    if (first_doc, last_doc) != (0, n):
+        raise DataError(f"{ip}: its documents cover sequences {first_doc}..{last_doc}, not all {n}: "
+                        "the file is corrupt")
+    need = (last_ptr + last_size * dtype.itemsize) if n else 0
+    if bp.stat().st_size < need:
+        raise DataError(f"{bp} is {bp.stat().st_size} bytes but its index needs {need}: the shard is truncated")
+    return IndexHeader(prefix, dtype, n, n_doc - 1, int(tokens))
 
 
 class MMapIndexedDataset:

@@ -42,12 +42,19 @@ class DataConfig:
     """Check the sha256 of every data file against its manifest before training (the files are
     dealt over the ranks; it reads all the data once). Off: sizes, index structure, the recorded
     token-id ranges and every id as it is read are still checked."""
+    max_open_files: int = 256
+    """Data files each rank keeps open at once (an open shard holds 2: its .idx and .bin maps); the
+    least recently read shard is closed beyond it, so a corpus of thousands of shards trains under
+    the default `ulimit -n` of 1024."""
 
     def __post_init__(self):
         if not self.train:
             raise ConfigError("data.train is empty: give prepared dirs (python -m pipeline.prepare --output DIR)")
         if self.seq_len < 1:
             raise ConfigError(f"data.seq_len ({self.seq_len}) must be >= 1")
+        if self.max_open_files < 2:
+            raise ConfigError(f"data.max_open_files ({self.max_open_files}) must be >= 2 (one shard holds its "
+                              ".idx and .bin open)")
 
 
 @dataclass(kw_only=True)

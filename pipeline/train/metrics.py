@@ -308,8 +308,10 @@ class IntervalReporter:
     def _all_reduce(self, t: torch.Tensor, mean: bool) -> torch.Tensor:
         return sum_over_ranks(t, self.device, mean)
 
-    def report(self, step: int, consumed_samples: int, skipped_total: int, biases: list[torch.Tensor]) -> None:
-        """Collective (every rank calls it at the same step); nothing without an applied step."""
+    def report(self, step: int, consumed_samples: int, skipped_total: int, biases: list[torch.Tensor],
+               data_wait_s: float) -> None:
+        """Collective (every rank calls it at the same step); nothing without an applied step.
+        `data_wait_s`: seconds this rank's steps waited for their micro-batches over the interval."""
         if not self.window:
             return
         interval = aggregate(self.window, self._all_reduce)
@@ -322,6 +324,7 @@ class IntervalReporter:
             "optim/grad_norm": interval.grad_norm,
             **perf,
             "perf/consumed_samples": consumed_samples,
+            "time/data_wait": data_wait_s / self.steps,  # s per step this rank waited for data
             **memory_stats(),
         }
         if tokens_LE.numel():

@@ -2,7 +2,7 @@
 datasets with this rank's micro-batches.
 
     identity, notes = check_data(train, valid, vocab_size, verify, rank, world)
-    data = RunData.build(cfg.data, micro_batch_size, dp_rank, dp_world, consumed_samples)
+    data = RunData.build(cfg.data, micro_batch_size, dp_rank, dp_world, consumed_samples, order, prefetch)
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.data import MicroBatchIterator, build_dataset, check_vocab_compatible, source_paths
+from pipeline.data.shard_cache import ShardCache
 from pipeline.distributed.collectives import gather_objects
 from pipeline.train.config import DataConfig
 
@@ -53,10 +54,14 @@ class RunData:
     dp_world: int
 
     @classmethod
-    def build(cls, data: DataConfig, micro_batch_size: int, dp_rank: int, dp_world: int, consumed: int) -> RunData:
-        train = build_dataset(data.train, "train", data.seq_len, data.seed)
-        train_iter = MicroBatchIterator(train, micro_batch_size, dp_rank, dp_world, consumed)
-        valid = build_dataset(data.valid or data.train, "valid", data.seq_len, data.seed)
+    def build(cls, data: DataConfig, micro_batch_size: int, dp_rank: int, dp_world: int, consumed: int,
+              order: str, prefetch: int) -> RunData:
+        """`order`: the sample order (data.identity: the run's own when resuming); `prefetch`: micro-batches
+        read ahead in the background while the step computes (the step's wait is time/data_wait)."""
+        shards = ShardCache(data.max_open_files)  # one bound on open data files for both splits
+        train = build_dataset(data.train, "train", data.seq_len, data.seed, shards, order)
+        train_iter = MicroBatchIterator(train, micro_batch_size, dp_rank, dp_world, consumed, prefetch=prefetch)
+        valid = build_dataset(data.valid or data.train, "valid", data.seq_len, data.seed, shards, order)
         return cls(train, valid, train_iter, micro_batch_size, dp_rank, dp_world)
 
     def valid_batches(self) -> MicroBatchIterator:

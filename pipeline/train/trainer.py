@@ -23,6 +23,7 @@ from pipeline.checkpoint.init_from import WeightsFolder, load_initial_weights
 from pipeline.checkpoint.manager import CheckpointManager
 from pipeline.checkpoint.run_state import RunState
 from pipeline.data import source_paths
+from pipeline.data.identity import resume_order
 from pipeline.distributed.collectives import sum_over_ranks
 from pipeline.distributed.parallel_dims import ParallelDims
 from pipeline.distributed.process_group import init_distributed, multi_rank_gloo
@@ -66,6 +67,11 @@ class Trainer:
         self.downstream = DownstreamEvaluator.for_data(cfg.eval, source_paths(cfg.data.train)[0],
                                                        self.model_cfg.block_size, self.ranks)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", t.keep_last)
+        # A resume keeps the sample order its run started with (runs before the O(shards) loader: legacy).
+        latest = self.ckpt.latest()
+        self.data_identity["order"], order_notes = resume_order(
+            RunState.read(latest).data if latest is not None else None, latest)
+        notes += order_notes
         notes += self.ckpt.check_resume(resolved_model(cfg, self.model_cfg), t, self.run_dir,
                                         self.dims.sp, self.data_identity)
         init_folder = None
@@ -84,7 +90,7 @@ class Trainer:
         self.step, self.eval_history = state.step, list(state.eval_history)
         self.skipped_total = state.skipped_steps  # TensorBoard's running count
         self.data = RunData.build(cfg.data, t.micro_batch_size, self.dims.dp_rank(self.rank), self.dp_world,
-                                  state.consumed_samples)
+                                  state.consumed_samples, self.data_identity["order"], t.grad_accum_steps + 1)
 
         self.tokens_per_step = t.micro_batch_size * t.grad_accum_steps * self.dp_world * cfg.data.seq_len
         self.log = MetricsLogger(self.run_dir, self.rank == 0, cfg.tensorboard, t.steps, wandb=cfg.wandb,
@@ -222,7 +228,7 @@ class Trainer:
                 self._record_skip(out)
             if todo.log:
                 self.reporter.report(self.step, self.data.train_iter.consumed_samples, self.skipped_total,
-                                     self.balancer.biases())
+                                     self.balancer.biases(), self.data.train_iter.take_wait_seconds())
             if todo.evaluate:
                 self.evaluate()
                 self.policy.done(evaluated=True)
@@ -283,6 +289,7 @@ class Trainer:
         """Logs closed, run dir released; ranks of a multi-rank gloo job will end at interpreter exit
         without teardown, so that no gloo worker thread can abort them then (pipeline/process_exit.py).
         Not a single process (pytest, a notebook): a `raise SystemExit(n)` there would exit 0."""
+        self.data.train_iter.close()
         self.log.close()
         if self.lock is not None:
             self.lock.release()

@@ -35,11 +35,13 @@ def test_epoch_is_windows_over_a_permutation_of_all_documents(prepared):
     n = len(ds)
     assert n == ds.samples_per_epoch == (m.splits["train"].tokens - 1) // SEQ
     eos = m.eos_id
+    streams = []
     for epoch in range(2):
         samples = [ds[epoch * n + j] for j in range(n)]
         assert all(s.dtype == np.int64 and s.shape == (SEQ + 1,) for s in samples)
         # Undo the window shuffle: window w must continue exactly where window w-1 stopped.
-        order = ds._epoch(epoch)[2]
+        order = ds.window_order(epoch).array(np.arange(n))
+        assert sorted(order.tolist()) == list(range(n))
         by_window = [None] * n
         for j, w in enumerate(order):
             by_window[w] = samples[j]
@@ -51,8 +53,9 @@ def test_epoch_is_windows_over_a_permutation_of_all_documents(prepared):
         full_docs = set(_docs_as_tuples(d0, "train"))
         assert all(tuple(p.tolist()) in full_docs for p in pieces[1:]), "whole documents, in some order"
         assert len(pieces) >= len(full_docs) - 3  # only the tail beyond the last window is cut
+        streams.append(stream)
     # A new epoch reshuffles documents (different windows), not just the window order.
-    assert not np.array_equal(ds._epoch(0)[0], ds._epoch(1)[0])
+    assert not np.array_equal(streams[0], streams[1])
 
 
 def test_same_seed_same_samples_different_seed_different(prepared):

@@ -49,7 +49,7 @@ def test_tensorboard_scalars_match_printed_losses(bf16_run):
     tags = set(events.Tags()["scalars"])
     for tag in ("loss/total", "loss/lm", "loss/aux", "moe/load_balance_loss", "moe/z_loss", "optim/lr",
                 "optim/grad_norm", "perf/tokens_per_s", "perf/model_tflops_per_rank", "memory/host_rss_gib",
-                "moe/imbalance_max_over_mean/worst_layer", "eval/loss", "eval/perplexity"):
+                "moe/imbalance_max_over_mean/worst_layer", "eval/loss", "eval/perplexity", "time/data_wait"):
         assert tag in tags, f"{tag} missing from TensorBoard (has {sorted(tags)})"
     tb_lm = {e.step: e.value for e in events.Scalars("loss/lm")}
     printed = {int(m[1]): float(m[2]) for m in re.finditer(r"step\s+(\d+)/\d+ \| loss (\S+)", stdout)}
