@@ -57,8 +57,9 @@ class SplitWriter:
         self._on_shard_done = on_shard_done
         self._writer: IndexedDatasetWriter | None = None
         self._first_doc = 0
-        # Shards past the verified prefix (from an interrupted run) are rewritten from scratch.
-        for stale in sorted(self.out_dir.glob(f"{split}_*")):
+        # Shards past the verified prefix (from an interrupted run) are rewritten from scratch; only
+        # files named like our shards are removed (a user's `train_notes.txt` is not ours).
+        for stale in sorted(self.out_dir.glob(f"{split}_[0-9][0-9][0-9][0-9][0-9].*")):
             stem = stale.name.split(".")[0]
             if stem not in {r["name"] for r in self.done}:
                 stale.unlink()

@@ -1,12 +1,15 @@
-"""prepare never mixes datasets: an input edited in place (same size, same mtime) is noticed on
-resume and by --verify, and two prepares into one output dir cannot both run (real processes)."""
+"""prepare never mixes or loses datasets: an input edited in place (same size, same mtime) is noticed on
+resume and by --verify, two prepares into one output dir cannot both run (real processes), an output
+inside an input is refused before anything is removed, and --overwrite removes the old dataset only once
+the new one is complete (a SIGKILL mid-build leaves the old one verified)."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
-from tests.data.conftest import run_prepare
+from tests.data.conftest import run_prepare, write_jsonl
 from tests.data.test_resume_verify import _cli, big_jsonl, kill_after_shards
 
 
@@ -64,3 +67,38 @@ def test_two_prepares_into_one_dir_cannot_both_run(spm_bpe, tmp_path, capsys):
     assert code == 0, err
     assert f"took over the stale lock {out / '.lock'} of prepare pid {first.pid}" in stdout
     assert not (out / ".lock").exists() and run_prepare(capsys, "--verify", out)[0] == 0
+
+
+def test_output_inside_an_input_is_refused_before_anything_is_removed(spm_bpe, tmp_path, capsys, docs):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    inp = write_jsonl(corpus / "a.jsonl", docs[:20])
+    out = corpus / "out"  # a complete dataset there, prepared from an input outside the corpus dir
+    assert run_prepare(capsys, "--input", write_jsonl(tmp_path / "b.jsonl", docs[20:40]), "--tokenizer", spm_bpe,
+                       "--output", out)[0] == 0
+    before = (out / "manifest.json").read_bytes()
+    for output, spec, how in ((out, corpus, "is inside the input"), (corpus, corpus, "is the input"),
+                              (corpus, inp, "holds the input")):
+        code, _, err = run_prepare(capsys, "--input", spec, "--tokenizer", spm_bpe, "--output", output, "--overwrite")
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+        assert err.startswith(f"error: --output {output} {how} {spec}: ") and "choose an --output outside" in err
+    assert (out / "manifest.json").read_bytes() == before and run_prepare(capsys, "--verify", out)[0] == 0
+
+
+def test_overwrite_keeps_the_old_dataset_until_the_new_one_is_complete(spm_bpe, tmp_path, capsys, docs):
+    inp, out, args = _sharded_prepare(spm_bpe, tmp_path)
+    small = write_jsonl(tmp_path / "small.jsonl", docs[:30])
+    assert run_prepare(capsys, "--input", small, "--tokenizer", spm_bpe, "--output", out)[0] == 0
+    before = (out / "manifest.json").read_bytes()
+    (out / "notes.bin").write_text("the user's own file")  # not ours: never removed
+
+    proc = _cli(*args, "--overwrite", "--no-progress")
+    kill_after_shards(proc, out / ".overwrite", 1)  # SIGKILL while the new dataset is half built
+    assert (out / "manifest.json").read_bytes() == before and run_prepare(capsys, "--verify", out)[0] == 0
+
+    code, stdout, err = run_prepare(capsys, *args, "--overwrite")
+    assert code == 0 and f"replaced the dataset in {out}" in stdout, err
+    assert run_prepare(capsys, "--verify", out)[0] == 0
+    assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["documents"] > 30
+    assert (out / "notes.bin").read_text() == "the user's own file"
+    assert not (out / ".overwrite").exists() and not (out / ".replaced").exists()
