@@ -20,9 +20,7 @@ import dataclasses
 import hashlib
 import itertools
 import os
-import re
 import shutil
-import sysconfig
 import time
 from pathlib import Path
 
@@ -30,8 +28,8 @@ import numpy as np
 
 from pipeline.data.indexed import dtype_for_vocab
 from pipeline.data.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, STATE, write_json_atomic
+from pipeline.data.output_dir import OVERWRITE_DIR, check_output_apart, prepare_output_dir, swap_in
 from pipeline.data.readers import (
-    STDLIB_SPEC,
     ReaderOptions,
     SkipReport,
     Source,
@@ -159,124 +157,6 @@ def _fingerprint(opts: PrepareOptions, sources: list[Source]) -> dict:
             "dtype": opts.dtype,
         },
     }
-
-
-def _ours(p: Path) -> bool:
-    """Looks like prepare output: such a file without a matching manifest makes the dir refused."""
-    return p.name in (MANIFEST, STATE, "tokenizer") or p.suffix in (".bin", ".idx", ".tmp")
-
-
-# What prepare itself writes in DIR, and so all that --overwrite may remove or replace.
-_WRITTEN = re.compile(r"^(?:(?:train|valid)_\d{5}\.(?:bin|idx)(?:\.tmp)?|tokenizer|"
-                      + re.escape(MANIFEST) + "|" + re.escape(STATE) + r")$")
-OVERWRITE_DIR = ".overwrite"  # the new dataset of an --overwrite, built here while the old one stays
-REPLACED_DIR = ".replaced"  # the old dataset during the swap (a few renames), removed right after
-
-
-def _written_by_us(out: Path) -> list[Path]:
-    return [p for p in out.iterdir() if _WRITTEN.match(p.name)] if out.is_dir() else []
-
-
-def _remove(paths: list[Path]) -> None:
-    for p in paths:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-
-
-def _check_output_apart(specs: list[str], out: Path) -> None:
-    """Refuse an --output that is, holds or lies inside an input path: the next run would read our own
-    shards / manifest as input, or --overwrite would delete files of the input."""
-    import glob as globlib
-
-    dst = Path(os.path.realpath(out))
-    for spec in specs:
-        if spec.startswith("hf:"):
-            continue
-        paths = ([sysconfig.get_paths()["stdlib"]] if spec == STDLIB_SPEC
-                 else sorted(globlib.glob(spec, recursive=True)) if any(ch in spec for ch in "*?[") else [spec])
-        for path in paths:
-            src = Path(os.path.realpath(path))
-            how = ("is the input" if src == dst else "is inside the input" if src in dst.parents
-                   else "holds the input" if dst in src.parents else None)
-            if how:
-                raise ConfigError(f"--output {out} {how} {path}: prepare's shards and manifest would mix with the "
-                                  "input files and be read as input by the next run; choose an --output outside "
-                                  "every --input path")
-
-
-def _swap_in(new: Path, out: Path) -> None:
-    """Replace the dataset in `out` by the complete one in `out/.overwrite` by renames: the old manifest
-    leaves first and the new one arrives last, so `out` never claims a half-swapped dataset, and the old
-    dataset is removed only once the new one is in place. Files we did not write stay where they are."""
-    old = out / REPLACED_DIR
-    if old.exists():
-        shutil.rmtree(old)
-    old.mkdir()
-    if (out / MANIFEST).is_file():
-        (out / MANIFEST).replace(old / MANIFEST)
-    for p in _written_by_us(out):
-        p.replace(old / p.name)
-    for p in _written_by_us(new):
-        if p.name != MANIFEST:
-            p.replace(out / p.name)
-    (new / MANIFEST).replace(out / MANIFEST)
-    shutil.rmtree(old)
-    shutil.rmtree(new)
-
-
-def _prepare_output_dir(out: Path, fingerprint: dict, overwrite: bool, legacy_inputs=None) -> dict | None:
-    """Returns the resumable state, None for a fresh start; refuses to mix with another dataset.
-    `legacy_inputs()`: the inputs' size + mtime fingerprint, which dirs prepared by versions before
-    content hashes recorded (accepted when it matches)."""
-    import json
-
-    out.mkdir(parents=True, exist_ok=True)
-    existing = [p for p in out.iterdir() if _ours(p)]
-    if overwrite:  # no complete dataset here (that case builds beside it, _prepare_locked): clear our files
-        _remove(_written_by_us(out))
-        return None
-    for name in (STATE, MANIFEST):
-        if (out / name).is_file():
-            try:
-                old = json.loads((out / name).read_text())
-            except json.JSONDecodeError:
-                old = {}
-            if old.get("fingerprint") == fingerprint:
-                return old if name == STATE else {"complete": True}
-            differs = [k for k in fingerprint if old.get("fingerprint", {}).get(k) != fingerprint[k]]
-            if differs == ["inputs"] and legacy_inputs is not None and old["fingerprint"]["inputs"] == legacy_inputs():
-                old["fingerprint"] = fingerprint  # from an older version, inputs unchanged: upgrade
-                return old if name == STATE else {"complete": True}
-            if differs == ["inputs"] and (changed := _changed_content(old.get("fingerprint", {}).get("inputs", []),
-                                                                      fingerprint["inputs"])):
-                raise DataError(
-                    f"output dir {out} already holds a dataset prepared from different inputs (content changed: "
-                    f"{changed}); resuming would mix old and new text: pass --overwrite to rebuild it, "
-                    "or choose another --output"
-                )
-            raise DataError(
-                f"output dir {out} already holds a dataset prepared from different "
-                f"{', '.join(differs) or 'settings'}; pass --overwrite to replace it, "
-                f"or choose another --output"
-            )
-    if existing:
-        raise DataError(
-            f"output dir {out} already holds shard/tokenizer files ({existing[0].name}, ...) "
-            f"without a matching manifest; pass --overwrite to replace them"
-        )
-    return None
-
-
-def _changed_content(old: list, new: list) -> str | None:
-    """The input files whose content changed between two fingerprints' `inputs` (same files, same
-    order), in words; None when the inputs themselves differ."""
-    def files(inputs: list) -> dict:
-        return {f[0]: f[2] for entry in inputs if len(entry) > 2 for f in entry[2]}
-
-    a, b = files(old), files(new)
-    if [e[:2] for e in old] != [e[:2] for e in new] or set(a) != set(b):
-        return None
-    names = sorted(k for k in a if a[k] != b[k])
-    return (", ".join(names[:3]) + (" ..." if len(names) > 3 else "")) if names else None
 
 
 def _tokenizer_for(opts: PrepareOptions, sources: list[Source], state: dict | None) -> Tokenizer:
@@ -458,7 +338,7 @@ def prepare(opts: PrepareOptions) -> dict:
         raise ConfigError(f"--workers must be >= 1, got {opts.workers}")
     if bool(opts.tokenizer) == bool(opts.train_tokenizer):
         raise ConfigError("pass exactly one of --tokenizer PATH or --train-tokenizer {bpe,unigram}")
-    _check_output_apart(opts.inputs, opts.output)  # before anything is read, written or removed
+    check_output_apart(opts.inputs, opts.output)  # before anything is read, written or removed
     report = SkipReport()
     sources = expand_inputs(opts.inputs, opts.reader.input_format, report)
     if opts.num_tasks > 1:
@@ -509,12 +389,12 @@ def _prepare_locked(opts: PrepareOptions, sources: list[Source], report: SkipRep
         if staging.exists():
             shutil.rmtree(staging)  # ours: an earlier --overwrite that did not finish
         manifest = _prepare_locked(dataclasses.replace(opts, output=staging), sources, report, task)
-        _swap_in(staging, opts.output)
+        swap_in(staging, opts.output)
         print(f"replaced the dataset in {opts.output} (the new one was complete before the old one was removed)",
               flush=True)
         return manifest
     fingerprint = _fingerprint(opts, sources)
-    state = _prepare_output_dir(opts.output, fingerprint, opts.overwrite,
+    state = prepare_output_dir(opts.output, fingerprint, opts.overwrite,
                                 lambda: [s.fingerprint(legacy=True) for s in sources])
     if state and state.get("complete"):
         manifest, state = _recheck_complete(opts.output)

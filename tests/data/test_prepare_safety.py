@@ -102,3 +102,32 @@ def test_overwrite_keeps_the_old_dataset_until_the_new_one_is_complete(spm_bpe, 
     assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["documents"] > 30
     assert (out / "notes.bin").read_text() == "the user's own file"
     assert not (out / ".overwrite").exists() and not (out / ".replaced").exists()
+
+
+def test_a_rerun_on_other_inputs_or_options_says_what_differs(spm_bpe, tmp_path, capsys, docs):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    a = write_jsonl(corpus / "a.jsonl", docs[:20])
+    out = tmp_path / "out"
+    args = ["--input", corpus, "--tokenizer", spm_bpe, "--output", out]
+    assert run_prepare(capsys, *args)[0] == 0
+
+    def refused(*extra) -> str:
+        code, _, err = run_prepare(capsys, *args, *extra)
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert err.startswith(f"error: output dir {out} already holds a dataset prepared from different ")
+        assert err.rstrip().endswith("pass --overwrite to replace it (the old one stays until the new one is "
+                                     "complete), or choose another --output")
+        return err
+
+    assert "(--dtype auto -> int32; --seed 1234 -> 7)" in refused("--dtype", "int32", "--seed", "7")
+    assert f"(--tokenizer {spm_bpe.resolve()} -> {a.resolve()})" in refused("--tokenizer", a)
+    b = write_jsonl(corpus / "b.jsonl", docs[20:30])
+    assert f"different inputs (added: {b})" in refused()
+    b.unlink()
+    size = a.stat().st_size
+    write_jsonl(a, docs[:21])
+    assert f"different inputs (size changed: {a} ({size:,} -> {a.stat().st_size:,} bytes))" in refused()
+    a.unlink()
+    write_jsonl(corpus / "c.jsonl", docs[:20])
+    assert f"different inputs (added: {corpus / 'c.jsonl'}; removed: {a})" in refused()
