@@ -86,6 +86,17 @@ def swap_in(new: Path, out: Path) -> None:
     shutil.rmtree(new)
 
 
+def holds_run_of(out: Path, fingerprint: dict) -> bool:
+    """`out` holds a finished or interrupted prepare with this fingerprint (one a rerun resumes)."""
+    for name in (STATE, MANIFEST):
+        try:
+            if json.loads((out / name).read_text()).get("fingerprint") == fingerprint:
+                return True
+        except (OSError, ValueError, AttributeError):
+            pass
+    return False
+
+
 def prepare_output_dir(out: Path, fingerprint: dict, overwrite: bool, legacy_inputs=None) -> dict | None:
     """Returns the resumable state, None for a fresh start; refuses to mix with another dataset.
     `legacy_inputs()`: the inputs' size + mtime fingerprint, which dirs prepared by versions before

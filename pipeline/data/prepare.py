@@ -28,7 +28,7 @@ import numpy as np
 
 from pipeline.data.indexed import dtype_for_vocab
 from pipeline.data.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, STATE, write_json_atomic
-from pipeline.data.output_dir import OVERWRITE_DIR, check_output_apart, prepare_output_dir, swap_in
+from pipeline.data.output_dir import OVERWRITE_DIR, check_output_apart, holds_run_of, prepare_output_dir, swap_in
 from pipeline.data.readers import (
     ReaderOptions,
     SkipReport,
@@ -382,18 +382,21 @@ def _prepare_task(opts: PrepareOptions, sources: list[Source], report: SkipRepor
     return manifest
 
 
-def _prepare_locked(opts: PrepareOptions, sources: list[Source], report: SkipReport, task: dict | None = None) -> dict:
+def _prepare_locked(opts: PrepareOptions, sources: list[Source], report: SkipReport, task: dict | None = None,
+                    fingerprint: dict | None = None) -> dict:
+    fingerprint = fingerprint or _fingerprint(opts, sources)
     if opts.overwrite and (opts.output / MANIFEST).is_file():
         # A complete dataset is replaced only by a complete one: build beside it, then swap by renames.
+        # An earlier --overwrite of the same inputs and options that was stopped resumes there.
         staging = opts.output / OVERWRITE_DIR
-        if staging.exists():
-            shutil.rmtree(staging)  # ours: an earlier --overwrite that did not finish
-        manifest = _prepare_locked(dataclasses.replace(opts, output=staging), sources, report, task)
+        if staging.exists() and not holds_run_of(staging, fingerprint):
+            shutil.rmtree(staging)  # ours: an earlier --overwrite of other inputs or options
+        manifest = _prepare_locked(dataclasses.replace(opts, output=staging, overwrite=False), sources, report,
+                                   task, fingerprint)
         swap_in(staging, opts.output)
         print(f"replaced the dataset in {opts.output} (the new one was complete before the old one was removed)",
               flush=True)
         return manifest
-    fingerprint = _fingerprint(opts, sources)
     state = prepare_output_dir(opts.output, fingerprint, opts.overwrite,
                                 lambda: [s.fingerprint(legacy=True) for s in sources])
     if state and state.get("complete"):

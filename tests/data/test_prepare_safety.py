@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 
 from tests.data.conftest import run_prepare, write_jsonl
@@ -96,8 +97,9 @@ def test_overwrite_keeps_the_old_dataset_until_the_new_one_is_complete(spm_bpe, 
     kill_after_shards(proc, out / ".overwrite", 1)  # SIGKILL while the new dataset is half built
     assert (out / "manifest.json").read_bytes() == before and run_prepare(capsys, "--verify", out)[0] == 0
 
-    code, stdout, err = run_prepare(capsys, *args, "--overwrite")
+    code, stdout, err = run_prepare(capsys, *args, "--overwrite")  # resumes the half-built one, then swaps
     assert code == 0 and f"replaced the dataset in {out}" in stdout, err
+    assert re.search(r"reused [1-9]\d* verified shard\(s\)", stdout), stdout
     assert run_prepare(capsys, "--verify", out)[0] == 0
     assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["documents"] > 30
     assert (out / "notes.bin").read_text() == "the user's own file"
