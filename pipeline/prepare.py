@@ -81,8 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--hf-split", default="train", help="split of a saved/Hub HF dataset (default: train)")
     io.add_argument("--hf-config", default=None, help="config name of a Hub dataset")
     io.add_argument(
-        "--overwrite", action="store_true", help="replace a different dataset already in --output (the new one is built beside it, in "
-        "DIR/.overwrite, and swapped in once complete; only prepare's own files are removed)"
+        "--overwrite",
+        action="store_true",
+        help="replace a different dataset already in --output (the new one is built beside it, in "
+        "DIR/.overwrite, and swapped in once complete; only prepare's own files are removed)",
     )
     tk = p.add_argument_group("tokenizer")
     tk.add_argument(
