@@ -208,6 +208,11 @@ def test_lost_latest_resumes_from_newest_complete_and_damaged_tensors_are_refuse
     assert errors(proc)[0] == (
         f"error: checkpoint file {rng_file} fails its checksum; restore it, or resume from an earlier checkpoint by "
         f"writing its tag into {ckpt / 'latest'} (complete ones: step_4, step_2)")
+    rng_file.unlink()  # missing: one line naming it on every rank (not rank 1's FileNotFoundError, rank 0's gloo error)
+    proc = train(2, cfg, "train.steps=8", check=False)
+    assert proc.returncode != 0 and set(errors(proc)) == {
+        f"error: checkpoint file {rng_file} is missing; restore it, or resume from an earlier checkpoint by "
+        f"writing its tag into {ckpt / 'latest'} (complete ones: step_4, step_2)"}, proc.stderr[-3000:]
 
     # A checkpoint written before checksums (none in its index) still loads; NaN is still refused.
     (ckpt / "latest").write_text("step_4")
