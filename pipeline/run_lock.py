@@ -16,7 +16,11 @@ A crashed holder must not block forever, so a lock is *stale* when
 - its host is another host and its heartbeat is older than `stale_after_s` (default 120 s). The
   age is measured against the filesystem's own clock (mtime of a probe file written next to it),
   so clock skew between nodes does not matter.
+- it is empty or not a lock record (a holder killed between creating and writing it, or a file
+  someone else wrote) and older than `MALFORMED_GRACE_S`: the create-to-write window of a live
+  holder is microseconds, so a younger one is waited for, then judged again.
 A stale lock is taken over (renamed away, then created anew) with a message saying whose it was.
+An unreadable lock (no permission) is refused naming the file.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pipeline.errors import ConfigError
 
 LOCK_NAME = ".lock"
 HEARTBEAT_S = 10.0
+MALFORMED_GRACE_S = 2.0  # an empty lock younger than this may be a live holder between create and write
 STALE_AFTER_S = float(os.environ.get("PIPELINE_LOCK_STALE_S", 120))
 
 
@@ -113,6 +118,7 @@ class DirLock:
             "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "command": " ".join(sys.argv)[:500],
         }
+        waited = False  # for an empty lock's writer, once
         for _ in range(3):  # a takeover can race with another taker: retry from the top
             if self._create(record):
                 self._record = record
@@ -122,6 +128,10 @@ class DirLock:
             holder = self._read()
             if holder is None:
                 continue  # released between our create and our read
+            if holder.get("malformed") and not waited and (age := self._age_s()) < MALFORMED_GRACE_S:
+                time.sleep(MALFORMED_GRACE_S - age)  # its writer may still be writing: judge it again
+                waited = True
+                continue
             stale = self._stale_reason(holder)
             if stale is None:
                 raise ConfigError(self._held_message(holder))
@@ -167,11 +177,17 @@ class DirLock:
             text = self.path.read_text()
         except FileNotFoundError:
             return None
+        except OSError as e:
+            raise ConfigError(f"{self.path} (the lock of {self.dir}) cannot be read ({e.strerror or e}); fix its "
+                              f"permissions, or delete it if no {self.what} uses {self.dir}") from None
         try:
-            return json.loads(text)
+            record = json.loads(text)
         except json.JSONDecodeError:
-            # A holder killed between create and write leaves an empty file: judge it by its age.
-            return {"host": "?", "pid": -1, "job": "?", "what": "?", "since": "?", "command": "?"}
+            record = None
+        if not isinstance(record, dict) or "pid" not in record:
+            # A holder killed between create and write leaves an empty file: judged by its age alone.
+            return {"malformed": "empty" if not text.strip() else "not a lock record"}
+        return record
 
     def _age_s(self) -> float:
         """Seconds since the lock's last heartbeat, on the filesystem's clock."""
@@ -188,6 +204,10 @@ class DirLock:
             return 0.0
 
     def _stale_reason(self, holder: dict) -> str | None:
+        if holder.get("malformed"):
+            how = ("a holder killed between creating and writing it" if holder["malformed"] == "empty"
+                   else "no run or prepare writes such a file")
+            return f"it is {holder['malformed']} ({how}) and {self._age_s():.0f} s old"
         if holder.get("host") == socket.gethostname():
             if not pid_alive(int(holder.get("pid", -1)), holder.get("start_time")):
                 return f"its process {holder.get('pid')} on this host is gone"
@@ -207,7 +227,7 @@ class DirLock:
             taken = json.loads(aside.read_text())
         except (OSError, json.JSONDecodeError):
             taken = None
-        if taken is not None and taken != holder and taken.get("pid") != -1:
+        if isinstance(taken, dict) and taken != holder and "pid" in taken:
             # We moved a lock that was created after we judged the old one stale: put it back.
             try:
                 os.link(aside, self.path)
@@ -216,6 +236,9 @@ class DirLock:
             aside.unlink(missing_ok=True)
             return
         aside.unlink(missing_ok=True)
+        if holder.get("malformed"):
+            self.note = f"took over the malformed lock {self.path}: {reason}"
+            return
         self.note = (f"took over the stale lock {self.path} of {holder.get('what')} pid {holder.get('pid')} on "
                      f"{holder.get('host')} ({holder.get('job')}): {reason}")
 

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.run_lock import LOCK_NAME, DirLock, process_start_time
+from pipeline.run_lock import LOCK_NAME, MALFORMED_GRACE_S, DirLock, process_start_time
 
 
 def write_lock(directory, host, pid, age_s=0.0, start_time=None):
@@ -54,6 +54,27 @@ def test_another_hosts_lock_is_held_while_its_heartbeat_is_fresh(tmp_path):
     lock = DirLock(tmp_path, "prepare", stale_after_s=60).acquire()
     assert "pid 4242 on node-b" in lock.note and "heartbeat is 120 s old" in lock.note
     # The holder's heartbeat keeps its lock fresh, so another taker keeps being refused.
+    lock.release()
+
+
+def test_an_empty_or_malformed_lock_is_named_as_such_and_taken_over(tmp_path):
+    """A holder killed between creating and writing its lock leaves an empty file: never "in use by
+    another ?: pid -1 on ?". A fresh one is given a moment (its writer may be mid-write), then judged."""
+    path = tmp_path / LOCK_NAME
+    for text, what in (("", "it is empty (a holder killed between creating and writing it)"),
+                       ("[1, 2]", "it is not a lock record (no run or prepare writes such a file)")):
+        path.write_text(text)  # fresh: judged after MALFORMED_GRACE_S
+        t0 = time.monotonic()
+        lock = DirLock(tmp_path, "training run").acquire()
+        assert time.monotonic() - t0 >= MALFORMED_GRACE_S * 0.9
+        assert lock.note.startswith(f"took over the malformed lock {path}: {what} and ")
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+        lock.release()
+    path.write_text("")
+    old = time.time() - 600
+    os.utime(path, (old, old))
+    lock = DirLock(tmp_path, "prepare").acquire()  # an old empty lock is taken over at once
+    assert "it is empty" in lock.note and "600 s old" in lock.note
     lock.release()
 
 

@@ -33,6 +33,7 @@ overwrite (the user pointed `latest` back) is renamed aside, never deleted.
 
 from __future__ import annotations
 
+import pickle
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -205,11 +206,19 @@ class CheckpointManager:
         return f"{'last good' if verified else 'newest complete'} checkpoint: {self.dir / tag}"
 
     # --- load ---------------------------------------------------------------------------------
-    def _check_rng_file(self, rng_file: Path, reader: StateReader) -> None:
+    def _read_rng_file(self, rng_file: Path, reader: StateReader) -> dict:
+        """This rank's RNG states, verified; CheckpointError naming the file when it is missing, damaged
+        or unreadable (inside load_latest's rank agreement: one rank's fault must stop every rank)."""
+        fix = self.resume_fix(rng_file.parent.name)
+        if not rng_file.is_file():  # every rank of the shape that wrote a checkpoint writes its own
+            raise CheckpointError(f"checkpoint file {rng_file} is missing; {fix}")
         want = reader.file_checksums.get(rng_file.name)
         if want is not None and file_checksum(rng_file) != want:
-            raise CheckpointError(f"checkpoint file {rng_file} fails its checksum; "
-                                  f"{self.resume_fix(rng_file.parent.name)}")
+            raise CheckpointError(f"checkpoint file {rng_file} fails its checksum; {fix}")
+        try:
+            return torch.load(rng_file, weights_only=False)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            raise CheckpointError(f"checkpoint file {rng_file} cannot be read ({e}); {fix}") from None
 
     def load_latest(self, engine, expert_parallel_size: int, grad_accum_steps: int, seed: int) -> Resumed | None:
         """Load the newest complete checkpoint into `engine`, whatever shape wrote it; returns its run
@@ -229,11 +238,11 @@ class CheckpointManager:
         written_ep = state.expert_parallel_size if state.expert_parallel_size is not None else expert_parallel_size
         same_shape = state.world_size == self.world and written_ep == expert_parallel_size
         rng_file = tag_dir / f"rng_rank{self.rank}.pt"
-        error = None
+        error, rng = None, None
         try:  # each tensor is verified by one of its readers: the others must learn of a failure
             reader = load_state(engine, tag_dir, fix=self.resume_fix(tag_dir.name))
             if same_shape:
-                self._check_rng_file(rng_file, reader)
+                rng = self._read_rng_file(rng_file, reader)
         except CheckpointError as e:
             error = str(e)
         if error := first_error(error):
@@ -241,8 +250,8 @@ class CheckpointManager:
         if state.optimizer_step is not None:
             set_optimizer_step_count(engine, state.optimizer_step)
         set_engine_counters(engine, state.step, state.consumed_samples, grad_accum_steps)
-        if same_shape and rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+        if rng is not None:
+            set_rng_state(rng)
         else:  # per-rank streams cannot be re-dealt to other ranks
             reseed(seed, state.step, self.rank)
             same_shape = False

@@ -3,7 +3,10 @@
 
 A `step_N/` is *complete* once its trainer_state.json (written last) parses. A `latest` that is
 missing, empty or names an incomplete tag never means "start fresh" while complete checkpoints
-exist: the newest complete one is used, and `latest_problem` says why.
+exist: the newest complete one is used, and `latest_problem` says why. A `latest` holding anything
+but a plain `step_N` tag (a path such as `../../other_run/checkpoints/step_8`) stops the run: it
+would load another run's weights into this one and then treat this run's newer checkpoints as
+abandoned (`train.init_from` is the way to start from another run).
 """
 
 from __future__ import annotations
@@ -48,6 +51,23 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
     return [tag_of(s) for s in reversed(checkpoint_steps(ckpt_dir)) if is_complete(ckpt_dir / tag_of(s))]
 
 
+def _latest_tag(ckpt_dir: Path) -> str:
+    """What `latest` holds ("" when missing or empty); ConfigError unless that is a `step_N` tag of
+    this checkpoints dir."""
+    path = Path(ckpt_dir) / LATEST
+    try:
+        tag = path.read_text().strip()
+    except OSError:
+        return ""
+    if tag and not _TAG_RE.match(tag):
+        tags = complete_tags(ckpt_dir)
+        raise ConfigError(
+            f"{path} holds {tag!r}, which is not a checkpoint tag of this run (a step_N directory inside "
+            f"{ckpt_dir}); write one of this run's tags into it ({', '.join(tags[:3]) or 'none complete'}) or "
+            "delete it to resume from the newest; to start from another run's weights use train.init_from")
+    return tag
+
+
 def latest_problem(ckpt_dir: Path) -> str | None:
     """Why `latest` cannot be used as it is (None: it names a complete checkpoint, or there is none)."""
     path = Path(ckpt_dir) / LATEST
@@ -57,7 +77,7 @@ def latest_problem(ckpt_dir: Path) -> str | None:
     if not path.is_file():
         why = f"{path} is missing"
     else:
-        tag = path.read_text().strip()
+        tag = _latest_tag(ckpt_dir)
         if tag and is_complete(Path(ckpt_dir) / tag):
             return None
         why = f"{path} is empty" if not tag else f"{path} names {tag}, which is not a complete checkpoint"
@@ -67,10 +87,7 @@ def latest_problem(ckpt_dir: Path) -> str | None:
 def read_latest(ckpt_dir: Path) -> str | None:
     """The checkpoint to resume from: the tag `latest` names if that checkpoint is complete, else the
     newest complete one (see `latest_problem`), else None (nothing to resume)."""
-    try:
-        tag = (Path(ckpt_dir) / LATEST).read_text().strip()
-    except OSError:
-        tag = ""
+    tag = _latest_tag(ckpt_dir)
     if tag and is_complete(Path(ckpt_dir) / tag):
         return tag
     tags = complete_tags(ckpt_dir)

@@ -1,9 +1,11 @@
 """What a run was trained on, and whether the data still is what its manifest says.
 
-- `data_identity(sources)`: the sample-order scheme (dataset.ORDER_SCHEME), the tokenizer identity,
-  the shard set with the sha256 prepare recorded for each file, and the blend weights of `data.train`;
-  stored in every checkpoint so that a resume on other data (another tokenizer of the same vocab
-  size, other shards, another blend) or in another sample order is caught.
+- `data_identity(sources, seq_len, seed)`: the sample-order scheme (dataset.ORDER_SCHEME), the
+  settings the sample map is built from (data.seq_len, data.seed), the tokenizer identity, the shard
+  set with the sha256 prepare recorded for each file, and the blend weights of `data.train`; stored
+  in every checkpoint so that a resume on other data (another tokenizer of the same vocab size,
+  other shards, another blend) or in another sample order or map is caught (the saved sample
+  position only means something in the map it was counted in).
 - `identity_change(old, new)`: one phrase saying what changed, or None.
 - `resume_order(saved)`: the sample order a resume continues in: the one the checkpoint recorded;
   a checkpoint that records none was written before the O(shards) loader and keeps the legacy order
@@ -46,8 +48,13 @@ def resume_order(saved: dict | None, checkpoint: Path | None) -> tuple[str, list
                    f"{ORDER_SCHEME})"]
 
 
-def data_identity(sources: list) -> dict:
-    """{"order", "sources": [{"path", "weight", "tokenizer", "shards": {file: sha256}}]} of `data.train`."""
+# The settings besides the data itself that build_dataset's sample map depends on: identity key -> config key.
+SAMPLE_MAP_SETTINGS = {"seq_len": "data.seq_len", "seed": "data.seed"}
+
+
+def data_identity(sources: list, seq_len: int, seed: int) -> dict:
+    """{"order", "seq_len", "seed", "sources": [{"path", "weight", "tokenizer", "shards": {file: sha256}}]}
+    of `data.train`."""
     out = []
     for weight, path in _weighted(sources):
         entry: dict = {"path": path, "weight": weight}
@@ -60,7 +67,7 @@ def data_identity(sources: list) -> dict:
             prefix = prefix_of(path)
             entry["shards"] = {f"{prefix}.bin": f"size:{bin_path(prefix).stat().st_size}"}
         out.append(entry)
-    return {"order": ORDER_SCHEME, "sources": out}
+    return {"order": ORDER_SCHEME, "seq_len": seq_len, "seed": seed, "sources": out}
 
 
 def identity_change(old: dict, new: dict) -> str | None:
@@ -69,6 +76,11 @@ def identity_change(old: dict, new: dict) -> str | None:
     if was != now:
         return (f"its samples were drawn in another order ({was}; now {now}): the same data would be read in a "
                 "different sequence from here on")
+    for key, setting in SAMPLE_MAP_SETTINGS.items():
+        was, now = old.get(key), new.get(key)
+        if was is not None and now is not None and was != now:  # not recorded (older checkpoints): unknown
+            return (f"{setting} was {was}, now {now} (the saved sample position counts samples of the map "
+                    f"built with {setting}={was}: in another map, samples would repeat or be skipped)")
     a, b = old.get("sources", []), new.get("sources", [])
     if len(a) != len(b):
         return (f"data.train had {len(a)} source(s) ({', '.join(s['path'] for s in a)}), now {len(b)} "

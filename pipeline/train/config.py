@@ -110,7 +110,8 @@ class TrainConfig:
     the checkpoint was trained with; off, such a resume is refused with the batch that keeps it."""
     allow_data_change: bool = False
     """Allow resuming on other data than the checkpoint was trained on (another tokenizer, other
-    shards or shard contents, another blend); off, such a resume is refused naming what changed.
+    shards or shard contents, another blend, another data.seq_len or data.seed); off, such a resume
+    is refused naming what changed.
     On, the change is logged."""
     peak_tflops: float | None = None
     """Per-GPU dense bf16 peak for the MFU metric; default: looked up from the GPU name

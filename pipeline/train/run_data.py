@@ -1,7 +1,7 @@
 """The run's data: the start-up check every rank must agree on before the engine is built, and the
 datasets with this rank's micro-batches.
 
-    identity, notes = check_data(train, valid, vocab_size, verify, rank, world)
+    identity, notes = check_data(cfg.data, vocab_size, rank, world)
     data = RunData.build(cfg.data, micro_batch_size, dp_rank, dp_world, consumed_samples, order, prefetch)
 """
 
@@ -16,20 +16,20 @@ from pipeline.distributed.collectives import gather_objects
 from pipeline.train.config import DataConfig
 
 
-def check_data(train: list, valid: list | None, vocab_size: int, verify: bool, rank: int,
-               world: int) -> tuple[dict, list[str]]:
+def check_data(data: DataConfig, vocab_size: int, rank: int, world: int) -> tuple[dict, list[str]]:
     """Before the engine build: the data's tokenizer fits the model's vocabulary, every shard's recorded
     id range fits the model, and (data.verify_checksums) every file's sha256 matches its manifest, the
-    files dealt over the ranks. Returns the identity of `data.train` stored in checkpoints, and notes
-    to log."""
+    files dealt over the ranks. Returns the identity of `data.train` (and of the sample map built
+    from it) stored in checkpoints, and notes to log."""
     from pipeline.data import load_manifest
     from pipeline.data.identity import check_token_ranges, data_identity, verify_checksums
     from pipeline.errors import DataError
 
+    train, valid = data.train, data.valid
     check_vocab_compatible(source_paths(train) + source_paths(valid or []), vocab_size)
     dirs = list(dict.fromkeys(d for d in source_paths(train) + source_paths(valid or []) if Path(d).is_dir()))
     notes = check_token_ranges([load_manifest(d) for d in dirs], vocab_size)
-    if verify:
+    if data.verify_checksums:
         problems = verify_checksums(dirs, rank, world)
         problems = [p for part in gather_objects(problems) for p in part]
         if problems:
@@ -37,7 +37,7 @@ def check_data(train: list, valid: list | None, vocab_size: int, verify: bool, r
                             f"{' ...' if len(problems) > 3 else ''}; re-prepare that data "
                             "(`python -m pipeline.prepare` with the same command repairs it)")
         notes.append(f"data.verify_checksums: every file of {', '.join(map(str, dirs))} matches its sha256")
-    return data_identity(train), notes
+    return data_identity(train, data.seq_len, data.seed), notes
 
 
 

@@ -53,8 +53,7 @@ class Trainer:
         self.rank, self.world = self.ranks.rank, self.ranks.world
         self.run_dir = Path(cfg.run_dir)
         self.model_cfg = resolve_model_config(cfg)
-        self.data_identity, notes = check_data(cfg.data.train, cfg.data.valid, self.model_cfg.vocab_size,
-                                               cfg.data.verify_checksums, self.rank, self.world)
+        self.data_identity, notes = check_data(cfg.data, self.model_cfg.vocab_size, self.rank, self.world)
         self.dims = ParallelDims(self.world, cfg.parallel.expert_parallel_size,
                                  cfg.parallel.sequence_parallel_size).check(self.model_cfg, cfg.data.seq_len)
         self.dp_world = self.dims.dp_world

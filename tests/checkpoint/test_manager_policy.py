@@ -71,6 +71,23 @@ def test_missing_or_empty_latest_resumes_the_newest_complete_checkpoint(tmp_path
         "(complete ones: step_2)")
 
 
+def test_latest_naming_anything_but_a_tag_of_this_run_stops_in_one_line(tmp_path):
+    other = tmp_path / "other_run" / "checkpoints"
+    write_checkpoint(other, 8, debug_model())
+    ckpt = tmp_path / "run" / "checkpoints"
+    write_checkpoint(ckpt, 2, debug_model())
+    write_checkpoint(ckpt, 4, debug_model())
+    for held in ("../../other_run/checkpoints/step_8", str(other / "step_8"), "step_4/../step_2"):
+        (ckpt / "latest").write_text(held + "\n")
+        for read in (read_latest, latest_problem, lambda d: CheckpointManager(d, keep_last=2).latest()):
+            with pytest.raises(ConfigError) as e:
+                read(ckpt)
+            assert str(e.value).startswith(f"{ckpt / 'latest'} holds {held!r}, which is not a checkpoint tag of "
+                                           "this run") and "\n" not in str(e.value)
+            assert "(step_4, step_2) or delete it" in str(e.value) and "train.init_from" in str(e.value)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_2", "step_4"]  # nothing renamed aside
+
+
 def test_pruning_keeps_the_newest_up_to_the_latest():
     assert prunable([2, 4, 6, 8], keep=8, keep_last=2) == [2, 4]
     assert prunable([2, 4, 6, 8], keep=8, keep_last=10) == []

@@ -98,6 +98,10 @@ def test_a_checkpoint_without_an_order_resumes_in_the_legacy_order(tmp_path):
     change = identity_change(old, new)
     assert change == (f"its samples were drawn in another order ({LEGACY_ORDER}; now {ORDER_SCHEME}): the same "
                       "data would be read in a different sequence from here on")
+    # The settings the sample map is built from: a change is named; not recorded (older) is no change.
+    assert identity_change({**new, "seed": 1}, {**new, "seed": 2}).startswith("data.seed was 1, now 2 (")
+    assert identity_change({**new, "seq_len": 64}, {**new, "seq_len": 32}).startswith("data.seq_len was 64, now 32")
+    assert identity_change(new, {**new, "seq_len": 32, "seed": 2}) is None
     with pytest.raises(ConfigError, match="unknown sample order 'x/v9'"):
         build_dataset([tmp_path / "none"], "train", 8, 0, order="x/v9")
 

@@ -1,6 +1,7 @@
 """A run never silently loses or corrupts work (real runs, real files, real mounts): one run per run
 dir, unusable run dirs and a full disk are one line, resuming on other data is refused, corrupt
-shards are named, and a lost `latest` or a damaged checkpoint never means "start fresh"."""
+shards are named, and a lost `latest` or a damaged checkpoint never means "start fresh" (nor does
+a `latest` naming another run's checkpoint mean resuming it)."""
 
 from __future__ import annotations
 
@@ -208,6 +209,22 @@ def test_lost_latest_resumes_from_newest_complete_and_damaged_tensors_are_refuse
     assert errors(proc)[0] == (
         f"error: checkpoint file {rng_file} fails its checksum; restore it, or resume from an earlier checkpoint by "
         f"writing its tag into {ckpt / 'latest'} (complete ones: step_4, step_2)")
+    rng_file.unlink()  # missing: one line naming it on every rank (not rank 1's FileNotFoundError, rank 0's gloo error)
+    proc = train(2, cfg, "train.steps=8", check=False)
+    assert proc.returncode != 0 and set(errors(proc)) == {
+        f"error: checkpoint file {rng_file} is missing; restore it, or resume from an earlier checkpoint by "
+        f"writing its tag into {ckpt / 'latest'} (complete ones: step_4, step_2)"}, proc.stderr[-3000:]
+
+    # `latest` naming another run's checkpoint: one line, before anything is loaded or moved aside.
+    shutil.copytree(ckpt / "step_4", tmp_path / "other_run" / "checkpoints" / "step_4")
+    held = "../../other_run/checkpoints/step_4"
+    (ckpt / "latest").write_text(held)
+    proc = train(2, cfg, "train.steps=8", check=False)
+    assert proc.returncode != 0 and set(errors(proc)) == {
+        f"error: {ckpt / 'latest'} holds {held!r}, which is not a checkpoint tag of this run (a step_N directory "
+        f"inside {ckpt}); write one of this run's tags into it (step_6, step_4, step_2) or delete it to resume "
+        "from the newest; to start from another run's weights use train.init_from"}, proc.stderr[-3000:]
+    assert checkpoint_steps(ckpt) == [2, 4, 6]
 
     # A checkpoint written before checksums (none in its index) still loads; NaN is still refused.
     (ckpt / "latest").write_text("step_4")
