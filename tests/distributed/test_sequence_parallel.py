@@ -108,8 +108,11 @@ def test_sp2_checkpoint_resumes_on_other_sp_sizes(sp2_run, nproc, sp, mbs):
     assert sorted(got) == list(range(SAVED + 1, STEPS + 1))
     for step in got:
         # Summation order differs (gradients averaged over 2 or 4 ranks instead of 4 in pairs): the
-        # fp32 rounding grows with the steps after the resume (1.0e-5 absolute seen at step 8 of SP 4).
-        assert math.isclose(got[step], uninterrupted[step], rel_tol=1e-5), (step, got[step], uninterrupted[step])
+        # fp32 rounding grows with the steps after the resume, faster where a router top-k tie flips.
+        # Measured with the O(shards) data order: SP 1 within 1e-7 relative; SP 4 3.3e-6 at the first
+        # resumed step, 2.1e-5 at step 10 (with the previous order: 1.0e-5 absolute at step 8).
+        tol = 1e-5 if step == SAVED + 1 else 5e-5
+        assert math.isclose(got[step], uninterrupted[step], rel_tol=tol), (step, got[step], uninterrupted[step])
 
 
 @pytest.mark.parametrize("sp, world, seq_len, message", [
