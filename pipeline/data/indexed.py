@@ -142,6 +142,24 @@ class IndexHeader:
     tokens: int  # .bin tokens covered by the index (sequences back to back, as Megatron writes them)
 
 
+def _check_header(ip: Path, header: bytes, size: int) -> tuple[np.dtype, int, int]:
+    """(dtype, sequences, document-index length) of an .idx of `size` bytes starting with `header`;
+    one line naming the file for a truncated, foreign, unknown or wrongly sized index."""
+    if size < _HEADER.size:
+        raise DataError(f"{ip} is truncated ({size} bytes): re-run prepare or --verify the dir")
+    magic, version, code, n, n_doc = _HEADER.unpack(header[: _HEADER.size])
+    if magic != MAGIC:
+        raise DataError(f"{ip} is not an MMIDIDX index (magic {magic!r})")
+    if version != VERSION:
+        raise DataError(f"{ip} has index version {version}; only version {VERSION} is supported")
+    if code not in DTYPE_CODES:
+        raise DataError(f"{ip} has unknown dtype code {code}")
+    expected = _HEADER.size + 4 * n + 8 * n + 8 * n_doc
+    if size != expected:
+        raise DataError(f"{ip} is {size} bytes, its header implies {expected}: the file is corrupt")
+    return np.dtype(DTYPE_CODES[code]), n, n_doc
+
+
 def read_index_header(prefix: str | Path) -> IndexHeader:
     """The header, last pointer and size of `PREFIX.idx`, checked against the file sizes; the
     descriptor is closed before returning (a corpus of 8000 shards must not hold 8000 files)."""
@@ -156,20 +174,9 @@ def read_index_header(prefix: str | Path) -> IndexHeader:
         raise DataError(f"{ip} cannot be read ({e.strerror or e}); check the file and its permissions, "
                         "or re-prepare the data") from None
     try:
-        size = os.fstat(fd).st_size
-        if size < _HEADER.size:
-            raise DataError(f"{ip} is truncated ({size} bytes): re-run prepare or --verify the dir")
-        magic, version, code, n, n_doc = _HEADER.unpack(os.pread(fd, _HEADER.size, 0))
-        if magic != MAGIC:
-            raise DataError(f"{ip} is not an MMIDIDX index (magic {magic!r})")
-        if version != VERSION:
-            raise DataError(f"{ip} has index version {version}; only version {VERSION} is supported")
-        if code not in DTYPE_CODES:
-            raise DataError(f"{ip} has unknown dtype code {code}")
-        expected = _HEADER.size + 4 * n + 8 * n + 8 * n_doc
-        if size != expected or n_doc < 1:
-            raise DataError(f"{ip} is {size} bytes, its header implies {expected}: the file is corrupt")
-        dtype = np.dtype(DTYPE_CODES[code])
+        dtype, n, n_doc = _check_header(ip, os.pread(fd, _HEADER.size, 0), os.fstat(fd).st_size)
+        if n_doc < 1:
+            raise DataError(f"{ip} has an empty document index (Megatron's starts with 0): the file is corrupt")
         off = _HEADER.size
         first_doc, last_doc = struct.unpack("<q", os.pread(fd, 8, off + 12 * n))[0], struct.unpack(
             "<q", os.pread(fd, 8, off + 12 * n + 8 * (n_doc - 1)))[0]
@@ -211,19 +218,7 @@ class MMapIndexedDataset:
         except (OSError, ValueError) as e:  # unreadable (permissions, I/O error) or empty
             raise DataError(f"{ip} cannot be read ({getattr(e, 'strerror', None) or e}); check the file and its "
                             "permissions, or re-prepare the data") from None
-        if len(raw) < _HEADER.size:
-            raise DataError(f"{ip} is truncated ({len(raw)} bytes): re-run prepare or --verify the dir")
-        magic, version, code, n, n_doc = _HEADER.unpack(bytes(raw[: _HEADER.size]))
-        if magic != MAGIC:
-            raise DataError(f"{ip} is not an MMIDIDX index (magic {magic!r})")
-        if version != VERSION:
-            raise DataError(f"{ip} has index version {version}; only version {VERSION} is supported")
-        if code not in DTYPE_CODES:
-            raise DataError(f"{ip} has unknown dtype code {code}")
-        self.dtype = np.dtype(DTYPE_CODES[code])
-        expected = _HEADER.size + 4 * n + 8 * n + 8 * n_doc
-        if len(raw) != expected:
-            raise DataError(f"{ip} is {len(raw)} bytes, its header implies {expected}: the file is corrupt")
+        self.dtype, n, n_doc = _check_header(ip, bytes(raw[: _HEADER.size]), len(raw))
         off = _HEADER.size
         self.sizes = np.frombuffer(raw, dtype=np.int32, count=n, offset=off)
         self.pointers = np.frombuffer(raw, dtype=np.int64, count=n, offset=off + 4 * n)
