@@ -20,12 +20,15 @@ def test_rank_whose_last_collective_ends_in_teardown_exits_0():
         assert f"rank {rank}: main returnedrank {rank}: atexit handlers ran" in proc.stdout
 
 
-def run_and_exit_on(body: str) -> subprocess.CompletedProcess:
-    code = ("import atexit, sys\nfrom pipeline.cli import run_and_exit\n"
-            "atexit.register(print, 'atexit', flush=True)\n"
-            f"def main():\n    {body}\nrun_and_exit(main)\n")
+def python_c(code: str) -> subprocess.CompletedProcess:
+    """`python -c code` from the repo root, an atexit handler printing 'atexit' registered first."""
+    code = "import atexit, sys\natexit.register(print, 'atexit', flush=True)\n" + code
     return subprocess.run([sys.executable, "-c", code], env=rank_env(), cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=60)
+
+
+def run_and_exit_on(body: str) -> subprocess.CompletedProcess:
+    return python_c(f"from pipeline.cli import run_and_exit\ndef main():\n    {body}\nrun_and_exit(main)\n")
 
 
 def test_run_and_exit_keeps_what_a_normal_exit_gives():
@@ -43,15 +46,13 @@ def test_run_and_exit_keeps_what_a_normal_exit_gives():
 def end_at_exit_on(body: str) -> subprocess.CompletedProcess:
     """A script that installed pipeline.process_exit.end_at_interpreter_exit (as Trainer.close() does
     on gloo) and then ends by `body`."""
-    code = ("import atexit, sys\nfrom pipeline.process_exit import end_at_interpreter_exit\n"
-            "atexit.register(print, 'atexit', flush=True)\nend_at_interpreter_exit()\n"
-            f"print('done', end='')\n{body}\n")
-    return subprocess.run([sys.executable, "-c", code], env=rank_env(), cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=60)
+    return python_c("from pipeline.process_exit import end_at_interpreter_exit\nend_at_interpreter_exit()\n"
+                    f"print('done', end='')\n{body}\n")
 
 
 def test_exit_at_interpreter_exit_keeps_the_exit_code_and_handlers():
-    assert (end_at_exit_on("pass").returncode, end_at_exit_on("pass").stdout) == (0, "doneatexit\n")
+    proc = end_at_exit_on("pass")
+    assert (proc.returncode, proc.stdout) == (0, "doneatexit\n")
     proc = end_at_exit_on("sys.exit(3)")
     assert (proc.returncode, proc.stdout) == (3, "doneatexit\n")
     proc = end_at_exit_on("sys.exit('stopped: reason')")
