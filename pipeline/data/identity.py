@@ -1,8 +1,9 @@
 """What a run was trained on, and whether the data still is what its manifest says.
 
-- `data_identity(sources, seq_len, seed)`: the sample-order scheme (dataset.ORDER_SCHEME), the
+- `data_identity(sources, seq_len, seed, prefixes, tokenizer)`: the sample-order scheme (dataset.ORDER_SCHEME), the
   settings the sample map is built from (data.seq_len, data.seed), the tokenizer identity, the shard
-  set with the sha256 prepare recorded for each file, and the blend weights of `data.train`; stored
+  set with the sha256 prepare recorded for each file (for a Megatron prefix: the content hashes of its
+  .bin/.idx and data.tokenizer, see megatron_sources.py), and the blend weights of `data.train`; stored
   in every checkpoint so that a resume on other data (another tokenizer of the same vocab size,
   other shards, another blend) or in another sample order or map is caught (the saved sample
   position only means something in the map it was counted in).
@@ -52,9 +53,11 @@ def resume_order(saved: dict | None, checkpoint: Path | None) -> tuple[str, list
 SAMPLE_MAP_SETTINGS = {"seq_len": "data.seq_len", "seed": "data.seed"}
 
 
-def data_identity(sources: list, seq_len: int, seed: int) -> dict:
+def data_identity(sources: list, seq_len: int, seed: int, prefixes: dict[str, dict] | None = None,
+                  tokenizer: dict | None = None) -> dict:
     """{"order", "seq_len", "seed", "sources": [{"path", "weight", "tokenizer", "shards": {file: sha256}}]}
-    of `data.train`."""
+    of `data.train`. `prefixes`: megatron_sources.prefix_facts of its Megatron prefixes; `tokenizer`:
+    megatron_sources.tokenizer_facts of data.tokenizer (None: not set)."""
     out = []
     for weight, path in _weighted(sources):
         entry: dict = {"path": path, "weight": weight}
@@ -63,7 +66,12 @@ def data_identity(sources: list, seq_len: int, seed: int) -> dict:
             entry["tokenizer"] = {"type": m.tokenizer.get("type"), "sha256": m.tokenizer.get("sha256"),
                                   "vocab_size": m.vocab_size, "eos_id": m.eos_id}
             entry["shards"] = {rel: digest for rel, digest in sorted(m.files.items()) if rel.endswith((".bin", ".idx"))}
-        else:  # a bare Megatron prefix: no manifest, so its size is all we can compare
+        elif prefixes and prefix_of(path) in prefixes:  # a Megatron prefix: its content and data.tokenizer
+            prefix, f = prefix_of(path), prefixes[prefix_of(path)]
+            entry["tokenizer"] = tokenizer
+            entry["shards"] = {f"{prefix}.bin": f["bin_hash"], f"{prefix}.idx": f["idx_hash"]}
+            entry["bytes"] = {f"{prefix}.bin": f["bin_size"], f"{prefix}.idx": f["idx_size"]}
+        else:  # a bare Megatron prefix whose content was not read: its size is all we can compare
             prefix = prefix_of(path)
             entry["shards"] = {f"{prefix}.bin": f"size:{bin_path(prefix).stat().st_size}"}
         out.append(entry)
@@ -87,6 +95,10 @@ def identity_change(old: dict, new: dict) -> str | None:
                 f"({', '.join(s['path'] for s in b)})")
     for i, (x, y) in enumerate(zip(a, b, strict=True)):
         where = f"data.train[{i}] ({y['path']})"
+        if "tokenizer" not in x and "bytes" in y:
+            # A Megatron prefix recorded before its content and tokenizer were: compare what was (its size).
+            y = {**y, "shards": {k: f"size:{n}" for k, n in y["bytes"].items() if k in x.get("shards", {})}}
+            y.pop("tokenizer")
         if x.get("tokenizer") != y.get("tokenizer"):
             tx, ty = x.get("tokenizer") or {}, y.get("tokenizer") or {}
             return (f"{where} was tokenised with another tokenizer ({tx.get('type')} "

@@ -28,6 +28,7 @@ import torch
 
 from pipeline.config_utils import resolve_path
 from pipeline.data import load_manifest, load_tokenizer
+from pipeline.data.manifest import MANIFEST
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.distributed.collectives import agree_on_error
 from pipeline.distributed.ranks import RankView
@@ -132,7 +133,11 @@ def run_harness(lm, loaded: dict, cfg: EvalConfig, bootstrap_iters: int, log_sam
 
 def data_tokenizer(data_dir: str | Path) -> tuple[Tokenizer, int]:
     """A prepared data dir's tokenizer and the token that conditions an empty context: BOS when its
-    documents start with one (prepare --bos), else EOS, the document separator the model saw."""
+    documents start with one (prepare --bos), else EOS, the document separator the model saw. A
+    tokenizer dir or file instead (data.tokenizer of a run on Megatron prefixes): it and its EOS."""
+    if not (Path(data_dir) / MANIFEST).is_file() and Path(data_dir).exists():
+        tokenizer = load_tokenizer(data_dir)
+        return tokenizer, tokenizer.eos_id
     manifest = load_manifest(data_dir)
     tokenizer = load_tokenizer(data_dir)
     return tokenizer, tokenizer.bos_id if manifest.raw.get("bos") and tokenizer.bos_id is not None else tokenizer.eos_id

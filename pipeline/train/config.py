@@ -31,9 +31,15 @@ from pipeline.model.config import GPTOSSConfig
 @dataclass(kw_only=True)
 class DataConfig:
     train: list = field(default_factory=list)
-    """Prepared data dirs: `[dir, ...]` or weighted `[[weight, dir], ...]` for blending."""
+    """Prepared data dirs or Megatron .bin/.idx prefixes (preprocess_data.py's output, without extension):
+    `[path, ...]` or weighted `[[weight, path], ...]` for blending."""
     valid: list | None = None
-    """Validation sources (same forms); default: the `valid` split of `train`."""
+    """Validation sources (same forms); default: the `valid` split of `train` (a Megatron prefix has no
+    split: all of it)."""
+    tokenizer: str | None = None
+    """The tokenizer Megatron prefixes were made with (a Hugging Face tokenizer dir or a SentencePiece
+    .model file): vocabulary size and EOS when data.train[0] is a prefix; ids are checked against it.
+    A prepared dir's manifest wins over it."""
     seq_len: int = 128
     """Tokens per training sample (each sample reads seq_len + 1 for the shifted targets)."""
     seed: int = 1234
@@ -246,14 +252,14 @@ class RunConfig:
 def resolve_model_config(cfg: RunConfig, from_data: bool = True) -> GPTOSSConfig:
     """The model a run builds: the preset plus overrides; vocabulary and EOS come from the data's
     tokenizer unless set (`from_data`; the planner runs without the data, on the preset's)."""
-    from pipeline.data import load_manifest, source_paths
+    from pipeline.data.megatron_sources import run_vocabulary
     from pipeline.model.presets import get_preset
 
     overrides = dict(cfg.model_overrides)
     if from_data:
-        manifest = load_manifest(source_paths(cfg.data.train)[0])
-        overrides.setdefault("vocab_size", manifest.vocab_size)
-        overrides.setdefault("eos_token_id", manifest.eos_id)
+        vocab_size, eos_id = run_vocabulary(cfg.data.train, cfg.data.tokenizer)
+        overrides.setdefault("vocab_size", vocab_size)
+        overrides.setdefault("eos_token_id", eos_id)
     try:
         model_cfg = get_preset(cfg.model["preset"], **overrides)
     except TypeError as e:  # an unknown field name

@@ -16,19 +16,38 @@ from pipeline.distributed.collectives import gather_objects
 from pipeline.train.config import DataConfig
 
 
-def check_data(data: DataConfig, vocab_size: int, rank: int, world: int) -> tuple[dict, list[str]]:
+def check_data(data: DataConfig, vocab_size: int, rank: int, world: int, run_dir: Path) -> tuple[dict, list[str]]:
     """Before the engine build: the data's tokenizer fits the model's vocabulary, every shard's recorded
-    id range fits the model, and (data.verify_checksums) every file's sha256 matches its manifest, the
-    files dealt over the ranks. Returns the identity of `data.train` (and of the sample map built
-    from it) stored in checkpoints, and notes to log."""
+    id range fits the model (a Megatron prefix's range is read once, dealt over the ranks, and cached in
+    a sidecar, or under `run_dir` where its directory is read-only), and (data.verify_checksums) every
+    file's sha256 matches its manifest, the files dealt over the ranks. Returns the identity of
+    `data.train` (and of the sample map built from it) stored in checkpoints, and notes to log."""
     from pipeline.data import load_manifest
     from pipeline.data.identity import check_token_ranges, data_identity, verify_checksums
+    from pipeline.data.megatron_sources import (
+        bare_prefixes,
+        check_prefix_ids,
+        check_prefixes,
+        prefix_facts,
+        recorded_notes,
+        tokenizer_facts,
+        tokenizer_notes,
+    )
     from pipeline.errors import DataError
 
     train, valid = data.train, data.valid
-    check_vocab_compatible(source_paths(train) + source_paths(valid or []), vocab_size)
-    dirs = list(dict.fromkeys(d for d in source_paths(train) + source_paths(valid or []) if Path(d).is_dir()))
+    paths = source_paths(train) + source_paths(valid or [])
+    dirs = list(dict.fromkeys(d for d in paths if Path(d).is_dir()))
+    check_vocab_compatible(dirs, vocab_size)
     notes = check_token_ranges([load_manifest(d) for d in dirs], vocab_size)
+    given = tokenizer_facts(data.tokenizer) if data.tokenizer else None
+    notes += tokenizer_notes(paths, data.tokenizer, given)
+    prefixes, fallback = list(dict.fromkeys(bare_prefixes(paths))), Path(run_dir) / "data_ranges"
+    check_prefixes(prefixes)
+    parts = gather_objects(prefix_facts(prefixes[rank::world], fallback))
+    facts = {p: f for mine, _, _ in parts for p, f in mine.items()}
+    notes += recorded_notes([p for _, read, _ in parts for p in read], [p for *_, fb in parts for p in fb], fallback)
+    check_prefix_ids(facts, min(vocab_size, given["vocab_size"]) if given else vocab_size)
     if data.verify_checksums:
         problems = verify_checksums(dirs, rank, world)
         problems = [p for part in gather_objects(problems) for p in part]
@@ -37,8 +56,7 @@ def check_data(data: DataConfig, vocab_size: int, rank: int, world: int) -> tupl
                             f"{' ...' if len(problems) > 3 else ''}; re-prepare that data "
                             "(`python -m pipeline.prepare` with the same command repairs it)")
         notes.append(f"data.verify_checksums: every file of {', '.join(map(str, dirs))} matches its sha256")
-    return data_identity(train, data.seq_len, data.seed), notes
-
+    return data_identity(train, data.seq_len, data.seed, facts, given if prefixes else None), notes
 
 
 @dataclass

@@ -22,8 +22,8 @@ import yaml
 from pipeline.checkpoint.init_from import WeightsFolder, load_initial_weights
 from pipeline.checkpoint.manager import CheckpointManager
 from pipeline.checkpoint.run_state import RunState
-from pipeline.data import source_paths
 from pipeline.data.identity import resume_order
+from pipeline.data.megatron_sources import tokenizer_source
 from pipeline.distributed.collectives import sum_over_ranks
 from pipeline.distributed.parallel_dims import ParallelDims
 from pipeline.distributed.process_group import init_distributed, multi_rank_gloo
@@ -53,7 +53,8 @@ class Trainer:
         self.rank, self.world = self.ranks.rank, self.ranks.world
         self.run_dir = Path(cfg.run_dir)
         self.model_cfg = resolve_model_config(cfg)
-        self.data_identity, notes = check_data(cfg.data, self.model_cfg.vocab_size, self.rank, self.world)
+        self.data_identity, notes = check_data(cfg.data, self.model_cfg.vocab_size, self.rank, self.world,
+                                                self.run_dir)
         self.dims = ParallelDims(self.world, cfg.parallel.expert_parallel_size,
                                  cfg.parallel.sequence_parallel_size).check(self.model_cfg, cfg.data.seq_len)
         self.dp_world = self.dims.dp_world
@@ -63,7 +64,7 @@ class Trainer:
         self.ds_config = build_ds_config(cfg, self.world)
         self.lock = hold_run_dir(self.run_dir, self.rank)  # released at exit, also on errors
         # Tasks are checked now (one line, exit 2), before the engine is built or a step is trained.
-        self.downstream = DownstreamEvaluator.for_data(cfg.eval, source_paths(cfg.data.train)[0],
+        self.downstream = DownstreamEvaluator.for_data(cfg.eval, tokenizer_source(cfg.data.train, cfg.data.tokenizer),
                                                        self.model_cfg.block_size, self.ranks)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", t.keep_last)
         # A resume keeps the sample order its run started with (runs before the O(shards) loader: legacy).
