@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -27,7 +28,9 @@ from safetensors.torch import save_file
 from pipeline.checkpoint.format import read_full_weights
 from pipeline.checkpoint.tags import find_checkpoint, read_saved_config
 from pipeline.config_utils import from_dict, to_dict
-from pipeline.data import source_paths
+from pipeline.data import load_tokenizer
+from pipeline.data.manifest import MANIFEST
+from pipeline.data.megatron_sources import tokenizer_source
 from pipeline.io_utils import atomic_path
 from pipeline.model import GPTOSS, GPTOSSConfig
 from pipeline.model.hf import NATIVE_FORMAT, hf_incompatibilities, model_holding
@@ -82,11 +85,14 @@ def load_exported(directory: str | Path) -> GPTOSS:
 
 
 def checkpoint_model(run_dir: Path, step: int | None = None) -> tuple[Path, dict, GPTOSSConfig, Path]:
-    """(checkpoint dir, the run config saved with it, its model config, the first data.train dir) of
-    `run_dir`'s checkpoint: the latest, or `step`."""
+    """(checkpoint dir, the run config saved with it, its model config, where its tokenizer is: the first
+    data.train dir, or data.tokenizer for a run on Megatron prefixes) of `run_dir`'s checkpoint: the
+    latest, or `step`."""
     ckpt = find_checkpoint(Path(run_dir) / "checkpoints", step)
     saved = read_saved_config(ckpt)
-    return ckpt, saved, model_config_from_saved(saved["model"]), Path(source_paths(saved["data"]["train"])[0])
+    data = saved["data"]
+    return ckpt, saved, model_config_from_saved(saved["model"]), Path(tokenizer_source(data["train"],
+                                                                                       data.get("tokenizer")))
 
 
 def run_dtype(saved: dict) -> torch.dtype:
@@ -98,6 +104,11 @@ def export(run_dir: str | Path, output: str | Path, step: int | None = None) -> 
     """Write `output` from the checkpoint (latest, or `step`) of `run_dir`; returns `output`."""
     ckpt, saved, model_cfg, data_dir = checkpoint_model(Path(run_dir), step)
     output = Path(output)
-    fmt = write_export(read_full_weights(ckpt, run_dtype(saved)), model_cfg, output, data_dir / "tokenizer")
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer_dir = data_dir / "tokenizer"
+        if not (data_dir / MANIFEST).is_file() and data_dir.exists():  # data.tokenizer: saved as prepare saves it
+            tokenizer_dir = Path(scratch) / "tokenizer"
+            load_tokenizer(data_dir).save(tokenizer_dir)
+        fmt = write_export(read_full_weights(ckpt, run_dtype(saved)), model_cfg, output, tokenizer_dir)
     print(f"exported {ckpt} -> {output} ({fmt})", flush=True)
     return output

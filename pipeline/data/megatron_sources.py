@@ -102,7 +102,8 @@ def tokenizer_notes(sources, tokenizer: str | None, given: dict | None) -> list[
             continue
         what = (f"data.tokenizer ({tokenizer}: {given['type']} {given['sha256'][:12]}, vocab {given['vocab_size']}, "
                 f"eos {given['eos_id']}) is not the tokenizer {d} was prepared with ({theirs['type']} "
-                f"{str(theirs['sha256'])[:12]}, vocab {theirs['vocab_size']}, eos {theirs['eos_id']}; {m.path / MANIFEST})")
+                f"{str(theirs['sha256'])[:12]}, vocab {theirs['vocab_size']}, eos {theirs['eos_id']}; "
+                f"{m.path / MANIFEST})")
         if bare_prefixes(sources):
             raise DataError(f"{what}: the Megatron prefixes in data.train/data.valid would be read with another "
                             "tokenizer than that dir; re-tokenise one of them with the other's tokenizer")

@@ -1,14 +1,17 @@
 """Training on Megatron preprocess_data.py output as it is (prefixes + data.tokenizer, no manifest) with real
 ranks: the model takes the tokenizer's vocabulary, each shard's id range is read once and reused from its
-sidecar on the next start, a resume on other data is refused, an out-of-range id is one line."""
+sidecar on the next start, a resume on other data is refused, an out-of-range id is one line; export
+and evaluation of such a run find the tokenizer."""
 
 from __future__ import annotations
 
 import json
 import math
 
+from pipeline.checkpoint.hf_export import checkpoint_model, export
 from pipeline.checkpoint.run_state import RunState
 from pipeline.data.megatron_sources import SIDECAR_SUFFIX
+from pipeline.evaluation.downstream import data_tokenizer
 from tests.data.conftest import make_docs
 from tests.data.megatron_util import SHIPPED_TOKENIZER, write_megatron_prefix
 from tests.runs import losses, read_metrics, train, write_run_config
@@ -33,6 +36,11 @@ def test_two_ranks_train_on_megatron_prefixes_and_a_resume_on_other_data_is_refu
     assert sorted(source["shards"]) == [f"{web}.bin", f"{web}.idx"]
     sidecars = {p: (corpus / f"{p.name}{SIDECAR_SUFFIX}").stat().st_mtime_ns for p in (web, held_out)}
     assert read_metrics(run_dir)[-1]["step"] == 3
+    # Export and `pipeline.evaluate --run-dir` take the tokenizer from data.tokenizer (no data dir to copy it from).
+    out = export(run_dir, tmp_path / "hf")
+    assert (out / "tokenizer" / "tokenizer.model").read_bytes() == SHIPPED_TOKENIZER.read_bytes()
+    tokenizer, prefix_token = data_tokenizer(checkpoint_model(run_dir)[3])
+    assert (tokenizer.vocab_size, prefix_token) == (384, 2)
 
     # The same prefix rewritten with other documents: refused; the unchanged held-out shard's range is reused.
     write_megatron_prefix(web, make_docs(seed=5, n=120))
