@@ -4,20 +4,23 @@ tokenizer they were made with.
 
 - `run_vocabulary(train, tokenizer)`: (vocab_size, eos_id) a run builds its model with: the first source's
   manifest when it is a prepared dir (the manifest wins), else `data.tokenizer`.
-- `tokenizer_source(train, tokenizer)`: where in-loop evaluation reads the tokenizer from (the same rule).
+- `tokenizer_source(train, tokenizer)`: where in-loop evaluation, evaluate --run-dir and export read the
+  tokenizer from (the same rule).
 - `tokenizer_notes(sources, tokenizer, given)`: `data.tokenizer` against the manifests of the prepared dirs
   among the sources: one line where it disagrees (a note when only prepared dirs use it; an error when
   prefixes, which it describes, would be mixed with data of another tokenizer).
 - `prefix_facts(prefixes, fallback_dir)`: each prefix's smallest and largest token id and the content
   hashes of its two files, from its sidecar `PREFIX.ranges.json` or one chunked pass over the files
   (then recorded in that sidecar, or in `fallback_dir` where the data's directory is not writable).
+  `check_prefixes` first checks every prefix's files (every rank alike); `recorded_notes` says what was
+  read and where it was recorded.
 - `check_prefix_ids(facts, vocab_size)`: one line naming the shard, the id and the vocabulary size.
 
 Why a pass over the data at start-up (not lazily as shards are first read): a bad id is then one line
 before the engine is built, not a crash of one rank hours in; the pass is cached, dealt over the ranks,
 and reruns only for a shard whose files changed size or mtime. The hashes are taken in the same pass,
-so the data identity (identity.py) holds the content of a prefix, not its mtime: a copy of the data
-resumes, a rewrite of the same size is refused.
+so the data identity (identity.py) holds the content of a prefix, not its mtime: a copy of the files
+with new mtimes is the same data, a rewrite of the same size is not.
 """
 
 from __future__ import annotations
@@ -171,8 +174,12 @@ def prefix_facts(prefixes: list[str], fallback_dir: Path) -> tuple[dict[str, dic
             try:
                 write_json_atomic(beside, raw)
             except OSError:  # the data's directory is read-only (or not ours to write): keep it in the run dir
-                elsewhere.parent.mkdir(parents=True, exist_ok=True)
-                write_json_atomic(elsewhere, raw)
+                try:
+                    elsewhere.parent.mkdir(parents=True, exist_ok=True)
+                    write_json_atomic(elsewhere, raw)
+                except OSError as e:
+                    raise DataError(f"cannot record the token-id range of {prefix} beside it (read-only) nor in "
+                                    f"{fallback_dir} ({e.strerror or e}); make run_dir writable") from None
                 fell_back.append(prefix)
         facts[prefix] = {k: raw[k] for k in ("min_id", "max_id", "bin_hash", "idx_hash")} | {
             "bin_size": key["bin"]["size"], "idx_size": key["idx"]["size"]}
