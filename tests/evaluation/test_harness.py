@@ -83,6 +83,7 @@ def test_bad_tasks_are_one_line_errors(tmp_path):
     cases = {
         "unknown task(s) no_such_task": EvalConfig(tasks=["no_such_task"], task_paths=[str(TASKS_DIR)]),
         "eval.task_paths: /nope does not exist": EvalConfig(tasks=["pycode_tiny"], task_paths=["/nope"]),
+        "eval.tasks: task file /nope/t.yaml does not exist": EvalConfig(tasks=["/nope/t.yaml"]),
     }
     missing = write_bad_tasks(tmp_path / "tasks")
     cases["task gone_data could not load its data"] = EvalConfig(tasks=["gone_data"], task_paths=[str(missing)])
