@@ -15,7 +15,9 @@ sampling and metrics are those of a single-process run). Every batch of token re
 for is broadcast to all ranks; each rank scores every `world`-th request of the length-sorted list
 and all ranks run the same number of forwards (short ranks run a one-token dummy forward), because
 under ZeRO-3 every forward gathers parameters collectively and expert parallelism exchanges tokens
-over all ranks. The other ranks wait in `Scorer.serve()` until rank 0 says it is done.
+over all ranks. The other ranks wait in `Scorer.serve()` until rank 0 says it is done. With
+sequence parallelism the unit is an SP group instead of a rank: its ranks score the same requests
+(`pipeline.distributed.sequence_parallel.whole_sequence_forward` gives each the whole logits).
 """
 
 from __future__ import annotations
