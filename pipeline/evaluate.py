@@ -10,7 +10,10 @@ loads its share, so a model that needs several GPUs is evaluated where it was tr
 (`--model`) is loaded whole on every rank. Requests are split over the ranks either way.
 Settings default to the run config's `eval` section (tasks, task_paths, limit, num_fewshot);
 flags override them. The harness's result JSON goes to RUN/downstream/step_N.json (or
-EXPORT/lm_eval_results.json, or --output). Errors in the input are one line and exit code 2.
+EXPORT/lm_eval_results.json, or --output); --output_path writes lm_eval's own layout
+(pipeline/evaluation/lm_eval_output.py). lm_eval's flag spellings (--include_path, --num_fewshot,
+--batch_size, --log_samples, task YAML files in --tasks, --limit fractions) mean what they mean there.
+Errors in the input are one line and exit code 2.
 """
 
 from __future__ import annotations
