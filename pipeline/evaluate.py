@@ -10,7 +10,10 @@ loads its share, so a model that needs several GPUs is evaluated where it was tr
 (`--model`) is loaded whole on every rank. Requests are split over the ranks either way.
 Settings default to the run config's `eval` section (tasks, task_paths, limit, num_fewshot);
 flags override them. The harness's result JSON goes to RUN/downstream/step_N.json (or
-EXPORT/lm_eval_results.json, or --output). Errors in the input are one line and exit code 2.
+EXPORT/lm_eval_results.json, or --output); --output_path writes lm_eval's own layout
+(pipeline/evaluation/lm_eval_output.py). lm_eval's flag spellings (--include_path, --num_fewshot,
+--batch_size, --log_samples, task YAML files in --tasks, --limit fractions) mean what they mean there.
+Errors in the input are one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 
 from pipeline.cli import run_and_exit, user_errors_exit_2
 from pipeline.errors import ConfigError
+from pipeline.evaluation.lm_eval_output import LmEvalOutput
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,19 +36,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--run-dir", help="training run dir (holds checkpoints/)")
     source.add_argument("--model", help="exported model dir (python -m pipeline.export)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step with --run-dir (default: latest)")
-    parser.add_argument("--tasks", nargs="+", default=None, help="lm-eval task or group names")
-    parser.add_argument("--task-path", nargs="+", default=None, help="folders of extra task YAMLs")
-    parser.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
-    parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
-    parser.add_argument("--batch-size", type=int, default=None, help="requests per forward per rank (default 16)")
+    # Each flag also answers to lm_eval's spelling (--num_fewshot, --include_path, ...), same meaning.
+    parser.add_argument("--tasks", nargs="+", default=None,
+                        help="lm-eval task or group names, or task YAML files (comma- or space-separated)")
+    parser.add_argument("--task-path", "--include_path", "--include-path", dest="task_path", nargs="+",
+                        default=None, help="folders (or YAML files) of extra task definitions")
+    parser.add_argument("--limit", type=limit_value, default=None,
+                        help="examples per task; below 1.0 a fraction of each task's examples (default: all)")
+    parser.add_argument("--num-fewshot", "--num_fewshot", type=int, default=None,
+                        help="few-shot examples (default: the task's)")
+    parser.add_argument("--batch-size", "--batch_size", type=batch_size_value, default=None,
+                        help="requests per forward per rank (default 16; 'auto' keeps the default)")
     parser.add_argument("--max-length", type=int, default=None, help="context length (default: model block_size)")
     parser.add_argument("--prefix-token", choices=("eos", "bos"), default=None,
                         help="token conditioning an empty context (default: bos if the run's data has BOS, else eos)")
     parser.add_argument("--bootstrap-iters", type=int, default=0, help="harness stderr bootstrap (default 0: off)")
-    parser.add_argument("--log-samples", action="store_true", help="keep per-request outputs in the JSON")
-    parser.add_argument("--output", default=None, help="result JSON path")
+    parser.add_argument("--log-samples", "--log_samples", action="store_true",
+                        help="keep per-request outputs (in the JSON; with --output_path in samples_<task>_*.jsonl)")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--output", default=None, help="result JSON path")
+    output.add_argument("--output-path", "--output_path", dest="output_path", default=None,
+                        help="lm_eval's layout: DIR/<model name>/results_<time>.json (+ samples_<task>_<time>.jsonl), "
+                        "or FILE_<time>.json for a .json path")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.tasks:  # lm_eval takes "a,b" as well as "a b"
+        args.tasks = [t for arg in args.tasks for t in arg.split(",") if t]
+    return args
+
+
+def limit_value(text: str) -> int | float:
+    """lm_eval's --limit: a count, or below 1.0 a fraction of each task's examples."""
+    value = float(text)
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
+def batch_size_value(text: str) -> int | str:
+    """An int, or lm_eval's 'auto' / 'auto:N' (no automatic search here: the default batch size)."""
+    return text if text == "auto" or text.startswith("auto:") else int(text)
 
 
 def eval_config(saved_eval: dict | None, args: argparse.Namespace):
@@ -53,8 +82,13 @@ def eval_config(saved_eval: dict | None, args: argparse.Namespace):
     from pipeline.evaluation.config import EvalConfig
 
     cfg = from_dict(EvalConfig, saved_eval or {}, "eval")
+    batch_size = args.batch_size
+    if isinstance(batch_size, str):
+        print(f"--batch_size {batch_size}: no automatic batch-size search; {cfg.batch_size} requests per forward "
+              "per rank (give a number to change it)", flush=True)
+        batch_size = None
     flags = {"tasks": args.tasks, "task_paths": args.task_path, "limit": args.limit,
-             "num_fewshot": args.num_fewshot, "batch_size": args.batch_size}
+             "num_fewshot": args.num_fewshot, "batch_size": batch_size}
     cfg = replace(cfg, **{k: v for k, v in flags.items() if v is not None})
     if not cfg.tasks:
         raise ConfigError("no tasks to run: pass --tasks (the run config has no eval.tasks)")
@@ -127,11 +161,15 @@ def run(args: argparse.Namespace) -> dict | None:
         prefix = tokenizer.eos_id
     evaluator = DownstreamEvaluator(cfg, tokenizer, prefix, args.max_length or model_cfg.block_size,
                                     ranks, bootstrap_iters=args.bootstrap_iters, log_samples=args.log_samples)
+    tracker = LmEvalOutput(args.output_path, name) if args.output_path and ranks.rank == 0 else None
     results = evaluator.evaluate(forward, device, name=name)
     if results is not None:
         from lm_eval.utils import make_table
 
-        write_results(output, results)
+        if tracker is not None:
+            output = tracker.save(results, tokenizer, str(device))
+        else:
+            write_results(output, results)
         print(make_table(results), flush=True)
         print(f"results: {output}", flush=True)
     return results

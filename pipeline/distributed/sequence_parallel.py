@@ -160,3 +160,24 @@ def apply_sequence_parallel(model: nn.Module, groups: SequenceGroups) -> int:
         elif isinstance(module, TopKRouter):
             module.reduce_counts = functools.partial(_sum_over_group, group=groups.group)
     return wrapped
+
+
+def whole_sequence_forward(forward, groups: SequenceGroups):
+    """`forward(ids [B, T]) -> logits [B, T, V]` for a model that computes one sequence shard (its
+    forward returns [B, T/N, V]): every rank of the SP group passes the same ids, the sequence is
+    right-padded to a multiple of N (causal: the pad cannot change earlier positions) and the shards'
+    logits are all-gathered over the group. For evaluation (no gradient through the gather); each
+    rank then holds the whole [B, T, V], as without sequence parallelism."""
+    N = groups.size
+
+    def run(ids_BT: torch.Tensor) -> torch.Tensor:
+        T = ids_BT.shape[1]
+        pad = -T % N
+        if pad:
+            ids_BT = torch.cat([ids_BT, ids_BT[:, -1:].expand(-1, pad)], dim=1)  # [B, T + pad]
+        local_BtV = forward(ids_BT).contiguous()  # [B, (T + pad) / N, V]
+        shards = [torch.empty_like(local_BtV) for _ in range(N)]
+        dist.all_gather(shards, local_BtV, group=groups.group)
+        return torch.cat(shards, dim=1)[:, :T]  # [B, T, V]
+
+    return run

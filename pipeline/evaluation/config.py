@@ -20,8 +20,8 @@ class EvalConfig:
     """Folders (or YAML files) of extra task definitions, e.g. ones that read local data files."""
     downstream_interval: int = 0
     """Steps between downstream evaluations (0 = only at the end of training)."""
-    limit: int | None = None
-    """Examples per task (null = all of them)."""
+    limit: int | float | None = None
+    """Examples per task; below 1.0 a fraction of each task's examples, as lm-eval's --limit (null = all)."""
     num_fewshot: int | None = None
     """Few-shot examples in each prompt (null = the task's own default)."""
     batch_size: int = 16
@@ -31,8 +31,9 @@ class EvalConfig:
         if self.downstream_interval < 0:
             raise ConfigError(f"eval.downstream_interval ({self.downstream_interval}) must be >= 0 "
                               "(0 = only at the end)")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"eval.limit ({self.limit}) must be >= 1, or null for every example")
+        if self.limit is not None and (self.limit <= 0 or (self.limit > 1 and self.limit != int(self.limit))):
+            raise ConfigError(f"eval.limit ({self.limit}) must be >= 1 (a whole number of examples per task), "
+                              "a fraction below 1.0 of each task's examples, or null for every example")
         if self.num_fewshot is not None and self.num_fewshot < 0:
             raise ConfigError(f"eval.num_fewshot ({self.num_fewshot}) must be >= 0, or null for the task's default")
         if self.batch_size < 1:

@@ -41,6 +41,7 @@ from pipeline.rng import rng_state, set_rng_state
 SUPPORTED_OUTPUT_TYPES = ("loglikelihood", "loglikelihood_rolling", "multiple_choice")
 FEWSHOT_SEED = 1234  # lm_eval's default fewshot_random_seed
 ONE_RANK = RankView()  # no process group: this process scores everything
+TASK_FILE_SUFFIXES = (".yaml", ".yml")  # a task given as its YAML file, not a name
 RESULTS_DIR = "downstream"
 """RUN/downstream/step_N.json: the harness's result JSON of each evaluation of a run."""
 
@@ -49,8 +50,9 @@ def load_tasks(tasks: list[str], task_paths: list[str], key: str = "eval.tasks")
     """The harness's loaded tasks ({"tasks": {name: Task}, "groups": ...}), data included, so that a
     missing dataset shows at start, not mid-run; loaded once and reused by every evaluation.
 
-    The harness's ~15,000 built-in task configs take seconds to index; when `task_paths` define
-    every requested task they are not indexed at all."""
+    `tasks`: names, or task YAML files (as lm-eval's --tasks). The harness's ~15,000 built-in task
+    configs take seconds to index; when `task_paths` and files define every requested task they are
+    not indexed at all."""
     from lm_eval.tasks import TaskManager
 
     from pipeline.evaluation.harness import GENERATION_UNSUPPORTED
@@ -61,18 +63,20 @@ def load_tasks(tasks: list[str], task_paths: list[str], key: str = "eval.tasks")
         if not path.exists():
             raise ConfigError(f"eval.task_paths: {p} does not exist; give a folder of task YAMLs")
         paths.append(str(path))
-    manager = TaskManager(include_path=paths, include_defaults=False) if paths else None
-    if manager is None or not set(tasks) <= set(manager.all_tasks):
+    specs = task_specs(tasks, key)
+    names = [t for t in specs if not t.endswith(TASK_FILE_SUFFIXES)]
+    manager = TaskManager(include_path=paths, include_defaults=False) if paths or not names else None
+    if manager is None or not set(names) <= set(manager.all_tasks):
         manager = TaskManager(include_path=paths or None)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
+    unknown = [t for t in names if t not in manager.all_tasks]
     if unknown:
         raise ConfigError(f"{key}: unknown task(s) {', '.join(unknown)}; `lm_eval ls tasks` lists the built-in "
                           "ones, and eval.task_paths adds folders of your own task YAMLs")
     with quiet_harness():
         try:
-            loaded = manager.load(list(tasks))
+            loaded = manager.load(specs)
         except Exception:  # datasets raises many kinds (offline, missing file, bad format): find whose
-            for name in tasks:
+            for name in specs:
                 try:
                     manager.load([name])
                 except Exception as e:
@@ -86,6 +90,24 @@ def load_tasks(tasks: list[str], task_paths: list[str], key: str = "eval.tasks")
         if task.get_config("output_type") not in SUPPORTED_OUTPUT_TYPES:
             raise ConfigError(f"{key}: {name} is a generation task; {GENERATION_UNSUPPORTED}")
     return loaded
+
+
+def task_specs(tasks: list[str], key: str) -> list[str]:
+    """Task names as given; a task YAML file (or glob of them, as lm-eval's --tasks takes) as the
+    absolute paths it matches, which the harness loads as task definitions."""
+    import glob
+
+    specs = []
+    for task in tasks:
+        if not task.endswith(TASK_FILE_SUFFIXES):
+            specs.append(task)
+            continue
+        matches = sorted(glob.glob(str(resolve_path(task))))
+        if not matches:
+            raise ConfigError(f"{key}: task file {task} does not exist; give a task YAML file, a task name, "
+                              "or a folder of task YAMLs in eval.task_paths (--include_path)")
+        specs += [str(Path(m).resolve()) for m in matches]
+    return specs
 
 
 @contextmanager
@@ -114,9 +136,10 @@ def run_harness(lm, loaded: dict, cfg: EvalConfig, bootstrap_iters: int, log_sam
     import numpy as np
     from lm_eval.evaluator import evaluate
 
-    random.seed(0)  # simple_evaluate's defaults (random_seed, numpy_random_seed, torch_random_seed)
-    np.random.seed(1234)
-    torch.manual_seed(1234)
+    seeds = {"random_seed": 0, "numpy_seed": 1234, "torch_seed": 1234}  # simple_evaluate's defaults
+    random.seed(seeds["random_seed"])
+    np.random.seed(seeds["numpy_seed"])
+    torch.manual_seed(seeds["torch_seed"])
     for task in loaded["tasks"].values():
         if cfg.num_fewshot is not None and task.get_config("num_fewshot") != 0:  # 0 in a task's YAML is final
             task.set_config(key="num_fewshot", value=cfg.num_fewshot)
@@ -126,7 +149,7 @@ def run_harness(lm, loaded: dict, cfg: EvalConfig, bootstrap_iters: int, log_sam
     results = evaluate(lm=lm, task_dict=loaded, limit=cfg.limit, bootstrap_iters=bootstrap_iters,
                        log_samples=log_samples)
     results["config"] = {**lm.get_model_info(), "limit": cfg.limit, "num_fewshot": cfg.num_fewshot,
-                         "fewshot_seed": FEWSHOT_SEED, "bootstrap_iters": bootstrap_iters,
+                         **seeds, "fewshot_seed": FEWSHOT_SEED, "bootstrap_iters": bootstrap_iters,
                          "batch_size": cfg.batch_size, "lm_eval_version": lm_eval.__version__}
     return results
 
@@ -201,12 +224,15 @@ class DownstreamEvaluator:
         return cls(cfg, tokenizer, prefix, max_length, ranks, **kwargs)
 
     def evaluate(self, forward: Callable[[torch.Tensor], torch.Tensor], device: torch.device | str,
-                 name: str = "gpt-oss-pipeline") -> dict | None:
+                 name: str = "gpt-oss-pipeline", sequence_parallel: int = 1) -> dict | None:
         """Run the tasks; every rank must call this. `forward(ids [B, T]) -> logits [B, T, V]` with
-        the model already in eval mode. Returns the harness's results on rank 0, None elsewhere."""
+        the model already in eval mode. `sequence_parallel` N > 1: groups of N consecutive ranks run
+        the same requests through `forward` (see harness.Scorer). Returns the harness's results on
+        rank 0, None elsewhere."""
         from pipeline.evaluation.harness import PipelineLM, Scorer
 
-        scorer = Scorer(forward, device, self.cfg.batch_size, pad_id=self.tokenizer.eos_id)
+        scorer = Scorer(forward, device, self.cfg.batch_size, pad_id=self.tokenizer.eos_id,
+                        sequence_parallel=sequence_parallel)
         if self.ranks.rank != 0:
             scorer.serve()
             return None
@@ -232,8 +258,15 @@ class DownstreamEvaluator:
         was_training = engine.module.training
         engine.eval()
         start = time.perf_counter()
+        forward = lambda ids_BT: engine(ids_BT)[0]  # noqa: E731
+        shard = getattr(engine.module, "sequence_shard", None)  # set by sequence parallelism
+        sp = shard.count if shard is not None else 1
+        if sp > 1:  # the SP group's ranks share each request, each computing its slice of the sequence
+            from pipeline.distributed.sequence_parallel import create_sequence_groups, whole_sequence_forward
+
+            forward = whole_sequence_forward(forward, create_sequence_groups(sp))
         try:
-            results = self.evaluate(lambda ids_BT: engine(ids_BT)[0], engine.device)
+            results = self.evaluate(forward, engine.device, sequence_parallel=sp)
         finally:
             engine.train(was_training)
         if results is None:

@@ -15,7 +15,9 @@ sampling and metrics are those of a single-process run). Every batch of token re
 for is broadcast to all ranks; each rank scores every `world`-th request of the length-sorted list
 and all ranks run the same number of forwards (short ranks run a one-token dummy forward), because
 under ZeRO-3 every forward gathers parameters collectively and expert parallelism exchanges tokens
-over all ranks. The other ranks wait in `Scorer.serve()` until rank 0 says it is done.
+over all ranks. The other ranks wait in `Scorer.serve()` until rank 0 says it is done. With
+sequence parallelism the unit is an SP group instead of a rank: its ranks score the same requests
+(`pipeline.distributed.sequence_parallel.whole_sequence_forward` gives each the whole logits).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from lm_eval.api.registry import register_model
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.distributed.collectives import from_rank0, gather_objects
 from pipeline.distributed.ranks import RankView, current
+from pipeline.distributed.sequence_parallel import data_parallel_coords
 
 GENERATION_UNSUPPORTED = (
     "generation tasks (output_type generate_until) are not supported: only likelihood and "
@@ -47,7 +50,7 @@ class Scorer:
     the default process group. `forward(ids [B, T]) -> logits [B, T, V]` runs in eval mode, no grad."""
 
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], device: torch.device | str,
-                 batch_size: int = 16, pad_id: int = 0):
+                 batch_size: int = 16, pad_id: int = 0, sequence_parallel: int = 1):
         self.forward = forward
         self.device = torch.device(device)
         self.batch_size = batch_size
@@ -55,6 +58,11 @@ class Scorer:
         view: RankView = current()
         self.distributed = view.distributed
         self.rank, self.world = (view.rank, view.world) if self.distributed else (0, 1)
+        # With sequence parallelism the `sequence_parallel` consecutive ranks of a group run the same
+        # requests (each computes a slice of every sequence; `forward` returns whole-sequence logits on
+        # each), so requests are dealt to groups and the group's first rank reports them.
+        self.sp = sequence_parallel
+        self.deal_index, self.deal_count = data_parallel_coords(self.rank, self.world, self.sp)
         self.forwards = 0  # run by this rank, dummies included (tests check every rank ran as many)
 
     # --- rank 0 ---------------------------------------------------------------------------------
@@ -87,19 +95,19 @@ class Scorer:
         # Longest first (as the HF backend), dealt round-robin: every rank gets a similar share of
         # tokens, and batches hold requests of similar length (little padding).
         order = sorted(range(len(requests)), key=lambda i: (-len(requests[i][0]), requests[i][0]))
-        mine = order[self.rank::self.world]
-        n_forwards = math.ceil(math.ceil(len(requests) / self.world) / self.batch_size)  # rank 0's count
+        mine = order[self.deal_index::self.deal_count]
+        n_forwards = math.ceil(math.ceil(len(requests) / self.deal_count) / self.batch_size)  # rank 0's count
         results: list[tuple[float, bool]] = []
         for b in range(n_forwards):
             batch = [requests[i] for i in mine[b * self.batch_size:(b + 1) * self.batch_size]]
             results += self._score_batch(batch)
-        gathered = gather_objects(results, dst=0)
+        gathered = gather_objects(results if self.rank % self.sp == 0 else [], dst=0)
         if gathered is None:  # ranks > 0: rank 0 holds every result
             return []
         out: list = [None] * len(requests)
-        for r, part in enumerate(gathered):
+        for r, part in enumerate(gathered):  # only each group's first rank sent its part
             for k, res in enumerate(part):
-                out[order[r + k * self.world]] = res
+                out[order[r // self.sp + k * self.deal_count]] = res
         return out
 
     def _score_batch(self, batch: list[TokenRequest]) -> list[tuple[float, bool]]:

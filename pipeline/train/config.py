@@ -234,10 +234,6 @@ class RunConfig:
         # Typed like every other section: `model.n_experts=three` fails here, naming the key. Keys that
         # are not GPTOSSConfig fields (preset, ...) pass through to their own checks.
         self.model = convert_fields(GPTOSSConfig, self.model, "model")
-        if self.eval.tasks and self.parallel.sequence_parallel_size > 1:
-            # Scoring deals whole requests to ranks; Ulysses needs a group's ranks to share one sequence.
-            raise ConfigError("eval.tasks cannot run in the loop with parallel.sequence_parallel_size > 1 yet; "
-                              "leave eval.tasks empty and run python -m pipeline.evaluate on the checkpoints")
 
     @property
     def model_overrides(self) -> dict[str, Any]:

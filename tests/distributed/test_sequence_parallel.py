@@ -4,7 +4,8 @@ resume on other sequence-parallel sizes.
 
 Rank start-up dominates on CPU, so cases share launches: one 4-rank launch compares losses,
 gradients of every parameter and per-document logits against the unsplit model for SP 2 and 4
-(tests/distributed/scripts/sp_equivalence.py); two trainer runs compare 10 steps with the single-process
+(tests/distributed/scripts/sp_equivalence.py), and the downstream (lm-eval) scores of the
+same model; two trainer runs compare 10 steps with the single-process
 reference; two resumes move the SP 2 run's checkpoint to SP 1 and SP 4.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.evaluation.conftest import TASKS_DIR, TINY_TASKS, assert_same_scores, downstream
 from tests.ranks import torchrun
 from tests.runs import losses, train, write_run_config
 from tests.train.reference import reference_run
@@ -27,9 +29,9 @@ SCRIPTS = Path(__file__).parent / "scripts"
 STEPS, SAVED = 10, 5
 
 
-def test_sharded_losses_gradients_and_document_logits_equal_unsplit_model(tmp_path):
+def test_sharded_losses_gradients_and_document_logits_equal_unsplit_model(prepared_data, tmp_path):
     out = tmp_path / "sp.json"
-    torchrun(4, [str(SCRIPTS / "sp_equivalence.py"), str(out)])
+    torchrun(4, [str(SCRIPTS / "sp_equivalence.py"), str(out), str(prepared_data)])
     results = json.loads(out.read_text())
     assert len(results["cases"]) == 4
     for case, r in results["cases"].items():
@@ -39,6 +41,19 @@ def test_sharded_losses_gradients_and_document_logits_equal_unsplit_model(tmp_pa
     assert len(results["documents"]) == 3
     for case, diff in results["documents"].items():
         assert diff < 1e-5, f"{case}: packed sharded logits differ from the document run alone by {diff:.3g}"
+    # Downstream scoring (lm-eval, the evaluator the trainer runs) through the SP model equals the
+    # unsplit model's: every request's log-likelihood, and the task metrics.
+    downstream = results["downstream"]
+    unsplit = downstream["1"]
+    assert len(unsplit["loglikelihoods"]) == 9 * 4 + 9  # 9 docs x 4 choices, 9 rolling documents
+    for sp in ("2", "4"):
+        for ours, ref in zip(downstream[sp]["loglikelihoods"], unsplit["loglikelihoods"], strict=True):
+            assert abs(ours - ref) <= 1e-5 + 1e-6 * abs(ref), (sp, ours, ref)
+        for key, ref in unsplit["metrics"].items():
+            if key.endswith(("acc,none", "acc_norm,none")):
+                assert downstream[sp]["metrics"][key] == ref, (sp, key)
+            else:
+                assert downstream[sp]["metrics"][key] == pytest.approx(ref, rel=1e-5), (sp, key)
 
 
 def run_config(path: Path, data: Path, run_dir: Path, seq_len: int, **sections) -> Path:
@@ -64,13 +79,15 @@ def assert_matches_reference(cfg: Path, run_dir: Path, dp_world: int) -> dict[in
 @pytest.fixture(scope="module")
 def sp2_run(prepared_data, tmp_path_factory):
     """4 ranks, SP 2 x EP 2 on the same rank pairs, documents masked, shards of 32 = the sliding
-    window (windows cross shard boundaries), activation checkpointing; checkpoint at step 5."""
+    window (windows cross shard boundaries), activation checkpointing; checkpoint at step 5; the
+    tiny lm-eval tasks in the loop at the last step (so also in the resumed runs)."""
     tmp = tmp_path_factory.mktemp("sp2")
     cfg = run_config(
         tmp / "sp2.yaml", prepared_data, tmp / "sp2", 64,
         model={"preset": "debug", "document_masking": True},
         train={"steps": STEPS, "micro_batch_size": 1, "save_interval": SAVED},
         parallel={"expert_parallel_size": 2, "sequence_parallel_size": 2, "activation_checkpointing": True},
+        eval={"tasks": TINY_TASKS, "task_paths": [str(TASKS_DIR)], "limit": 8, "num_fewshot": 1, "batch_size": 4},
     )
     train(4, cfg)
     return tmp, cfg, tmp / "sp2"
@@ -113,6 +130,10 @@ def test_sp2_checkpoint_resumes_on_other_sp_sizes(sp2_run, nproc, sp, mbs):
         # resumed step, 2.1e-5 at step 10 (with the previous order: 1.0e-5 absolute at step 8).
         tol = 1e-5 if step == SAVED + 1 else 5e-5
         assert math.isclose(got[step], uninterrupted[step], rel_tol=tol), (step, got[step], uninterrupted[step])
+    # In-loop downstream scores at step 10 (SP 2 x 2 groups vs SP 1 / SP 4 on weights equal to the
+    # rounding above): the same choices win; perplexities agree as closely as the losses.
+    results = f"downstream/step_{STEPS}.json"
+    assert_same_scores(downstream(run_dir / results), downstream(base / results), rel=1e-4)
 
 
 @pytest.mark.parametrize("sp, world, seq_len, message", [

@@ -32,6 +32,33 @@ def hf_tokenizer_dir(tmp_path_factory) -> Path:
     return d
 
 
+def per_request(results: dict, task: str) -> list[float]:
+    """Log-likelihood of every request of `task` in the harness's results (log_samples), in document
+    and choice order."""
+    out = []
+    for sample in sorted(results["samples"][task], key=lambda s: s["doc_id"]):
+        for resp in sample["resps"]:
+            value = resp[0]
+            out.append(float(value[0] if isinstance(value, (list, tuple)) else value))
+    return out
+
+
+def downstream(path: Path) -> dict[str, float]:
+    """A downstream result JSON's metrics as the trainer logs them ({"downstream/<task>/<metric>": v})."""
+    from pipeline.evaluation.downstream import flat_metrics
+
+    return flat_metrics(json.loads(path.read_text()))
+
+
+def assert_same_scores(ours: dict[str, float], reference: dict[str, float], rel: float = 1e-5) -> None:
+    assert ours.keys() == reference.keys() and any(k.endswith("/acc") for k in ours)
+    for key, value in reference.items():
+        if key.endswith(("/acc", "/acc_norm")):
+            assert ours[key] == value, key  # fractions of a few examples: exactly equal or a flipped choice
+        else:
+            assert ours[key] == pytest.approx(value, rel=rel), key
+
+
 def write_bad_tasks(folder: Path) -> Path:
     """Task YAMLs that must be refused at start: `gone_data` (its data file does not exist) and
     `gen_task` (a generation task, on the tiny task's data)."""

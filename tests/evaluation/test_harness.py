@@ -19,19 +19,10 @@ from pipeline.evaluation.config import EvalConfig
 from pipeline.evaluation.downstream import DownstreamEvaluator
 from pipeline.model import GPTOSS, get_preset
 from pipeline.train.config import load_run_config
-from tests.evaluation.conftest import TASKS_DIR, TINY_TASKS, write_bad_tasks
+from tests.conftest import REPO_ROOT
+from tests.evaluation.conftest import TASKS_DIR, TINY_TASKS, per_request, write_bad_tasks
 
 MAX_LENGTH = 24  # shorter than a 2-shot prompt: exercises the left truncation and rolling windows
-
-
-def per_request(results: dict, task: str) -> list[float]:
-    """Log-likelihood of every request of `task`, in document and choice order."""
-    out = []
-    for sample in sorted(results["samples"][task], key=lambda s: s["doc_id"]):
-        for resp in sample["resps"]:
-            value = resp[0]
-            out.append(float(value[0] if isinstance(value, (list, tuple)) else value))
-    return out
 
 
 def test_adapter_equals_hf_backend(hf_tokenizer_dir, tmp_path):
@@ -76,16 +67,23 @@ def test_bad_tasks_are_one_line_errors(tmp_path):
     # The `eval` section is typed and validated like every other section.
     for override, message in (("eval.limit=0", "eval.limit (0) must be >= 1"),
                               ("eval.tasks=hellaswag", "config key eval.tasks = 'hellaswag' must be a list"),
-                              ("eval.num_fewshot=two", "config key eval.num_fewshot = 'two' is not a valid int"),
-                              ("parallel.sequence_parallel_size=2", "eval.tasks cannot run in the loop with "
-                               "parallel.sequence_parallel_size > 1 yet")):
+                              ("eval.limit=1.5", "eval.limit (1.5) must be >= 1"),
+                              ("eval.num_fewshot=two", "config key eval.num_fewshot = 'two' is not a valid int")):
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_run_config(None, ["data.train=[d]", "eval.tasks=[pycode_tiny]", override])
+    # lm-eval's meaning of limit: a count, or below 1.0 a fraction of each task's examples.
+    assert load_run_config(None, ["data.train=[d]", "eval.limit=0.25"]).eval.limit == 0.25
+    assert load_run_config(None, ["data.train=[d]", "eval.limit=8"]).eval.limit == 8
+    # In-loop evaluation runs with sequence parallelism (tests/distributed/test_sequence_parallel.py):
+    # the shipped quickstart config with SP 2 is accepted as is.
+    quick = load_run_config(REPO_ROOT / "launch" / "configs" / "quickstart.yaml", ["parallel.sequence_parallel_size=2"])
+    assert quick.eval.tasks == ["pycode_tiny"] and quick.parallel.sequence_parallel_size == 2
     assert load_run_config(None, ["data.train=[d]", "eval.downstream_interval=1e3"]).eval.downstream_interval == 1000
     tok_dir = None  # the checks run before any model or tokenizer is used
     cases = {
         "unknown task(s) no_such_task": EvalConfig(tasks=["no_such_task"], task_paths=[str(TASKS_DIR)]),
         "eval.task_paths: /nope does not exist": EvalConfig(tasks=["pycode_tiny"], task_paths=["/nope"]),
+        "eval.tasks: task file /nope/t.yaml does not exist": EvalConfig(tasks=["/nope/t.yaml"]),
     }
     missing = write_bad_tasks(tmp_path / "tasks")
     cases["task gone_data could not load its data"] = EvalConfig(tasks=["gone_data"], task_paths=[str(missing)])

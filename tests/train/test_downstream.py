@@ -13,11 +13,10 @@ import re
 import subprocess
 import sys
 
-import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import REPO_ROOT
-from tests.evaluation.conftest import TASKS_DIR, TINY_TASKS, write_bad_tasks
+from tests.evaluation.conftest import TASKS_DIR, TINY_TASKS, assert_same_scores, downstream, write_bad_tasks
 from tests.ranks import rank_env, torchrun
 from tests.runs import losses, train, write_run_config
 
@@ -30,21 +29,6 @@ def evaluate_cli(*args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, env=rank_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
-
-
-def downstream(path) -> dict[str, float]:
-    from pipeline.evaluation.downstream import flat_metrics
-
-    return flat_metrics(json.loads(path.read_text()))
-
-
-def assert_same_scores(ours: dict[str, float], reference: dict[str, float]) -> None:
-    assert ours.keys() == reference.keys() and any(k.endswith("/acc") for k in ours)
-    for key, value in reference.items():
-        if key.endswith(("/acc", "/acc_norm")):
-            assert ours[key] == value, key  # fractions of 8 examples: exactly equal or a flipped choice
-        else:
-            assert ours[key] == pytest.approx(value, rel=1e-5), key
 
 
 def test_in_loop_equals_single_process_cli_and_export(prepared_data, tmp_path):

@@ -2,7 +2,7 @@
 expert parallelism) against the unsplit model in the same process, without DeepSpeed's engine, so
 every parameter's gradient can be compared exactly.
 
-    torchrun --standalone --nproc_per_node 4 tests/distributed/scripts/sp_equivalence.py OUT.json
+    torchrun --standalone --nproc_per_node 4 tests/distributed/scripts/sp_equivalence.py OUT.json [DATA_DIR]
 
 Per case (SP size, sequence length, document masking, EP size) every rank builds the same seeded
 model twice: the reference runs the whole batch; the other gets Ulysses attention (and EP experts)
@@ -10,7 +10,10 @@ and computes its sequence shard. The data-parallel mean of the shard losses must
 reference loss, and each parameter's gradient, summed over the ranks that hold it and divided by the
 world size (what DeepSpeed's averaging does), must equal the reference gradient. A packed sample's
 sharded logits, gathered, must equal each document's logits when it is run alone.
-Rank 0 writes the largest differences to OUT.json.
+With DATA_DIR (a prepared dir: its tokenizer), the shipped tiny lm-eval tasks are scored by the same
+seeded model unsplit (requests dealt over all ranks) and with SP 2 and 4 (each SP group's ranks
+share its requests), with a context length that is a multiple of neither.
+Rank 0 writes the largest differences (and the downstream per-request log-likelihoods) to OUT.json.
 """
 
 import json
@@ -119,6 +122,35 @@ def document_logits_case(sp: int, seq_len: int, backend: str) -> float:
     return worst
 
 
+@torch.no_grad()
+def downstream_case(data_dir: str) -> dict | None:
+    """{sp: {"loglikelihoods": per request, "metrics": the harness's}} for SP 1, 2 and 4 on rank 0."""
+    from pipeline.distributed.ranks import current
+    from pipeline.distributed.sequence_parallel import whole_sequence_forward
+    from pipeline.evaluation.config import EvalConfig
+    from pipeline.evaluation.downstream import DownstreamEvaluator, data_tokenizer
+    from tests.evaluation.conftest import TASKS_DIR, TINY_TASKS, per_request
+
+    tok, prefix = data_tokenizer(data_dir)
+    cfg = EvalConfig(tasks=TINY_TASKS, task_paths=[str(TASKS_DIR)], num_fewshot=2, limit=9, batch_size=3)
+    # 23: 2-shot prompts are truncated, rolling windows are cut, and no length is a multiple of 2 or 4.
+    evaluator = DownstreamEvaluator(cfg, tok, prefix, 23, current(), log_samples=True)
+    out = {}
+    for sp in (1, 2, 4):
+        model = build(doc=True).eval()
+        forward = lambda ids, model=model: model(ids)[0]  # noqa: E731
+        if sp > 1:
+            apply_sequence_parallel(model, create_sequence_groups(sp))
+            forward = whole_sequence_forward(forward, create_sequence_groups(sp))
+        results = evaluator.evaluate(forward, "cpu", sequence_parallel=sp)
+        if results is not None:
+            lls = [ll for task in TINY_TASKS for ll in per_request(results, task)]
+            metrics = {f"{t}/{k}": v for t in TINY_TASKS for k, v in results["results"][t].items()
+                       if isinstance(v, float)}
+            out[sp] = {"loglikelihoods": lls, "metrics": metrics}
+    return out or None
+
+
 def main() -> None:
     quiet_library_warnings()
     deepspeed.init_distributed(dist_backend="gloo")
@@ -129,6 +161,8 @@ def main() -> None:
         results["cases"][name] = run_case(sp, seq_len, doc, ep, chunk, world)
     for sp, seq_len, backend in ((2, 64, "auto"), (4, 64, "auto"), (2, 256, "flex")):
         results["documents"][f"sp{sp}_T{seq_len}_{backend}"] = document_logits_case(sp, seq_len, backend)
+    if len(sys.argv) > 2:
+        results["downstream"] = downstream_case(sys.argv[2])
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(results, f, indent=1)
