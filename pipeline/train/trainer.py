@@ -160,7 +160,7 @@ class Trainer:
             loss = parts.total
             acc.add_losses(parts)
             if micro == gas - 1:
-                verdict = health.agree(acc.sums[0] / gas, self.spikes, self.rank, self.world)
+                verdict = acc.timed_sync(health.agree, acc.sums[0] / gas, self.spikes, self.rank, self.world)
                 if verdict.skip or self.fault.active(step, "grad"):
                     loss = health.poison(loss)
             self.engine.backward(loss)
