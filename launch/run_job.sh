@@ -8,16 +8,24 @@
 #   Ctrl-C, so that a calling script stops too).
 # - If this script dies without a chance to forward (SIGKILL), the ranks notice within a second:
 #   its pid is in PIPELINE_LAUNCHER_PIDS, which every rank watches (pipeline/train/stop_signal.py).
+# - RESTARTS=N (N > 0): supervised: a job that fails (not a user error, exit 2) is started again up
+#   to N times, each restart logged to the console and RUN/supervise.log (pipeline/supervise.py;
+#   RESTART_BACKOFF_S sets the first wait, default 10 s, doubled each time).
+# - STOP_SIGNAL holds the name of the first signal forwarded (launch/slurm.sbatch requeues on USR1).
 run_job() {
+    if [[ "${RESTARTS:-0}" != 0 ]]; then
+        set -- python -m pipeline.supervise --restarts "$RESTARTS" -- "$@"
+    fi
     export PIPELINE_LAUNCHER_PIDS="$$${PIPELINE_LAUNCHER_PIDS:+ $PIPELINE_LAUNCHER_PIDS}"
     set -m  # the next background job gets its own process group
     "$@" &
     local job=$! rc=0 sig
     set +m
     INTERRUPTED=0
+    STOP_SIGNAL=
     for sig in INT TERM USR1 HUP; do
         # shellcheck disable=SC2064  # expand $job and $sig now
-        trap "kill -s $sig -- -$job 2>/dev/null || true; [[ $sig != INT ]] || INTERRUPTED=1" "$sig"
+        trap "kill -s $sig -- -$job 2>/dev/null || true; [[ $sig != INT ]] || INTERRUPTED=1; STOP_SIGNAL=\${STOP_SIGNAL:-$sig}" "$sig"
     done
     while :; do
         wait "$job" && rc=0 || rc=$?
