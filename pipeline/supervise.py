@@ -151,7 +151,7 @@ class Supervisor:
         restarts, last_failed_step = 0, None
         while True:
             env["PIPELINE_ATTEMPT"] = str(restarts)
-            self.child = subprocess.Popen(self.cmd, env=env, process_group=0)
+            self.child = subprocess.Popen(self.cmd, env=env, preexec_fn=os.setpgrp)  # a group of its own (3.10)
             code = self.child.wait()
             if code != 0 and self.run_dir is None:
                 self.run_dir = run_dir_of(self.cmd)
