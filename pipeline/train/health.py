@@ -149,7 +149,8 @@ class FaultInjection:
                     self.faults.append((kind, range(int(first), int(last[0] if last else first) + 1)))
             except ValueError:
                 raise ValueError(
-                    f"{FAULT_ENV}={spec!r}: expected KIND:RANK:FIRST[:LAST][,...] with KIND loss, grad, spike, slow or crash"
+                    f"{FAULT_ENV}={spec!r}: expected KIND:RANK:FIRST[:LAST][,...] with KIND loss, grad, spike, "
+                    "slow or crash"
                 ) from None
 
     @classmethod

@@ -17,8 +17,8 @@ import pytest
 from deepspeed.launcher.runner import fetch_hostfile
 from deepspeed.launcher.runner import parse_args as parse_deepspeed_args
 
-from pipeline.train.__main__ import parse_args as parse_train_args
 from pipeline.checkpoint import read_latest
+from pipeline.train.__main__ import parse_args as parse_train_args
 from tests.conftest import REPO_ROOT
 from tests.ranks import free_port, rank_env
 from tests.runs import losses, read_metrics, write_run_config
