@@ -9,8 +9,8 @@ preemption, `scancel`, `--signal=USR1@120`), SIGINT (Ctrl-C) and a dead launcher
 During start-up there is nothing to checkpoint: a stop request raises StoppedDuringStartup (from the
 handler, at once, or at the next stage boundary for a dead launcher); the CLI prints one line and
 exits 130, the run-dir lock released by the normal exit path. A second stop request of any kind
-(launchers relay a Ctrl-C as SIGINT or SIGTERM) more than SAME_REQUEST_S after the first ends the
-process at once, in start-up and in training alike.
+(launchers relay a Ctrl-C as SIGINT or SIGTERM; see SAME_REQUEST_S and RELAYED_AS_OTHER_KIND_S for
+what counts as second) ends the process at once, in start-up and in training alike.
 
 A dead launcher: `torchrun` and `deepspeed` (its runner and `deepspeed.launcher.launch`) run in the
 process group of the job, and the ranks inherit it; a shell with job control starts each job in a
@@ -34,10 +34,15 @@ from pathlib import Path
 from pipeline.run_lock import pid_alive, process_start_time
 
 WATCH_S = 0.5
-# A launcher relays one stop request to its ranks, often as another signal (the terminal's SIGINT
-# reaches the ranks and `deepspeed.launcher.launch`, which then sends them SIGTERM; torchrun re-sends
-# SIGINT): signals this close together are one request, not a second one.
+# A launcher relays one stop request to its ranks: signals of one kind this close together are one
+# request (torchrun re-sends the SIGINT the ranks got), not a second one.
 SAME_REQUEST_S = 2.0
+# A rank in its launcher's process group (the deepspeed launcher) gets the terminal's signal itself
+# and again as SIGTERM from `deepspeed.launcher.launch`, measured up to seconds later on busy
+# cores: there a signal of another kind is a second request only this long after the first. (A rank
+# of torchrun, in a session of its own, gets only torchrun's signals: a second Ctrl-C arrives as
+# SIGTERM, and counts after SAME_REQUEST_S.)
+RELAYED_AS_OTHER_KIND_S = 10.0
 
 
 class StoppedDuringStartup(BaseException):
@@ -94,6 +99,11 @@ class StopSignal:
         self.current_stage = "importing the libraries"
         self.starting = True  # until start_training / end_startup: a request raises StoppedDuringStartup
         self._first_at: float | None = None
+        self._first_kind: int | None = None
+        try:  # the parent (launcher) shares this process group: group signals reach both, and it relays
+            self._relayed = os.getpgid(os.getppid()) == os.getpgrp()
+        except OSError:
+            self._relayed = False
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
         self._ancestors = launcher_ancestors()
@@ -118,10 +128,12 @@ class StopSignal:
     def _handle(self, signum, _frame) -> None:
         now, name = time.monotonic(), signal.Signals(signum).name
         if self._first_at is not None:
-            if now - self._first_at > SAME_REQUEST_S:
+            window = (SAME_REQUEST_S if signum == self._first_kind or not self._relayed
+                      else RELAYED_AS_OTHER_KIND_S)
+            if now - self._first_at > window:
                 self._exit_at_once("a second Ctrl-C" if signum == signal.SIGINT else f"a second stop signal ({name})")
             return  # the first request, relayed once more by a launcher
-        self._first_at = now
+        self._first_at, self._first_kind = now, signum
         if self.received is None:
             self.received = name
         if self.starting:
