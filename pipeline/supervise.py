@@ -153,9 +153,10 @@ class Supervisor:
             env["PIPELINE_ATTEMPT"] = str(restarts)
             self.child = subprocess.Popen(self.cmd, env=env, preexec_fn=os.setpgrp)  # a group of its own (3.10)
             code = self.child.wait()
+            retryable = code not in (0, EXIT_USER_ERROR, EXIT_STOPPED_AT_ONCE) and self.stopped is None
             if code != 0 and self.run_dir is None:
                 self.run_dir = run_dir_of(self.cmd)
-            step = progress_step(self.run_dir) if code != 0 else None
+            step = progress_step(self.run_dir) if retryable else None  # imports torch: only when it matters
             decision = decide(code, restarts, self.max_restarts, self.backoff_s, step, last_failed_step,
                               self.stopped is not None)
             if code != 0 or restarts:
