@@ -26,13 +26,14 @@ import threading
 from typing import NoReturn
 
 
-def end_process(code: int) -> NoReturn:
+def end_process(code: int, join_threads: bool = True) -> NoReturn:
     """What interpreter teardown would have done first, then os._exit(code): wait for non-daemon
-    threads, run the atexit handlers, flush stdout and stderr."""
+    threads (not when stopping at once: one may be what we cannot wait for), run the atexit
+    handlers, flush stdout and stderr."""
     if _installed is not None:  # the process ends here, with this code
         atexit.unregister(_installed.at_exit)
     try:
-        for thread in threading.enumerate():
+        for thread in threading.enumerate() if join_threads else []:
             if thread is not threading.main_thread() and not thread.daemon:
                 thread.join()
         atexit._run_exitfuncs()

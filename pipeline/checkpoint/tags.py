@@ -29,6 +29,11 @@ def tag_of(step: int) -> str:
     return f"step_{step}"
 
 
+def step_of_tag(tag: str) -> int:
+    """The step of a `step_N` tag (the inverse of tag_of)."""
+    return int(_TAG_RE.match(tag).group(1))
+
+
 def checkpoint_steps(ckpt_dir: Path) -> list[int]:
     if not Path(ckpt_dir).is_dir():
         return []

@@ -8,6 +8,7 @@ code.
     gather_objects(obj, dst=None)  every rank's object, on every rank (dst=None) or on rank dst
     first_error(error)             the first rank's error (or None), on every rank
     any_rank(flag, device)         True on every rank iff one rank's flag is set
+    max_over_ranks(values, device) element-wise maximum of a few integers over ranks
     sum_over_ranks(t, device)      sum (or mean) of a small tensor over ranks, on the CPU
     all_reduce_sum_(t, group)      in-place SUM all-reduce of a device tensor (no host sync)
     barrier()
@@ -75,10 +76,15 @@ def first_error(error: str | None) -> str | None:
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank iff `flag` is set on at least one (a MAX all-reduce on `device`)."""
-    t = torch.tensor([1 if flag else 0], device=device)
+    return bool(max_over_ranks([1 if flag else 0], device)[0])
+
+
+def max_over_ranks(values: list[int], device: torch.device) -> list[int]:
+    """Element-wise maximum of a few integers over ranks, on every rank (one MAX all-reduce on `device`)."""
+    t = torch.tensor(values, dtype=torch.int64, device=device)
     if _several():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return t.tolist()
 
 
 def all_reduce_sum_(t: torch.Tensor, group=None) -> torch.Tensor:

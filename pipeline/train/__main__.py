@@ -5,11 +5,11 @@
 
 Exit codes: 0 done (or stopped on a signal / a dead launcher with a checkpoint), 2 bad config or
 data at start-up, or a data / disk error during training, 3 stopped after train.max_bad_steps
-consecutive skipped steps, 130 stopped at once by a second Ctrl-C (or Ctrl-C during start-up), 1 a
-rank whose peer failed (the peer printed why). Errors are one line, no traceback, printed once per
-node (by local rank 0): every rank raises the same error from the same config, so every rank exits
-on its own and none waits in a collective for a rank that has gone. An error only one rank sees (a
-corrupt shard it read) is printed by that rank.
+consecutive skipped steps, 130 stopped at once by a second stop signal (or by any stop signal
+during start-up), 1 a rank whose peer failed (the peer printed why). Errors are one line, no
+traceback, printed once per node (by local rank 0): every rank raises the same error from the same
+config, so every rank exits on its own and none waits in a collective for a rank that has gone. An
+error only one rank sees (a corrupt shard it read) is printed by that rank.
 """
 
 from __future__ import annotations
@@ -38,13 +38,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @user_errors_exit_2  # bad config or data at start-up; a corrupt shard or a full disk later
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from pipeline.train.config import load_run_config
-    from pipeline.train.trainer import Trainer
+    from pipeline.train.stop_signal import StoppedDuringStartup, StopSignal
 
+    stop = StopSignal()  # before the slow imports: a Ctrl-C at any moment of start-up is one line
     try:
-        trainer = Trainer(load_run_config(args.config, args.overrides))
-    except KeyboardInterrupt:
-        return fail("interrupted (Ctrl-C) during start-up; nothing was trained, nothing to save", EXIT_INTERRUPTED)
+        from pipeline.train.config import load_run_config
+        from pipeline.train.trainer import Trainer
+
+        trainer = Trainer(load_run_config(args.config, args.overrides), stop)
+    except StoppedDuringStartup as e:
+        return fail(str(e), EXIT_INTERRUPTED)
+    finally:
+        stop.end_startup()
     from pipeline.train.health import TrainingDiverged
 
     try:

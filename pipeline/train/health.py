@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -26,6 +28,7 @@ import torch
 from pipeline.distributed.collectives import all_reduce_sum_
 
 FAULT_ENV = "PIPELINE_INJECT_NAN"
+SLOW_S = 0.5  # a `slow` fault's sleep per micro-batch: well above the noise of busy CPU test machines
 
 
 class TrainingDiverged(RuntimeError):
@@ -129,21 +132,25 @@ class FaultInjection:
     RANK see a fault at steps FIRST..LAST (1-based; LAST defaults to FIRST). KIND `loss` replaces that
     rank's loss with NaN (caught by the all-reduced check); `grad` keeps the loss and poisons only its
     backward (caught by DeepSpeed's gradient-norm check); `spike` multiplies the loss by 1000 (caught
-    by the spike detector when train.spike_sigma is set). Unset in normal runs; it exists so tests can
-    prove that a fault on one rank leaves every rank's state untouched."""
+    by the spike detector when train.spike_sigma is set); `slow` makes that rank sleep SLOW_S per
+    micro-batch (a straggler, named by the straggler statistics); `crash` ends that rank at once with
+    exit code 1, in a supervised job's first attempt only (PIPELINE_ATTEMPT unset or 0, see
+    pipeline/supervise.py), so that its restart gets past it. Unset in normal runs; it exists so
+    tests can prove that a fault on one rank leaves every rank's state untouched."""
 
     def __init__(self, spec: str | None, rank: int):
         self.faults: list[tuple[str, range]] = []  # (kind, steps) aimed at this rank
         for item in filter(None, (spec or "").split(",")):
             try:
                 kind, target, first, *last = item.strip().split(":")
-                if kind not in ("loss", "grad", "spike") or len(last) > 1:
+                if kind not in ("loss", "grad", "spike", "slow", "crash") or len(last) > 1:
                     raise ValueError
                 if int(target) == rank:
                     self.faults.append((kind, range(int(first), int(last[0] if last else first) + 1)))
             except ValueError:
                 raise ValueError(
-                    f"{FAULT_ENV}={spec!r}: expected KIND:RANK:FIRST[:LAST][,...] with KIND loss, grad or spike"
+                    f"{FAULT_ENV}={spec!r}: expected KIND:RANK:FIRST[:LAST][,...] with KIND loss, grad, spike, "
+                    "slow or crash"
                 ) from None
 
     @classmethod
@@ -155,7 +162,12 @@ class FaultInjection:
 
     def inject(self, step: int, parts: tuple) -> tuple:
         """The loss parts (a NamedTuple) this rank reports at `step`: each loss tensor NaN for `loss`,
-        x1000 for `spike` (statistics beside them are left alone)."""
+        x1000 for `spike` (statistics beside them are left alone); `slow` sleeps first."""
+        if self.active(step, "slow"):
+            time.sleep(SLOW_S)
+        if self.active(step, "crash") and os.environ.get("PIPELINE_ATTEMPT", "0") == "0":
+            print(f"{FAULT_ENV}: crashing at step {step}", file=sys.stderr, flush=True)
+            os._exit(1)
         for kind, change in (("loss", poison), ("spike", lambda t: t * 1000.0)):
             if self.active(step, kind):
                 return type(parts)(*(change(t) if isinstance(t, torch.Tensor) else t for t in parts))

@@ -24,6 +24,7 @@ import psutil
 import torch
 
 from pipeline.distributed.collectives import sum_over_ranks
+from pipeline.distributed.ranks import current
 from pipeline.errors import ConfigError
 from pipeline.io_utils import atomic_write_text
 from pipeline.model.flops import achieved_flops, model_flops_utilization
@@ -48,6 +49,8 @@ class StepResult:
     """The loss every rank agreed on (mean over ranks) for the health checks."""
     skipped: str | None
     """Why the update was skipped, or None if it was applied."""
+    sync_wait_s: float = 0.0
+    """Seconds this rank waited in the step's one host sync (health.agree) for the other ranks."""
 
     @property
     def healthy(self) -> bool:
@@ -65,6 +68,19 @@ class StepAccumulator:
     def __init__(self, n_moe_layers: int, n_experts: int, device: torch.device):
         self.sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=device)
         self.tokens_LE = torch.zeros(n_moe_layers, n_experts, dtype=torch.float64, device=device)
+        self.sync_wait_s = 0.0
+
+    def timed_sync(self, agree: Callable, *args):
+        """`agree(*args)`, the step's host sync, timed: a rank that arrives early waits there for the
+        slowest (the straggler statistics). On a GPU the wait for this rank's own kernels is left out:
+        they are synchronised first, which the sync would have waited for anyway."""
+        if self.sums.device.type == "cuda":
+            torch.cuda.synchronize(self.sums.device)
+        start = time.perf_counter()
+        try:
+            return agree(*args)
+        finally:
+            self.sync_wait_s += time.perf_counter() - start
 
     def add_losses(self, parts) -> None:
         """A micro-batch's total, LM and router loss (objective.LossParts), before its backward."""
@@ -81,7 +97,7 @@ class StepAccumulator:
         self.sums /= micro_batches
         return StepResult(losses=self.sums, tokens_per_expert_LE=self.tokens_LE, lr=lr,
                           grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                          loss=loss, skipped=skipped)
+                          loss=loss, skipped=skipped, sync_wait_s=self.sync_wait_s)
 
 
 @dataclass
@@ -134,6 +150,25 @@ def expert_load_stats(tokens_per_expert_LE: torch.Tensor) -> dict[str, float]:
         stats[f"moe/imbalance_max_over_mean/layer_{layer}"] = value
     stats["moe/imbalance_max_over_mean/worst_layer"] = float(imbalance_L.max())
     return stats
+
+
+def straggler_stats(step_s: float, data_wait_s: float, device: torch.device) -> dict[str, float]:
+    """Slowest and fastest rank of a log interval: `step_s` is this rank's busy time per step (wall time
+    less the wait for other ranks in the step's sync, so the rank the others wait for has the
+    largest), `data_wait_s` its wait for micro-batches per step. One SUM all-reduce of [ranks, 2]
+    floats per log interval (each rank fills its row)."""
+    view = current()
+    rows = torch.zeros(view.world, 2, dtype=torch.float64)
+    rows[view.rank] = torch.tensor([step_s, data_wait_s], dtype=torch.float64)
+    rows = sum_over_ranks(rows, device)
+    step_R, wait_R = rows[:, 0], rows[:, 1]
+    return {
+        "straggler/step_time_max": float(step_R.max()),
+        "straggler/step_time_min": float(step_R.min()),
+        "straggler/slowest_rank": int(step_R.argmax()),
+        "straggler/data_wait_max": float(wait_R.max()),
+        "straggler/data_wait_min": float(wait_R.min()),
+    }
 
 
 def format_eta(seconds: float) -> str:
@@ -298,10 +333,11 @@ class IntervalReporter:
     def start(self) -> None:
         """Begin an interval (at the start of training, and after each report)."""
         self.window: list[StepResult] = []
-        self.steps, self.tick = 0, time.perf_counter()
+        self.steps, self.tick, self.sync_wait_s = 0, time.perf_counter(), 0.0
 
     def add(self, out: StepResult) -> None:
         self.steps += 1
+        self.sync_wait_s += out.sync_wait_s
         if out.healthy:
             self.window.append(out)
 
@@ -316,7 +352,8 @@ class IntervalReporter:
             return
         interval = aggregate(self.window, self._all_reduce)
         tokens_LE = interval.tokens_per_expert_LE
-        perf = throughput(self.tokens_per_step * self.steps, time.perf_counter() - self.tick, self.flops_per_token,
+        elapsed = time.perf_counter() - self.tick
+        perf = throughput(self.tokens_per_step * self.steps, elapsed, self.flops_per_token,
                           self.world, self.peak_tflops)
         values = {
             **interval.losses,
@@ -325,6 +362,7 @@ class IntervalReporter:
             **perf,
             "perf/consumed_samples": consumed_samples,
             "time/data_wait": data_wait_s / self.steps,  # s per step this rank waited for data
+            **straggler_stats((elapsed - self.sync_wait_s) / self.steps, data_wait_s / self.steps, self.device),
             **memory_stats(),
         }
         if tokens_LE.numel():

@@ -47,11 +47,15 @@ from pipeline.train.stop_signal import StopSignal
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, stop: StopSignal | None = None):
+        """`stop`: the CLI installs it before its imports, so that Ctrl-C is answered from the start."""
         self.cfg, t = cfg, cfg.train
+        self.stop = stop or StopSignal()  # a stop request during set-up ends it (StoppedDuringStartup)
+        self.stop.stage("connecting the ranks")
         self.ranks = init_distributed(cfg.parallel.collective_timeout_s)
         self.rank, self.world = self.ranks.rank, self.ranks.world
         self.run_dir = Path(cfg.run_dir)
+        self.stop.stage("checking the data and the run dir")
         self.model_cfg = resolve_model_config(cfg)
         self.data_identity, notes = check_data(cfg.data, self.model_cfg.vocab_size, self.rank, self.world,
                                                 self.run_dir)
@@ -79,16 +83,19 @@ class Trainer:
             init_folder = WeightsFolder(cfg.init_from)
             init_folder.check_matches(self.model_cfg)  # before the (slow) engine build
 
+        self.stop.stage("building the model and the DeepSpeed engine")
         self.engine = build_engine(cfg, self.model_cfg, self.ds_config, self.world, self.dims)
         self.balancer = ExpertBiasBalancer(self.engine.module, self.model_cfg.load_balance_bias_rate)
         self.moe_layers = self.balancer.layers
         torch.manual_seed(t.seed + 1000 + self.rank)  # dropout differs per rank
+        self.stop.stage("loading the checkpoint")
         resumed = self.ckpt.load_latest(self.engine, self.dims.ep, t.grad_accum_steps, t.seed)
         if init_folder is not None:
             n = load_initial_weights(self.engine, init_folder)
         state = resumed.state if resumed is not None else RunState(step=0)
         self.step, self.eval_history = state.step, list(state.eval_history)
         self.skipped_total = state.skipped_steps  # TensorBoard's running count
+        self.stop.stage("building the data loader")
         self.data = RunData.build(cfg.data, t.micro_batch_size, self.dims.dp_rank(self.rank), self.dp_world,
                                   state.consumed_samples, self.data_identity["order"], t.grad_accum_steps + 1)
 
@@ -98,7 +105,7 @@ class Trainer:
         if self.engine.device.type == "cuda" and (notice := math_kernel_notice(
                 self.model_cfg, t.micro_batch_size, cfg.data.seq_len, 2 if cfg.precision == "bf16" else 4)):
             self.log.message(notice)  # once, at start: every step pays it
-        self.stop = StopSignal(self.engine.device, self._abort)
+        self.stop.start_training(self.engine.device, self._abort)
         self.fault = health.FaultInjection.from_env(self.rank)
         self.spikes = health.SpikeDetector(t.spike_sigma, t.spike_window)
         self.policy = LoopPolicy(t, cfg.eval.downstream_interval if self.downstream is not None else None)
@@ -154,7 +161,7 @@ class Trainer:
             loss = parts.total
             acc.add_losses(parts)
             if micro == gas - 1:
-                verdict = health.agree(acc.sums[0] / gas, self.spikes, self.rank, self.world)
+                verdict = acc.timed_sync(health.agree, acc.sums[0] / gas, self.spikes, self.rank, self.world)
                 if verdict.skip or self.fault.active(step, "grad"):
                     loss = health.poison(loss)
             self.engine.backward(loss)
@@ -272,11 +279,11 @@ class Trainer:
                 "Lower optim.lr or raise optim.warmup_steps, then resume from that checkpoint"
             )
 
-    def _abort(self) -> str:
-        """A second Ctrl-C: the process exits right after this (see stop_signal.StopSignal)."""
+    def _abort(self, what: str) -> str:
+        """A second stop request (`what`): the process exits right after this (see stop_signal.StopSignal)."""
         if self.lock is not None:
             self.lock.release()
-        return (f"stopped at once at step {self.step} by a second Ctrl-C, without a checkpoint; "
+        return (f"stopped at once at step {self.step} by {what}, without a checkpoint; "
                 f"{self.ckpt.last_good_message()}")
 
     def __enter__(self) -> Trainer:

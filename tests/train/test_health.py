@@ -18,7 +18,7 @@ from pipeline.checkpoint.manager import checkpoint_steps, read_latest
 from pipeline.errors import ConfigError
 from pipeline.train.config import load_run_config
 from pipeline.train.ds_config import build_ds_config
-from pipeline.train.health import CollapseMonitor, FaultInjection, SpikeDetector
+from pipeline.train.health import SLOW_S, CollapseMonitor, FaultInjection, SpikeDetector
 from tests.ranks import torchrun
 from tests.runs import losses, train, write_run_config
 
@@ -53,8 +53,9 @@ def assert_checkpoint_finite(tag_dir: Path) -> None:
 def test_nan_on_one_rank_skips_the_step_everywhere_and_training_goes_on(prepared_data, tmp_path, monkeypatch):
     # Step 3: rank 1's loss is NaN (our all-reduced check). Step 5: rank 0's gradient is NaN with a
     # finite loss (DeepSpeed's gradient-norm check). Step 9: rank 1's loss is 1000x (the spike
-    # detector, judging from 4 accepted steps). Each must leave every rank's state untouched.
-    monkeypatch.setenv("PIPELINE_INJECT_NAN", "loss:1:3,grad:0:5,spike:1:9")
+    # detector, judging from 4 accepted steps). Each must leave every rank's state untouched. Steps 6-7:
+    # rank 1 is a straggler (SLOW_S per micro-batch), which the straggler statistics name.
+    monkeypatch.setenv("PIPELINE_INJECT_NAN", "loss:1:3,grad:0:5,spike:1:9,slow:1:6:7")
     run_dir = tmp_path / "run"
     cfg = write_run_config(tmp_path / "run.yaml", prepared_data, run_dir,
                            train={"steps": 10, "grad_accum_steps": 2, "spike_sigma": 6, "spike_window": 4})
@@ -76,6 +77,14 @@ def test_nan_on_one_rank_skips_the_step_everywhere_and_training_goes_on(prepared
     got = losses(run_dir)
     assert sorted(got) == [1, 2, 4, 6, 7, 8, 10] and all(math.isfinite(v) for v in got.values())
     assert got[10] < got[1]  # it kept learning
+    stragglers = {r["step"]: r for r in records(run_dir) if "straggler/slowest_rank" in r}
+    assert sorted(stragglers) == sorted(got)  # every log interval (here every applied step)
+    for step in (6, 7):
+        r = stragglers[step]
+        assert r["straggler/slowest_rank"] == 1, r
+        # Not the whole 2 x SLOW_S: the faster rank waits out part of it inside ZeRO-3's collectives.
+        assert r["straggler/step_time_max"] - r["straggler/step_time_min"] > SLOW_S / 5, r
+        assert 0 <= r["straggler/data_wait_min"] <= r["straggler/data_wait_max"] < SLOW_S, r
     assert read_latest(run_dir / "checkpoints") == "step_10"
     state = json.loads((run_dir / "checkpoints" / "step_10" / "trainer_state.json").read_text())
     assert state["skipped_steps"] == 3  # a resumed run continues the count
@@ -83,6 +92,7 @@ def test_nan_on_one_rank_skips_the_step_everywhere_and_training_goes_on(prepared
     events.Reload()
     counted = {e.step: e.value for e in events.Scalars("train/skipped_steps")}
     assert counted[3] == 1 and counted[5] == 2 and counted[9] == 3 and counted[10] == 3
+    assert {e.step: e.value for e in events.Scalars("straggler/slowest_rank")}[6] == 1
 
 
 def test_persistent_nan_stops_with_the_last_good_checkpoint(prepared_data, tmp_path, monkeypatch):
@@ -165,7 +175,8 @@ def test_collapse_warning_after_patience_and_again_after_recovery():
 
 
 def test_fault_injection_switch_parses_and_rejects():
-    fault = FaultInjection("loss:1:3,grad:1:5:6,loss:0:2,spike:1:7", rank=1)
+    fault = FaultInjection("loss:1:3,grad:1:5:6,loss:0:2,spike:1:7,slow:1:4:5", rank=1)
+    assert [s for s in range(1, 8) if fault.active(s, "slow")] == [4, 5]
     assert [s for s in range(1, 8) if fault.active(s, "loss")] == [3]
     assert [s for s in range(1, 8) if fault.active(s, "spike")] == [7]
     assert [s for s in range(1, 8) if fault.active(s, "grad")] == [5, 6]

@@ -6,14 +6,18 @@ argument parser and our trainer's accept."""
 from __future__ import annotations
 
 import math
+import os
 import shlex
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from deepspeed.launcher.runner import fetch_hostfile
 from deepspeed.launcher.runner import parse_args as parse_deepspeed_args
 
+from pipeline.checkpoint import read_latest
 from pipeline.train.__main__ import parse_args as parse_train_args
 from tests.conftest import REPO_ROOT
 from tests.ranks import free_port, rank_env
@@ -74,6 +78,61 @@ def test_single_node_trains_with_two_cpu_ranks(prepared_data, tmp_path):
     ref, _ = reference_run(cfg, world=2, overrides=["train.steps=3"])
     for step, loss in losses(run_dir).items():
         assert math.isclose(loss, ref[step]["total"], abs_tol=1e-5), (step, loss, ref[step]["total"])
+
+
+def test_restarts_resume_a_crashed_job_but_not_a_user_error(prepared_data, tmp_path):
+    # Rank 1 dies at step 2 of the first attempt (after the step-1 checkpoint): the supervisor
+    # (RESTARTS) starts the job again, which resumes from step 1 and finishes.
+    run_dir = tmp_path / "run"
+    cfg = write_run_config(tmp_path / "run.yaml", prepared_data, run_dir, train={"steps": 3, "save_interval": 1})
+    env = {"NPROC": "2", "MASTER_PORT": str(free_port()), "RESTARTS": "2", "RESTART_BACKOFF_S": "0",
+           "PIPELINE_INJECT_NAN": "crash:1:2"}
+    proc = bash("single_node.sh", str(cfg), env=env, timeout=400)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert "PIPELINE_INJECT_NAN: crashing at step 2" in out and "resumed from" in out
+    log = [line.split(" ", 2)[2] for line in (run_dir / "supervise.log").read_text().splitlines()]
+    assert log == ["the job failed (exit code 1 at step 1); restart 1 of 2 in 0 s", "the job ended (exit code 0)"]
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]  # the crashed step 2 was never logged
+    assert read_latest(run_dir / "checkpoints") == "step_3"
+
+    # A user error (exit 2) is reported once and not retried.
+    proc = bash("single_node.sh", str(cfg), "train.steps=three", env=env, timeout=200)
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-6000:]
+    assert proc.stderr.count("supervise:") == 1 and "user error" in proc.stderr
+    assert "train.steps" in proc.stderr
+
+
+def fake_slurm(tmp_path: Path) -> dict:
+    """PATH with an `scontrol` that logs its calls (one host, n1) and a `deepspeed` that runs until a
+    signal: exit 0 on USR1 (as our ranks do after their checkpoint), 143 on TERM."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "scontrol").write_text(f'#!/usr/bin/env bash\necho "$*" >> {tmp_path}/scontrol.log\n'
+                                      '[[ "$1" != show ]] || echo n1\n')
+    (bin_dir / "deepspeed").write_text(f"#!/usr/bin/env bash\ntrap 'exit 0' USR1\ntrap 'exit 143' TERM\n"
+                                       f"touch {tmp_path}/running\nwhile :; do sleep 0.1; done\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    return {**rank_env(), "PATH": f"{bin_dir}:{rank_env()['PATH']}", "SLURM_JOB_NODELIST": "n1",
+            "SLURM_JOB_ID": "4242", "HOSTFILE": str(tmp_path / "hostfile"), "SLURM_GPUS_ON_NODE": "1"}
+
+
+@pytest.mark.parametrize("sig, requeued", [(signal.SIGUSR1, True), (signal.SIGTERM, False)])
+def test_slurm_requeues_after_the_time_limit_warning_only(tmp_path, sig, requeued):
+    """What SLURM does (--signal=B:USR1@120 signals this script) cannot run here: the script's part can."""
+    assert "#SBATCH --signal=B:USR1@120" in (LAUNCH / "slurm.sbatch").read_text()
+    proc = subprocess.Popen(["bash", str(LAUNCH / "slurm.sbatch"), "launch/configs/quickstart.yaml"],
+                            env=fake_slurm(tmp_path), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "running").exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, sig)  # B: the batch shell alone; it forwards to the job
+    assert proc.wait(timeout=30) == (0 if requeued else 143)
+    calls = (tmp_path / "scontrol.log").read_text().splitlines()
+    assert calls == ["show hostnames n1"] + (["requeue 4242"] if requeued else []), proc.stdout.read()
 
 
 def no_gpu_path(tmp_path: Path) -> str:

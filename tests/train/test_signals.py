@@ -118,3 +118,41 @@ def test_ranks_whose_launcher_died_checkpoint_and_exit(prepared_data, tmp_path, 
     step = stopped_step(out.read_text(), r"the death of its launcher \(pid \d+\)")
     assert read_latest(run_dir / "checkpoints") == f"step_{step}"
     assert not (run_dir / ".lock").exists()
+
+
+def test_a_stop_during_start_up_is_one_line_and_a_second_stop_signal_of_any_kind_ends_at_once(prepared_data,
+                                                                                               tmp_path):
+    # Ctrl-C while the ranks are setting up (the run-dir lock is taken before the engine is built).
+    run_dir = tmp_path / "run"
+    cfg = write_run_config(tmp_path / "run.yaml", prepared_data, run_dir, train=LONG)
+    out = tmp_path / "out.txt"
+    proc = launch("single_node.sh", cfg, out)
+    wait_for(proc, lambda: (run_dir / ".lock").exists())
+    pids = job_pids(proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    signalled = time.monotonic()
+    assert proc.wait(timeout=60) == 130
+    job_gone(pids, timeout=30)
+    assert time.monotonic() - signalled < 30  # was ~31 s, printing nothing (issue 27)
+    errors = [line for line in out.read_text().splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.fullmatch(r"error: stopped during start-up at [A-Za-z ,-]+ \(SIGINT\); nothing was "
+                                             r"trained, run the same command again", errors[0]), out.read_text()[-3000:]
+    assert not (run_dir / ".lock").exists() and read_latest(run_dir / "checkpoints") is None
+
+    # Training (slow steps): Ctrl-C, then 3 s later SIGTERM (as `scancel` or torchrun relaying a second
+    # Ctrl-C would send) ends the job at once, without a checkpoint.
+    run_dir = tmp_path / "slow"
+    proc = launch("torchrun", cfg, out, f"run_dir={run_dir}", "train.grad_accum_steps=200")
+    wait_for(proc, lambda: "training 4-layer model" in out.read_text())
+    ranks = [c.pid for c in psutil.Process(proc.pid).children()]  # torchrun starts each in a session of its own
+    for pid in ranks:
+        os.kill(pid, signal.SIGINT)
+    time.sleep(3)
+    for pid in ranks:
+        os.kill(pid, signal.SIGTERM)
+    job_gone(ranks, timeout=30)
+    proc.wait(timeout=60)
+    errors = [line for line in out.read_text().splitlines() if line.startswith("error:")]
+    assert errors == ["error: stopped at once at step 0 by a second stop signal (SIGTERM), without a checkpoint; "
+                      "no checkpoint was written yet"], out.read_text()[-3000:]
+    assert read_latest(run_dir / "checkpoints") is None and not (run_dir / ".lock").exists()
