@@ -374,9 +374,11 @@ class GPTOSS(nn.Module):
 
 
 def sample_next_token(
-    logits_BV: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None
+    logits_BV: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """One token per row [B, 1]: greedy when temperature == 0, else top-k / nucleus sampling."""
+    """One token per row [B, 1]: greedy when temperature == 0, else top-k / nucleus sampling
+    (drawn from `generator`, default the global RNG)."""
     if temperature == 0:
         return logits_BV.argmax(dim=-1, keepdim=True)
     logits_BV = logits_BV / temperature
@@ -390,4 +392,4 @@ def sample_next_token(
         drop_sorted = cum - torch.softmax(sorted_logits, dim=-1) >= top_p
         drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
         logits_BV = logits_BV.masked_fill(drop, float("-inf"))
-    return torch.multinomial(torch.softmax(logits_BV, dim=-1), num_samples=1)
+    return torch.multinomial(torch.softmax(logits_BV, dim=-1), num_samples=1, generator=generator)
