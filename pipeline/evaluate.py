@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> dict | None:
     world = ranks.world
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if args.run_dir:
-        forward, decoder, model_cfg, data_dir, ckpt, saved = load_from_run_dir(Path(args.run_dir), args.step, world, device)
+        forward, decoder, model_cfg, data_dir, ckpt, saved = load_from_run_dir(Path(args.run_dir), args.step,
+                                                                               world, device)
         cfg = eval_config(saved.get("eval"), args)
         tokenizer, prefix = data_tokenizer(data_dir)
         output = Path(args.output) if args.output else Path(args.run_dir) / RESULTS_DIR / f"{ckpt.name}.json"

@@ -85,9 +85,11 @@ def load_tasks(tasks: list[str], task_paths: list[str], key: str = "eval.tasks",
     for name, task in loaded["tasks"].items():
         output_type = task.get_config("output_type")
         if output_type not in SUPPORTED_OUTPUT_TYPES:
-            raise ConfigError(f"{key}: {name} has output_type {output_type}; supported: {', '.join(SUPPORTED_OUTPUT_TYPES)}")
+            raise ConfigError(f"{key}: {name} has output_type {output_type}; supported: "
+                              f"{', '.join(SUPPORTED_OUTPUT_TYPES)}")
         if output_type == "generate_until":
-            check_generation_task(name, task.get_config("generation_kwargs") or {}, key, max_length, sequence_parallel)
+            check_generation_task(name, task.get_config("generation_kwargs") or {}, key, max_length,
+                                  sequence_parallel)
     return loaded
 
 

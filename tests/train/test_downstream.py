@@ -87,8 +87,8 @@ def test_in_loop_equals_single_process_cli_and_export(prepared_data, tmp_path):
     assert_same_scores(downstream(tmp_path / "two.json"), in_loop)
     subprocess.run([sys.executable, "-m", "pipeline.export", "--run-dir", str(tmp_path / "a"), "--output",
                     str(tmp_path / "export")], env=rank_env(), cwd=REPO_ROOT, check=True, capture_output=True)
-    out = evaluate_cli("--model", str(tmp_path / "export"), "--tasks", *TINY_TASKS, GEN_TASK, "--task-path", str(TASKS_DIR),
-                       "--limit", "8", "--num-fewshot", "1")
+    out = evaluate_cli("--model", str(tmp_path / "export"), "--tasks", *TINY_TASKS, GEN_TASK,
+                       "--task-path", str(TASKS_DIR), "--limit", "8", "--num-fewshot", "1")
     assert "pycode_tiny" in out.stdout
     assert_same_scores(downstream(tmp_path / "export" / "lm_eval_results.json"), in_loop)
 
