@@ -207,6 +207,8 @@ class GPTOSS(nn.Module):
         if cache is not None:
             if targets is not None:
                 raise ValueError("a forward with a KV cache decodes; it takes no targets")
+            if self.sequence_shard is not None:  # the attention cores would split the sequence over ranks
+                raise ValueError("KV-cache decoding needs whole sequences; this model is sequence-sharded")
             x, aux_loss = self._trunk(input_ids, cache)
             return self.lm_head(x[:, -1:]), None, aux_loss  # [B, 1, V]
         x, aux_loss = self._trunk(input_ids, cache=None, documents=self.config.document_masking)
