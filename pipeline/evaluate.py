@@ -96,14 +96,15 @@ def eval_config(saved_eval: dict | None, args: argparse.Namespace):
 
 
 def load_from_run_dir(run_dir: Path, step: int | None, world: int, device: torch.device):
-    """(forward, model config, data dir, checkpoint dir, saved config) for a run's checkpoint."""
+    """(forward, decoder, model config, data dir, checkpoint dir, saved config) for a run's checkpoint."""
     from pipeline.checkpoint import load_state, read_full_weights
     from pipeline.checkpoint.hf_export import checkpoint_model, model_from_state, run_dtype
+    from pipeline.evaluation.generation import Decoder
 
     ckpt, saved, model_cfg, data_dir = checkpoint_model(run_dir, step)
     if world == 1:
         model = model_from_state(model_cfg, read_full_weights(ckpt, run_dtype(saved))).to(device).eval()
-        return (lambda ids: model(ids)[0]), model_cfg, data_dir, ckpt, saved
+        return (lambda ids: model(ids)[0]), Decoder(model), model_cfg, data_dir, ckpt, saved
     # Under a launcher: the run's own engine (ZeRO-3, expert parallelism), weights only.
     from pipeline.config_utils import from_dict
     from pipeline.train.config import RunConfig
@@ -118,13 +119,14 @@ def load_from_run_dir(run_dir: Path, step: int | None, world: int, device: torch
     engine = build_engine(cfg, model_cfg, ds_config, world)
     load_state(engine, ckpt, with_optimizer=False)
     engine.eval()
-    return (lambda ids: engine(ids)[0]), model_cfg, data_dir, ckpt, saved
+    return (lambda ids: engine(ids)[0]), Decoder(engine.module, engine), model_cfg, data_dir, ckpt, saved
 
 
 def run(args: argparse.Namespace) -> dict | None:
     from pipeline.data import load_tokenizer
     from pipeline.distributed.ranks import RankView
     from pipeline.evaluation.downstream import RESULTS_DIR, DownstreamEvaluator, data_tokenizer, write_results
+    from pipeline.evaluation.generation import Decoder
 
     ranks = RankView()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -134,7 +136,8 @@ def run(args: argparse.Namespace) -> dict | None:
     world = ranks.world
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if args.run_dir:
-        forward, model_cfg, data_dir, ckpt, saved = load_from_run_dir(Path(args.run_dir), args.step, world, device)
+        forward, decoder, model_cfg, data_dir, ckpt, saved = load_from_run_dir(Path(args.run_dir), args.step,
+                                                                               world, device)
         cfg = eval_config(saved.get("eval"), args)
         tokenizer, prefix = data_tokenizer(data_dir)
         output = Path(args.output) if args.output else Path(args.run_dir) / RESULTS_DIR / f"{ckpt.name}.json"
@@ -151,6 +154,7 @@ def run(args: argparse.Namespace) -> dict | None:
         model = load_exported(model_dir).to(device).eval()
         model_cfg = model.config
         forward = lambda ids: model(ids)[0]  # noqa: E731
+        decoder = Decoder(model)
         output = Path(args.output) if args.output else model_dir / "lm_eval_results.json"
         name = str(model_dir)
     if args.prefix_token == "bos":
@@ -162,7 +166,7 @@ def run(args: argparse.Namespace) -> dict | None:
     evaluator = DownstreamEvaluator(cfg, tokenizer, prefix, args.max_length or model_cfg.block_size,
                                     ranks, bootstrap_iters=args.bootstrap_iters, log_samples=args.log_samples)
     tracker = LmEvalOutput(args.output_path, name) if args.output_path and ranks.rank == 0 else None
-    results = evaluator.evaluate(forward, device, name=name)
+    results = evaluator.evaluate(forward, device, name=name, decoder=decoder)
     if results is not None:
         from lm_eval.utils import make_table
 

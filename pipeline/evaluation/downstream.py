@@ -6,8 +6,9 @@
 The trainer calls `run` when its LoopPolicy says the tasks are due; `python -m pipeline.evaluate`
 calls `evaluate`.
 Tasks are checked when the evaluator is built (before any engine or training): an unknown task,
-a task whose data cannot be loaded and a generation task are each one ConfigError naming the task,
-raised on every rank (rank 0 checks, the others receive its verdict).
+a task whose data cannot be loaded, a generation task with generation_kwargs we do not implement
+or a max_gen_toks that leaves no context, and a generation task under sequence parallelism are each
+one ConfigError naming the task, raised on every rank (rank 0 checks, the others receive its verdict).
 
 Training state is left as it was: the model runs in eval mode without gradients (and goes back to
 train mode), and the process-wide RNGs the harness seeds (Python, NumPy, torch) are restored.
@@ -37,8 +38,8 @@ from pipeline.evaluation.config import EvalConfig
 from pipeline.io_utils import atomic_write_text
 from pipeline.rng import rng_state, set_rng_state
 
-# Likelihood request types PipelineLM implements; multiple_choice tasks issue loglikelihood requests.
-SUPPORTED_OUTPUT_TYPES = ("loglikelihood", "loglikelihood_rolling", "multiple_choice")
+# Request types PipelineLM implements; multiple_choice tasks issue loglikelihood requests.
+SUPPORTED_OUTPUT_TYPES = ("loglikelihood", "loglikelihood_rolling", "multiple_choice", "generate_until")
 FEWSHOT_SEED = 1234  # lm_eval's default fewshot_random_seed
 ONE_RANK = RankView()  # no process group: this process scores everything
 TASK_FILE_SUFFIXES = (".yaml", ".yml")  # a task given as its YAML file, not a name
@@ -46,16 +47,16 @@ RESULTS_DIR = "downstream"
 """RUN/downstream/step_N.json: the harness's result JSON of each evaluation of a run."""
 
 
-def load_tasks(tasks: list[str], task_paths: list[str], key: str = "eval.tasks") -> dict:
+def load_tasks(tasks: list[str], task_paths: list[str], key: str = "eval.tasks", max_length: int | None = None,
+               sequence_parallel: int = 1) -> dict:
     """The harness's loaded tasks ({"tasks": {name: Task}, "groups": ...}), data included, so that a
     missing dataset shows at start, not mid-run; loaded once and reused by every evaluation.
+    Generation tasks are checked against `max_length` (the context) and `sequence_parallel`.
 
     `tasks`: names, or task YAML files (as lm-eval's --tasks). The harness's ~15,000 built-in task
     configs take seconds to index; when `task_paths` and files define every requested task they are
     not indexed at all."""
     from lm_eval.tasks import TaskManager
-
-    from pipeline.evaluation.harness import GENERATION_UNSUPPORTED
 
     paths = []
     for p in task_paths:
@@ -87,8 +88,13 @@ def load_tasks(tasks: list[str], task_paths: list[str], key: str = "eval.tasks")
                         "evaluation)") from None
             raise
     for name, task in loaded["tasks"].items():
-        if task.get_config("output_type") not in SUPPORTED_OUTPUT_TYPES:
-            raise ConfigError(f"{key}: {name} is a generation task; {GENERATION_UNSUPPORTED}")
+        output_type = task.get_config("output_type")
+        if output_type not in SUPPORTED_OUTPUT_TYPES:
+            raise ConfigError(f"{key}: {name} has output_type {output_type}; supported: "
+                              f"{', '.join(SUPPORTED_OUTPUT_TYPES)}")
+        if output_type == "generate_until":
+            check_generation_task(name, task.get_config("generation_kwargs") or {}, key, max_length,
+                                  sequence_parallel)
     return loaded
 
 
@@ -108,6 +114,23 @@ def task_specs(tasks: list[str], key: str) -> list[str]:
                               "or a folder of task YAMLs in eval.task_paths (--include_path)")
         specs += [str(Path(m).resolve()) for m in matches]
     return specs
+
+
+def check_generation_task(name: str, gen_kwargs: dict, key: str, max_length: int | None,
+                          sequence_parallel: int) -> None:
+    from pipeline.evaluation.generation import GenerationSettings
+    from pipeline.evaluation.harness import check_generation_fits
+
+    if sequence_parallel > 1:
+        # Decoding deals whole requests to ranks with a KV cache; the Ulysses core splits one sequence.
+        raise ConfigError(f"{key}: {name} is a generation task; generation cannot run with "
+                          "parallel.sequence_parallel_size > 1 yet: evaluate it with python -m pipeline.evaluate")
+    try:
+        settings = GenerationSettings.from_gen_kwargs(gen_kwargs, None)
+        if max_length is not None:
+            check_generation_fits(settings, max_length)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{key}: {name}: {e}") from None
 
 
 @contextmanager
@@ -187,10 +210,10 @@ def write_results(path: Path, results: dict) -> None:
     atomic_write_text(path, json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
 
 
-def load_tasks_in_one_line(cfg: EvalConfig) -> dict:
+def load_tasks_in_one_line(cfg: EvalConfig, max_length: int | None = None, sequence_parallel: int = 1) -> dict:
     """load_tasks, where any failure (e.g. a malformed task YAML) is a one-line ConfigError."""
     try:
-        return load_tasks(cfg.tasks, cfg.task_paths)
+        return load_tasks(cfg.tasks, cfg.task_paths, max_length=max_length, sequence_parallel=sequence_parallel)
     except ConfigError:
         raise
     except Exception as e:
@@ -203,7 +226,8 @@ class DownstreamEvaluator:
     """lm-eval tasks on every rank's model; see the module docstring."""
 
     def __init__(self, cfg: EvalConfig, tokenizer: Tokenizer, prefix_token_id: int, max_length: int,
-                 ranks: RankView = ONE_RANK, bootstrap_iters: int = 0, log_samples: bool = False):
+                 ranks: RankView = ONE_RANK, bootstrap_iters: int = 0, log_samples: bool = False,
+                 sequence_parallel: int = 1):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.prefix_token_id = prefix_token_id
@@ -212,7 +236,7 @@ class DownstreamEvaluator:
         self.bootstrap_iters = bootstrap_iters  # 0: no bootstrapped stderr (seconds of CPU per metric)
         self.log_samples = log_samples
         # Only rank 0 runs the harness; its verdict is every rank's.
-        self.tasks = agree_on_error(lambda: load_tasks_in_one_line(cfg), ranks)
+        self.tasks = agree_on_error(lambda: load_tasks_in_one_line(cfg, max_length, sequence_parallel), ranks)
 
     @classmethod
     def for_data(cls, cfg: EvalConfig, data_dir: str | Path, max_length: int, ranks: RankView = ONE_RANK,
@@ -224,15 +248,15 @@ class DownstreamEvaluator:
         return cls(cfg, tokenizer, prefix, max_length, ranks, **kwargs)
 
     def evaluate(self, forward: Callable[[torch.Tensor], torch.Tensor], device: torch.device | str,
-                 name: str = "gpt-oss-pipeline", sequence_parallel: int = 1) -> dict | None:
+                 name: str = "gpt-oss-pipeline", sequence_parallel: int = 1, decoder=None) -> dict | None:
         """Run the tasks; every rank must call this. `forward(ids [B, T]) -> logits [B, T, V]` with
         the model already in eval mode. `sequence_parallel` N > 1: groups of N consecutive ranks run
-        the same requests through `forward` (see harness.Scorer). Returns the harness's results on
-        rank 0, None elsewhere."""
+        the same requests through `forward` (see harness.Scorer). `decoder` (generation.Decoder) runs
+        generation tasks. Returns the harness's results on rank 0, None elsewhere."""
         from pipeline.evaluation.harness import PipelineLM, Scorer
 
         scorer = Scorer(forward, device, self.cfg.batch_size, pad_id=self.tokenizer.eos_id,
-                        sequence_parallel=sequence_parallel)
+                        sequence_parallel=sequence_parallel, decoder=decoder, tokenizer=self.tokenizer)
         if self.ranks.rank != 0:
             scorer.serve()
             return None
@@ -255,6 +279,8 @@ class DownstreamEvaluator:
         """The trainer's call when its LoopPolicy says the tasks are due: evaluate, log on rank 0 (console,
         TensorBoard, W&B, metrics.jsonl) and write RUN/downstream/step_N.json. Returns the logged values
         on rank 0."""
+        from pipeline.evaluation.generation import Decoder
+
         was_training = engine.module.training
         engine.eval()
         start = time.perf_counter()
@@ -266,7 +292,8 @@ class DownstreamEvaluator:
 
             forward = whole_sequence_forward(forward, create_sequence_groups(sp))
         try:
-            results = self.evaluate(forward, engine.device, sequence_parallel=sp)
+            results = self.evaluate(forward, engine.device, sequence_parallel=sp,
+                                    decoder=Decoder(engine.module, engine))
         finally:
             engine.train(was_training)
         if results is None:

@@ -8,7 +8,8 @@ tasks use, and `loglikelihood_rolling`) exactly as the harness's own Hugging Fac
 (`lm_eval.models.huggingface.HFLM`) does: the same encoding of (context, continuation) pairs (the
 harness's `TemplateLM._encode_pair`), the same left-truncation to `max_length + 1` tokens that
 keeps the continuation, the same rolling windows, log-softmax in fp32. Tests hold the two equal per
-request. Generation (`generate_until`) is refused: see `GENERATION_UNSUPPORTED`.
+request. Generation (`generate_until`) returns what the HF backend's returns (pipeline/evaluation/
+generation.py: batched KV-cached decoding); tests hold the greedy strings equal.
 
 Distribution (`Scorer`): the harness runs on rank 0 only (it sees one process, so its few-shot
 sampling and metrics are those of a single-process run). Every batch of token requests it asks
@@ -18,10 +19,13 @@ under ZeRO-3 every forward gathers parameters collectively and expert parallelis
 over all ranks. The other ranks wait in `Scorer.serve()` until rank 0 says it is done. With
 sequence parallelism the unit is an SP group instead of a rank: its ranks score the same requests
 (`pipeline.distributed.sequence_parallel.whole_sequence_forward` gives each the whole logits).
+Generation requests are dealt over ranks the same way (`Scorer.generate`), with a `Decoder` for
+KV-cached steps (not with sequence parallelism: refused at start, downstream.check_generation_task).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 
@@ -34,11 +38,7 @@ from pipeline.data.tokenizer import Tokenizer
 from pipeline.distributed.collectives import from_rank0, gather_objects
 from pipeline.distributed.ranks import RankView, current
 from pipeline.distributed.sequence_parallel import data_parallel_coords
-
-GENERATION_UNSUPPORTED = (
-    "generation tasks (output_type generate_until) are not supported: only likelihood and "
-    "multiple-choice tasks (loglikelihood, loglikelihood_rolling, multiple_choice)"
-)
+from pipeline.evaluation.generation import Decoder, GenerationSettings, generate_dealt
 
 # A request as the scorer sees it: the model's input window (at most max_length + 1 tokens, the last
 # one only a target) and how many of its final tokens are the continuation to score.
@@ -47,14 +47,17 @@ TokenRequest = tuple[list[int], int]
 
 class Scorer:
     """Sum of continuation log-probs (fp32) and "is greedy" for token requests, on every rank of
-    the default process group. `forward(ids [B, T]) -> logits [B, T, V]` runs in eval mode, no grad."""
+    the default process group. `forward(ids [B, T]) -> logits [B, T, V]` runs in eval mode, no grad.
+    Generation (`generate`) needs a `decoder` and the `tokenizer` (for stop strings) on every rank."""
 
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], device: torch.device | str,
-                 batch_size: int = 16, pad_id: int = 0, sequence_parallel: int = 1):
+                 batch_size: int = 16, pad_id: int = 0, sequence_parallel: int = 1,
+                 decoder: Decoder | None = None, tokenizer: Tokenizer | None = None):
         self.forward = forward
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.pad_id = pad_id
+        self.decoder, self.tokenizer = decoder, tokenizer
         view: RankView = current()
         self.distributed = view.distributed
         self.rank, self.world = (view.rank, view.world) if self.distributed else (0, 1)
@@ -71,6 +74,11 @@ class Scorer:
         self._send(("score", requests))
         return self._score(requests)
 
+    def generate(self, contexts: list[list[int]], settings: GenerationSettings) -> list[str]:
+        """On rank 0: the generated text of every context (token lists), in order."""
+        self._send(("generate", (contexts, settings)))
+        return self._generate(contexts, settings)
+
     def stop(self, error: str | None = None) -> None:
         """On rank 0: release the ranks in `serve()`; with `error` they raise it too."""
         self._send(("error", error) if error else ("stop", None))
@@ -84,11 +92,27 @@ class Scorer:
                 return
             if command == "error":
                 raise RuntimeError(f"downstream evaluation failed on rank 0: {payload}")
-            self._score(payload)
+            if command == "generate":
+                self._generate(*payload)
+            else:
+                self._score(payload)
 
     # --- every rank -------------------------------------------------------------------------------
     def _send(self, message: tuple) -> None:
         from_rank0(message)
+
+    @torch.no_grad()
+    def _generate(self, contexts: list[list[int]], settings: GenerationSettings) -> list[str] | None:
+        if self.decoder is None or self.tokenizer is None:
+            raise RuntimeError("this Scorer was built without a decoder and tokenizer: it cannot generate")
+        texts, forwards = generate_dealt(contexts, settings, self.decoder, self.tokenizer, self._dummy_forward,
+                                         self.device, self.batch_size, self.pad_id, self.rank, self.world)
+        self.forwards += forwards
+        return texts
+
+    def _dummy_forward(self) -> None:
+        """A one-token forward: keeps this rank's collectives in step when it has nothing to compute."""
+        self.forward(torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device))
 
     @torch.no_grad()
     def _score(self, requests: list[TokenRequest]) -> list[tuple[float, bool]]:
@@ -112,8 +136,8 @@ class Scorer:
 
     def _score_batch(self, batch: list[TokenRequest]) -> list[tuple[float, bool]]:
         self.forwards += 1
-        if not batch:  # this rank has run out: a one-token forward keeps the collectives in step
-            self.forward(torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device))
+        if not batch:  # this rank has run out
+            self._dummy_forward()
             return []
         T = max(len(tokens) - 1 for tokens, _ in batch)
         ids_BT = torch.full((len(batch), T), self.pad_id, dtype=torch.long)
@@ -198,7 +222,29 @@ class PipelineLM(TemplateLM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        raise NotImplementedError(GENERATION_UNSUPPORTED)
+        """requests: (context, gen_kwargs) -> generated text, as the HF backend: requests grouped by
+        their gen_kwargs, the context left-truncated to max_length - max_gen_toks tokens (an empty
+        one is the prefix token), one scorer call per group (see generation.py)."""
+        eos_text = self.tok.decode([self.eot_token_id])
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+        out: list = [None] * len(requests)
+        for indices in groups.values():
+            settings = GenerationSettings.from_gen_kwargs(requests[indices[0]].args[1], eos_text)
+            budget = check_generation_fits(settings, self.max_length)
+            contexts = [(self.tok_encode(requests[i].args[0]) or [self.prefix_token_id])[-budget:] for i in indices]
+            for i, text in zip(indices, self.scorer.generate(contexts, settings), strict=True):
+                out[i] = text
+        return out
 
     def get_model_info(self) -> dict:
         return {"model": self.name, "max_length": self.max_length, "tokenizer": self.tok.identity()}
+
+
+def check_generation_fits(settings: GenerationSettings, max_length: int) -> int:
+    """Tokens of context left beside max_gen_toks new ones (ValueError when none)."""
+    if settings.max_gen_toks >= max_length:
+        raise ValueError(f"max_gen_toks ({settings.max_gen_toks}) must be less than the context length "
+                         f"({max_length}); lower the task's generation_kwargs.max_gen_toks")
+    return max_length - settings.max_gen_toks

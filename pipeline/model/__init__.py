@@ -11,7 +11,7 @@ architecture; `create_gpt_oss_20b()` is the second document's small dense GPT (s
 `python -m pipeline.model` runs the first document's example (pipeline/model/__main__.py).
 """
 
-from pipeline.model.attention import Attention, KVCache
+from pipeline.model.attention import Attention, DecodeCache, KVCache
 from pipeline.model.config import GPTOSSConfig, YaRNScaling
 from pipeline.model.gpt_oss import GPTOSS, Block, RMSNorm
 from pipeline.model.hf import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
@@ -33,6 +33,7 @@ __all__ = [
     "Block",
     "GPTOSSConfig",
     "GroupedExperts",
+    "DecodeCache",
     "KVCache",
     "MoE",
     "MoEStats",

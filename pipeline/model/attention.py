@@ -36,7 +36,7 @@ from pipeline.model.flex_attention import flex_attention_with_sinks
 from pipeline.model.masks import attention_mask
 from pipeline.model.rope import apply_rope
 
-__all__ = ["Attention", "AttentionCore", "KVCache", "attention_mask"]
+__all__ = ["Attention", "AttentionCore", "DecodeCache", "KVCache", "attention_mask"]
 
 
 class KVCache:
@@ -56,6 +56,22 @@ class KVCache:
         self.v[:, :, self.length : end] = v_new
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class DecodeCache:
+    """What incremental decoding keeps between forwards of the whole model: one `KVCache` per layer and,
+    for a batch of prompts of different lengths (left-padded to one length), how many padding slots
+    each row starts with, pad_B [B]. Padding keys are masked and a row's positions count from its first
+    real token, so each row decodes as it would alone (pipeline/model/masks.py `attention_mask`)."""
+
+    def __init__(self, layers: list[KVCache], pad_B: torch.Tensor | None = None):
+        self.layers = layers
+        self.pad_B = pad_B
+
+    @property
+    def length(self) -> int:
+        """Slots filled so far (padding included), the same in every layer."""
+        return self.layers[0].length
 
 
 class Attention(nn.Module):

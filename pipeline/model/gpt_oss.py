@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask
 
-from pipeline.model.attention import Attention, KVCache
+from pipeline.model.attention import Attention, DecodeCache, KVCache
 from pipeline.model.config import GPTOSSConfig
 from pipeline.model.flex_attention import resolve_attention_backend
 from pipeline.model.init import new_init_seed, seeded_normal_
@@ -189,7 +189,8 @@ class GPTOSS(nn.Module):
 
     # --- forward ---------------------------------------------------------------------------------
     def forward(
-        self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True
+        self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True,
+        cache: DecodeCache | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
         """input_ids [B, T] -> (logits [B, T, V], LM loss or None, weighted router loss).
 
@@ -197,8 +198,20 @@ class GPTOSS(nn.Module):
         loss is averaged over MoE blocks (a 0-dim zero for dense models). With targets and
         return_logits=False the logits are None and the loss comes from the chunked linear +
         cross-entropy (same value and gradients, no [B*T, V] fp32 tensor).
+
+        With a `cache` (from `new_cache`) this is one step of incremental decoding: input_ids [B, T]
+        continue the cached sequence and only the last position's logits [B, 1, V] are returned (a
+        prompt's [B, T, V] logits would be gigabytes at V = 201,088). Through the module's own
+        forward, so a ZeRO-3 engine gathers the parameters as for any forward.
         """
-        x, aux_loss = self._trunk(input_ids, caches=None, documents=self.config.document_masking)
+        if cache is not None:
+            if targets is not None:
+                raise ValueError("a forward with a KV cache decodes; it takes no targets")
+            if self.sequence_shard is not None:  # the attention cores would split the sequence over ranks
+                raise ValueError("KV-cache decoding needs whole sequences; this model is sequence-sharded")
+            x, aux_loss = self._trunk(input_ids, cache)
+            return self.lm_head(x[:, -1:]), None, aux_loss  # [B, 1, V]
+        x, aux_loss = self._trunk(input_ids, cache=None, documents=self.config.document_masking)
         denominator = None  # the number of valid targets the loss is averaged over; None = this call's
         if targets is not None and self.sequence_shard is not None:
             # A shard's loss sum over the whole sequence's valid targets, times the shard count:
@@ -218,28 +231,31 @@ class GPTOSS(nn.Module):
         return logits, loss, aux_loss
 
     def _trunk(
-        self, input_ids: torch.Tensor, caches: list[KVCache] | None, documents: bool = False
+        self, input_ids: torch.Tensor, cache: DecodeCache | None, documents: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Final-normed hidden states [B, T, D] and the mean router loss.
 
         documents: mask attention and restart positions at document boundaries (EOS). Only `forward`
         asks for it: generation, cached or not, treats its context as one sequence."""
         B, T = input_ids.shape
-        past = caches[0].length if caches is not None else 0
+        past = cache.length if cache is not None else 0
+        pad_B = cache.pad_B if cache is not None else None
         if past + T > self.config.block_size:
             raise ValueError(
                 f"sequence of {past + T} tokens is longer than block_size ({self.config.block_size})"
             )
         device = input_ids.device
-        shard = self.sequence_shard if caches is None else None
+        shard = self.sequence_shard if cache is None else None
         doc_BT = None
         if documents:
-            if caches is not None:
+            if cache is not None:
                 raise ValueError("document masking needs the whole sequence; it cannot run with a KV cache")
             doc_BT = document_ids(input_ids, self.config.eos_token_id)  # [B, T]
             positions = document_positions(doc_BT)  # [B, T]
         else:
             positions = torch.arange(past, past + T, device=device)  # [T]
+            if pad_B is not None:  # left-padded rows count from their first real token
+                positions = (positions[None] - pad_B[:, None]).clamp(min=0)  # [B, T]
         if shard is not None:
             # Positions and document ids above are the whole sequence's; only this shard's tokens
             # are computed. Masks below stay whole-sequence: the attention core sees all positions.
@@ -252,9 +268,9 @@ class GPTOSS(nn.Module):
         cos = sin = None
         if self.rope is not None:
             cos, sin = self.rope(positions, x.dtype)  # [T, hd/2] or [B, T, hd/2]
-            if doc_BT is not None:
+            if positions.dim() == 2:
                 cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, hd/2]: broadcast over heads
-        masks = self._masks(T, past, device, doc_BT)
+        masks = self._masks(T, past, device, doc_BT, pad_B)
 
         router_losses = []
         for i, block in enumerate(self.blocks):
@@ -262,7 +278,7 @@ class GPTOSS(nn.Module):
             if self.checkpoint_fn is not None and self.training:
                 x, router_loss = self.checkpoint_fn(block, x, cos, sin, mask)
             else:
-                x, router_loss = block(x, cos, sin, mask, caches[i] if caches is not None else None)
+                x, router_loss = block(x, cos, sin, mask, cache.layers[i] if cache is not None else None)
             if isinstance(block.ffn, MoE):
                 router_losses.append(router_loss)
         aux_loss = (
@@ -282,15 +298,17 @@ class GPTOSS(nn.Module):
         training = self.training and torch.is_grad_enabled()
         return resolve_attention_backend(self.config.attention_backend, device, training, self.config.dropout)
 
-    def _masks(self, T: int, past: int, device: torch.device, doc_BT: torch.Tensor | None) -> dict:
+    def _masks(self, T: int, past: int, device: torch.device, doc_BT: torch.Tensor | None,
+               pad_B: torch.Tensor | None = None) -> dict:
         """One mask per distinct window, shared by all blocks with that window: a BlockMask for flex,
         a boolean tensor (or None) for SDPA. KV-cache decoding steps (past > 0) always use SDPA: one
-        query row per step gains nothing from a fused kernel, and a BlockMask per length would pile up."""
+        query row per step gains nothing from a fused kernel, and a BlockMask per length would pile up.
+        Left-padded batches (pad_B) also use SDPA: the static BlockMasks know no padding."""
         windows = {self.config.layer_window(i) for i in range(self.config.n_layer)}
-        if past == 0 and self.attention_backend(device) == "flex":
+        if past == 0 and pad_B is None and self.attention_backend(device) == "flex":
             return {w: block_mask(w, T, device, doc_BT) for w in windows}
         sinks = self.config.use_attention_sinks
-        return {w: attention_mask(T, past + T, w, sinks, device, doc_BT) for w in windows}
+        return {w: attention_mask(T, past + T, w, sinks, device, doc_BT, pad_B) for w in windows}
 
     # --- generation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -315,11 +333,11 @@ class GPTOSS(nn.Module):
                 f"({self.config.block_size})"
             )
         eos_id = self.config.eos_token_id if eos_id is None else eos_id
-        caches = self._new_caches(prompt, prompt.shape[1] + max_new_tokens) if use_cache else None
+        cache = self.new_cache(prompt.shape[0], prompt.shape[1] + max_new_tokens, prompt.device) if use_cache else None
         tokens, step_input = prompt, prompt
         finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
         for _ in range(max_new_tokens):
-            hidden, _ = self._trunk(step_input, caches)
+            hidden, _ = self._trunk(step_input, cache)
             logits = self.lm_head(hidden[:, -1]).float()  # [B, V]
             next_B1 = sample_next_token(logits, temperature, top_k, top_p)
             if eos_id is not None:
@@ -331,13 +349,16 @@ class GPTOSS(nn.Module):
                 break
         return tokens
 
-    def _new_caches(self, prompt: torch.Tensor, max_len: int) -> list[KVCache]:
+    def new_cache(self, batch: int, max_len: int, device: torch.device | str,
+                  pad_B: torch.Tensor | None = None) -> DecodeCache:
+        """An empty KV cache for `batch` rows of up to `max_len` slots (padding included); pad_B [B]:
+        left-padding slots per row. Allocates only the cache (no parameter is read, so it works on a
+        ZeRO-3-partitioned module too)."""
         cfg = self.config
         dtype = self.embed_tokens.weight.dtype
-        return [
-            KVCache(prompt.shape[0], cfg.kv_heads, max_len, cfg.head_size, dtype=dtype, device=prompt.device)
-            for _ in range(cfg.n_layer)
-        ]
+        layers = [KVCache(batch, cfg.kv_heads, max_len, cfg.head_size, dtype=dtype, device=device)
+                  for _ in range(cfg.n_layer)]
+        return DecodeCache(layers, None if pad_B is None else pad_B.to(device))
 
     # --- transformers interop --------------------------------------------------------------------
     @classmethod
@@ -355,9 +376,11 @@ class GPTOSS(nn.Module):
 
 
 def sample_next_token(
-    logits_BV: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None
+    logits_BV: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """One token per row [B, 1]: greedy when temperature == 0, else top-k / nucleus sampling."""
+    """One token per row [B, 1]: greedy when temperature == 0, else top-k / nucleus sampling
+    (drawn from `generator`, default the global RNG)."""
     if temperature == 0:
         return logits_BV.argmax(dim=-1, keepdim=True)
     logits_BV = logits_BV / temperature
@@ -371,4 +394,4 @@ def sample_next_token(
         drop_sorted = cum - torch.softmax(sorted_logits, dim=-1) >= top_p
         drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
         logits_BV = logits_BV.masked_fill(drop, float("-inf"))
-    return torch.multinomial(torch.softmax(logits_BV, dim=-1), num_samples=1)
+    return torch.multinomial(torch.softmax(logits_BV, dim=-1), num_samples=1, generator=generator)

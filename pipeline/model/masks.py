@@ -57,15 +57,17 @@ def attention_mask(
     sinks: bool,
     device: torch.device,
     doc_BT: torch.Tensor | None = None,
+    pad_B: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """SDPA's boolean mask, True = may attend, or None for plain causal.
 
     Shape [t_q, t_k] (+1 sink column first), or [B, 1, t_q, t_k (+1)] with document ids `doc_BT`
-    (t_q == t_k). Queries are the last `t_q` of `t_k` positions (t_k > t_q while decoding with a KV
-    cache). None means the caller can use SDPA's `is_causal` (t_q == t_k) or no mask (t_q == 1).
+    (t_q == t_k) or left padding `pad_B` [B] (the first pad_B[b] key slots of row b are padding).
+    Queries are the last `t_q` of `t_k` positions (t_k > t_q while decoding with a KV cache). None
+    means the caller can use SDPA's `is_causal` (t_q == t_k) or no mask (t_q == 1).
     """
     offset = t_k - t_q
-    if not sinks and window is None and doc_BT is None and (offset == 0 or t_q == 1):
+    if not sinks and window is None and doc_BT is None and pad_B is None and (offset == 0 or t_q == 1):
         return None
     q_pos = torch.arange(offset, t_k, device=device)[:, None]  # [t_q, 1]
     k_pos = torch.arange(t_k, device=device)[None, :]  # [1, t_k]
@@ -76,6 +78,11 @@ def attention_mask(
         if offset:
             raise ValueError("document masks need the whole sequence (no KV-cache offset)")
         mask = (mask & (doc_BT[:, :, None] == doc_BT[:, None, :]))[:, None]  # [B, 1, t_q, t_k]
+    elif pad_B is not None:
+        # A padding query still sees itself: a row with no visible key (no sink) would be NaN, and
+        # SDPA's 0 weight times a NaN value poisons the real rows of the next layer.
+        real = (k_pos >= pad_B[:, None, None]) | (k_pos == q_pos)  # [B, t_q, t_k]
+        mask = (mask & real)[:, None]  # [B, 1, t_q, t_k]
     if sinks:
         mask = torch.cat([mask.new_ones(*mask.shape[:-1], 1), mask], dim=-1)
     return mask  # [t_q, t_k (+1)] or [B, 1, t_q, t_k (+1)]

@@ -184,10 +184,35 @@ def test_cached_decode_matches_full_forward_logits():
     model = build(cfg)
     x = torch.randint(0, cfg.vocab_size, (1, 15))
     full = model.lm_head(model._trunk(x, None)[0])
-    caches = model._new_caches(x, 15)
-    prefill = model.lm_head(model._trunk(x[:, :6], caches)[0])
-    steps = [model.lm_head(model._trunk(x[:, t : t + 1], caches)[0]) for t in range(6, 15)]
+    cache = model.new_cache(1, 15, x.device)
+    prefill = model.lm_head(model._trunk(x[:, :6], cache)[0])
+    steps = [model.lm_head(model._trunk(x[:, t : t + 1], cache)[0]) for t in range(6, 15)]
     torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sinks", [True, False])
+def test_left_padded_cached_decode_matches_each_row_alone(sinks):
+    # Rows of 3, 7 and 10 prompt tokens left-padded to 10, then 12 decoding steps through the
+    # model's own forward: each row's last-position logits equal a full forward of that row alone
+    # (fp32, 1e-5), past the sliding window of 4 and with padding that is longer than the window.
+    cfg = tiny_gpt_oss(sliding_window=4, use_attention_sinks=sinks)
+    model = build(cfg)
+    gen = torch.Generator().manual_seed(1)
+    rows = [torch.randint(1, cfg.vocab_size, (n + 12,), generator=gen) for n in (3, 7, 10)]
+    lengths = torch.tensor([3, 7, 10])
+    pad_B = 10 - lengths
+    prompt_BT = torch.zeros(3, 10, dtype=torch.long)  # the pad id is arbitrary: padding is masked
+    for b, row in enumerate(rows):
+        prompt_BT[b, pad_B[b]:] = row[: lengths[b]]
+    cache = model.new_cache(3, 22, "cpu", pad_B=pad_B)
+    got = [model(prompt_BT, cache=cache)[0][:, 0]]  # [B, V] at each row's last prompt token
+    for t in range(12):
+        step_B1 = torch.stack([row[lengths[b] + t] for b, row in enumerate(rows)])[:, None]
+        got.append(model(step_B1, cache=cache)[0][:, 0])
+    for b, row in enumerate(rows):
+        full_TV = model(row[None])[0][0]
+        want = full_TV[lengths[b] - 1 : lengths[b] + 12]  # [13, V]
+        torch.testing.assert_close(torch.stack([g[b] for g in got]), want, rtol=1e-5, atol=1e-5)
 
 
 def test_generation_stops_at_eos():
