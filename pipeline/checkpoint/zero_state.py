@@ -28,8 +28,9 @@ def inner_optimizer(engine) -> torch.optim.Optimizer:
     return engine.optimizer.optimizer
 
 
-def get_full_state(param: torch.nn.Parameter, key: str | None) -> torch.Tensor:
-    """The full fp32 master weight (key None) or optimizer state of one parameter, on the CPU.
+def get_full_state(param: torch.nn.Parameter, key: str | None, on_host: bool = True) -> torch.Tensor:
+    """The full fp32 master weight (key None) or optimizer state of one parameter, on the CPU
+    (`on_host` False: where DeepSpeed gathered it, for a caller that copies it into pinned memory).
 
     Collective: every rank of the parameter's partition group must call it, in the same order.
     """
@@ -39,7 +40,8 @@ def get_full_state(param: torch.nn.Parameter, key: str | None) -> torch.Tensor:
     if full is None:
         raise RuntimeError(f"DeepSpeed holds no fp32 state {key or 'weight'} for a parameter of shape "
                            f"{tuple(param.shape)}; only ZeRO stages 1-3 are supported")
-    return full.detach().float().cpu()
+    full = full.detach().float()
+    return full.cpu() if on_host else full
 
 
 def set_full_state(param: torch.nn.Parameter, full: torch.Tensor, key: str | None) -> None:
