@@ -29,6 +29,10 @@ word and stops with one line; the previous checkpoint is untouched. Clean-up del
 incomplete `step_N/` (no trainer_state.json: provably a leftover) and, after `latest` moved past
 them, checkpoints older than the last `keep_last`; a complete `step_N/` that a save would
 overwrite (the user pointed `latest` back) is renamed aside, never deleted.
+
+Asynchronous saves (`async_save`, async_writer.py): the same steps and files, but the main thread
+only snapshots this rank's state into reused host buffers; the writes, the agreement (over a side
+gloo group) and the commit above run in a background thread, one save at a time; `wait()` ends it.
 """
 
 from __future__ import annotations

@@ -100,5 +100,5 @@ def sum_over_ranks(t: torch.Tensor, device: torch.device, mean: bool = False) ->
 
 
 def barrier(group=None) -> None:
-    if initialized():
+    if _several():  # one rank: nothing to wait for (and a background thread must not touch its group)
         dist.barrier(group=group)
