@@ -2,15 +2,17 @@
 host memory; the files, their checksums and the commit are written by a background thread.
 
     saver = AsyncSaver(pin=torch.cuda.is_available())
-    tensors = saver.buffers.snapshot(owned_tensors(module, on_host=False))   # main thread, collective
+    tensors = saver.buffers.snapshot(owned_tensors(module, saver.gather))    # main thread, collective
     saver.submit(lambda: write_and_commit(tensors))                          # waits for the one in flight
     ...
     saver.wait()                                                              # final save, stop, error
 
-What the step pays: `HostBuffers.snapshot` copies each tensor this rank writes (format.owned_tensors:
-its share of the fp32 weights, Adam moments and rank 0's buffers) into one host tensor per key,
-allocated at the first save and reused by every later one (pinned on CUDA, so the device-to-host
-copies run asynchronously and at full bandwidth). The gathers of owned_tensors are collectives on
+What the step pays: each parameter's fp32 state is all-gathered into one reused device buffer
+(zero_state.GatherBuffer), and `HostBuffers.snapshot` copies each tensor this rank writes
+(format.owned_tensors: its share of the fp32 weights, Adam moments and rank 0's buffers) into one
+host tensor per key, allocated at the first save and reused by every later one (pinned on CUDA, so
+the device-to-host copies run asynchronously and at full bandwidth). No memory is allocated from the
+second save on: fresh pages cost more than the copies. The gathers of owned_tensors are collectives on
 the default group, so they run on the main thread, at the same point on every rank, like any
 other collective of the loop. The files are then serialised from those buffers by the same code a
 synchronous save runs (format.write_owned / write_index, manager.CheckpointManager._write_and_commit),
@@ -49,6 +51,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.checkpoint.zero_state import GatherBuffer
+
 
 class HostBuffers:
     """One host tensor per checkpoint key, allocated at the first snapshot and reused by every later
@@ -83,6 +87,7 @@ class AsyncSaver:
 
     def __init__(self, pin: bool):
         self.buffers = HostBuffers(pin)
+        self.gather = GatherBuffer()  # the device-side scratch the snapshot gathers each parameter into
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 

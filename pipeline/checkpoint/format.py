@@ -43,7 +43,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from pipeline.checkpoint.zero_state import OPTIM_KEYS, ensure_optimizer_state, get_full_state, set_full_state
+from pipeline.checkpoint.zero_state import (
+    OPTIM_KEYS,
+    GatherBuffer,
+    ensure_optimizer_state,
+    get_full_state,
+    set_full_state,
+)
 from pipeline.distributed.collectives import gather_objects
 from pipeline.distributed.ranks import current, group_rank, group_size
 from pipeline.errors import CheckpointError
@@ -188,16 +194,18 @@ class _ShardWriter:
         self.pending, self.pending_bytes = {}, 0
 
 
-def owned_tensors(module: nn.Module, on_host: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+def owned_tensors(module: nn.Module, into: GatherBuffer | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, tensor) of every tensor this rank writes, in the order it writes them. Each parameter's
     state is gathered (a collective over its partition group) when the iteration reaches it, so every
-    rank must run the iteration to its end. `on_host` False: gathered tensors stay on the device (the
-    caller copies them into host buffers of its own). A tensor may be a view of a gathered one or of
-    a live buffer: copy it to keep it."""
+    rank must run the iteration to its end. `into`: gather into that reused buffer, on the device
+    (the caller copies each tensor into host buffers of its own before the next one); else into a
+    new host tensor per parameter. A tensor may be a view of a gathered one, of `into` or of a live
+    buffer: copy it to keep it."""
     view = current()
+    on_host = into is None
     for i, e in enumerate(entries(module)):
         for prefix, key in (("weight", None), *((k, k) for k in OPTIM_KEYS)):
-            full = get_full_state(e.param, key, on_host)  # collective over e.group
+            full = get_full_state(e.param, key) if on_host else into.gather(e.param, key)  # collective over e.group
             for local, k in owned_keys(i, e, prefix, view.rank, view.world):
                 yield k, full if local is None else full[local]
     if view.rank == 0:

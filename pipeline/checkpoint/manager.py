@@ -177,7 +177,7 @@ class CheckpointManager:
         if self.side_group is None:
             self.side_group = side_group_of_all_ranks()  # collective: every rank saves here
         rng = rng_state()
-        tensors = self.saver.buffers.snapshot(owned_tensors(engine.module, on_host=False))  # collective
+        tensors = self.saver.buffers.snapshot(owned_tensors(engine.module, self.saver.gather))  # collective
         self.saver.submit(lambda: self._finish_async(tag_dir, state, run_files, rng, tensors))
         return tag_dir
 

@@ -200,8 +200,8 @@ class Trainer:
     def save_if_finite(self) -> bool:
         """A checkpoint is only ever written from finite weights (CheckpointManager.save_if_finite)."""
         path = self.ckpt.save_if_finite(self.engine, self.run_state(), self.run_files())
-        background = " (files written in the background)" if self.ckpt.saver is not None else ""
-        self.log.message(f"saved checkpoint {path}{background}" if path is not None else
+        done = "saving checkpoint {} in the background" if self.ckpt.saver is not None else "saved checkpoint {}"
+        self.log.message(done.format(path) if path is not None else
                          f"not saving at step {self.step}: the weights are not finite")
         return path is not None
 
