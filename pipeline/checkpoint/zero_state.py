@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from pipeline.distributed.ranks import group_rank, group_size
+from pipeline.distributed.ranks import group_rank
 
 OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -50,7 +50,8 @@ class GatherBuffer:
     every save (grown to the largest parameter once). DeepSpeed's ZeRO-3 gather (`_fp32_state_allgather`)
     allocates a new full-size tensor per call: at every save the whole state passes through fresh
     pages (measured: allocation + copies 6-10x one copy into memory already mapped). The tensor
-    returned is a view of the buffer, valid until the next `gather`: copy what you keep. Same values
+    returned is a view of the buffer (or, for a partition group of one rank, of the live partition),
+    valid until the next `gather` or optimizer step: copy what you keep. Same values
     as `get_full_state` (an all-gather of the same partitions); other ZeRO stages and NVMe-swapped
     sub-groups go through it."""
 
@@ -64,14 +65,14 @@ class GatherBuffer:
             return get_full_state(param, key, on_host=False)
         part, _ = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
         group = opt._get_param_partition_group(param)
-        numel = part.numel() * group_size(group, 1)
+        ranks = dist.get_world_size(group=group) if dist.is_initialized() else 1
+        if ranks == 1:  # one rank holds it all (one rank, or experts with ep = world)
+            return part[: param.ds_numel].view(param.ds_shape)
+        numel = part.numel() * ranks
         if self.flat is None or self.flat.numel() < numel or self.flat.device != part.device:
             self.flat = torch.empty(numel, dtype=torch.float32, device=part.device)
         out = self.flat[:numel]
-        if dist.is_initialized():
-            dist.all_gather_into_tensor(out, part.float().contiguous(), group=group)
-        else:
-            out.copy_(part)
+        dist.all_gather_into_tensor(out, part.float().contiguous(), group=group)
         return out[: param.ds_numel].view(param.ds_shape)
 
 
