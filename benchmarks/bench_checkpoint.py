@@ -153,7 +153,8 @@ def stall(engine, train_step, out: Path, n_params: int, repeats: int) -> None:
     if dist.get_rank() == 0:
         med = {k: statistics.median(v[1:]) for k, v in rows.items()}
         print(f"{dist.get_world_size()} rank(s), {n_params / 1e6:.1f}M parameters, "
-              f"{owned_bytes(engine.module) / 1e9:.2f} GB of checkpoint state on rank 0; median of {repeats} saves")
+              f"{owned_bytes(engine.module) / 1e9:.2f} GB of checkpoint state on rank 0 (async host buffers: "
+              f"{managers['async'].saver.buffers.nbytes / 1e9:.2f} GB); median of {repeats} saves after the first")
         print(f"  stall per save: sync {med['sync']:.2f} s, async {med['async']:.2f} s "
               f"(first async save, allocating its buffers: {rows['async'][0]:.2f} s); "
               f"async / sync {med['async'] / med['sync']:.1%}")
