@@ -67,12 +67,12 @@ def _status_kib(field: str) -> int:
 def main() -> None:
     import deepspeed
 
+    from pipeline.checkpoint.format import owned_bytes, persistent_buffers
     from pipeline.distributed.process_group import init_distributed
     from pipeline.planning import model_config
     from pipeline.train.config import load_run_config
     from pipeline.train.ds_config import build_ds_config
     from pipeline.train.engine import build_model
-    from pipeline.checkpoint.format import owned_bytes, persistent_buffers
     from pipeline.train.optim import param_groups
 
     run = load_run_config(None, json.loads(sys.argv[1]))
