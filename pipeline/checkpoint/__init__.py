@@ -7,6 +7,7 @@ imports nothing of pipeline.train):
     run_state.py   RunState: the typed trainer_state.json (versioned)
     resume.py      the resume checks: same model, same global batch, same data (pure functions)
     manager.py     CheckpointManager: save and load_latest with an engine, a RunState and plain values
+    async_writer.py  asynchronous saves: reused host buffers, one background writer at a time
     init_from.py   `model.init_from`: start a run from a transformers or exported weights folder
     hf_export.py   a checkpoint -> a Hugging Face (or native) folder, for `python -m pipeline.export`
 """

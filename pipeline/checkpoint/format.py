@@ -30,8 +30,10 @@ and its own experts) and writes its partition. No rank ever holds more than one 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +43,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from pipeline.checkpoint.zero_state import OPTIM_KEYS, ensure_optimizer_state, get_full_state, set_full_state
+from pipeline.checkpoint.zero_state import (
+    OPTIM_KEYS,
+    GatherBuffer,
+    ensure_optimizer_state,
+    get_full_state,
+    set_full_state,
+)
 from pipeline.distributed.collectives import gather_objects
 from pipeline.distributed.ranks import current, group_rank, group_size
 from pipeline.errors import CheckpointError
@@ -186,23 +194,34 @@ class _ShardWriter:
         self.pending, self.pending_bytes = {}, 0
 
 
-def save_state(module: nn.Module, tag_dir: Path, extra_files: list[str] = (), error: str | None = None,
-               checksums: bool = True) -> list[str]:
-    """Every rank calls this (collective); rank 0 writes index.json last, unless a rank failed to
-    write (then nothing). `extra_files`: other files this rank wrote into `tag_dir` (checksummed in
-    the index); `error`: a write this rank already failed. Returns every rank's write errors."""
+def owned_tensors(module: nn.Module, into: GatherBuffer | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) of every tensor this rank writes, in the order it writes them. Each parameter's
+    state is gathered (a collective over its partition group) when the iteration reaches it, so every
+    rank must run the iteration to its end. `into`: gather into that reused buffer, on the device
+    (the caller copies each tensor into host buffers of its own before the next one); else into a
+    new host tensor per parameter. A tensor may be a view of a gathered one, of `into` or of a live
+    buffer: copy it to keep it."""
     view = current()
-    rank, world = view.rank, view.world
-    writer = _ShardWriter(tag_dir, rank, checksums)
-    writer.error = error
+    on_host = into is None
     for i, e in enumerate(entries(module)):
         for prefix, key in (("weight", None), *((k, k) for k in OPTIM_KEYS)):
-            full = get_full_state(e.param, key)  # collective over e.group
-            for local, k in owned_keys(i, e, prefix, rank, world):
-                writer.add(k, full if local is None else full[local].clone())
-    if rank == 0:
+            full = get_full_state(e.param, key) if on_host else into.gather(e.param, key)  # collective over e.group
+            for local, k in owned_keys(i, e, prefix, view.rank, view.world):
+                yield k, full if local is None else full[local]
+    if view.rank == 0:
         for name, buf in persistent_buffers(module).items():
-            writer.add(f"buffer/{canonical_name(name)}", buf.detach().cpu())
+            yield f"buffer/{canonical_name(name)}", buf.detach() if not on_host else buf.detach().cpu()
+
+
+def write_owned(tag_dir: Path, tensors: Iterable[tuple[str, torch.Tensor]], extra_files: list[str] = (),
+                error: str | None = None, checksums: bool = True) -> dict:
+    """Write this rank's tensors into `tag_dir` (local files only; the iteration itself may gather);
+    returns what `write_index` needs from this rank: its files, checksums and error (`error`: a
+    write this rank already failed; the iteration still runs to its end)."""
+    writer = _ShardWriter(tag_dir, current().rank, checksums)
+    writer.error = error
+    for k, t in tensors:
+        writer.add(k, t if t._base is None else t.clone())  # a slice would keep its whole gathered tensor alive
     writer.flush()
     extra = {}
     if not writer.error and checksums:
@@ -210,10 +229,15 @@ def save_state(module: nn.Module, tag_dir: Path, extra_files: list[str] = (), er
             extra = {name: file_checksum(tag_dir / name) for name in extra_files}
         except OSError as e:
             writer.error = f"reading back {tag_dir} failed ({e.strerror})"
-    mine = {"files": writer.files, "checksums": writer.checksums, "extra": extra, "error": writer.error}
-    everyone: list[dict] = gather_objects(mine)
+    return {"files": writer.files, "checksums": writer.checksums, "extra": extra, "error": writer.error}
+
+
+def write_index(tag_dir: Path, mine: dict, checksums: bool = True, group=None) -> list[str]:
+    """Collective over `group` (None: the default group): every rank's `write_owned` result meets
+    on every rank; rank 0 writes index.json unless a rank failed. Returns every rank's errors."""
+    everyone: list[dict] = gather_objects(mine, group=group)
     errors = [f"rank {r}: {part['error']}" for r, part in enumerate(everyone) if part["error"]]
-    if rank == 0 and not errors:
+    if current().rank == 0 and not errors:
         tensors, sizes, sums, file_sums = {}, {}, {}, {}
         for part in everyone:
             for fname, keys in part["files"].items():
@@ -229,6 +253,28 @@ def save_state(module: nn.Module, tag_dir: Path, extra_files: list[str] = (), er
         except OSError as e:
             errors.append(f"rank 0: writing {tag_dir / INDEX} failed ({e.strerror})")
     return errors
+
+
+def save_state(module: nn.Module, tag_dir: Path, extra_files: list[str] = (), error: str | None = None,
+               checksums: bool = True) -> list[str]:
+    """Every rank calls this (collective); rank 0 writes index.json last, unless a rank failed to
+    write (then nothing). `extra_files`: other files this rank wrote into `tag_dir` (checksummed in
+    the index); `error`: a write this rank already failed. Returns every rank's write errors."""
+    return write_index(tag_dir, write_owned(tag_dir, owned_tensors(module), extra_files, error, checksums), checksums)
+
+
+def owned_bytes(module: nn.Module) -> int:
+    """Bytes of the tensors this rank writes (fp32 weight + Adam moments of its keys, and rank 0's
+    buffers), without gathering: what an asynchronous save holds in host memory."""
+    view = current()
+    total = 0
+    for i, e in enumerate(entries(module)):
+        shape = tuple(getattr(e.param, "ds_shape", e.param.shape))
+        numel = math.prod(shape) if e.expert_offset is None else math.prod(shape[1:])
+        total += 4 * numel * sum(len(owned_keys(i, e, p, view.rank, view.world)) for p in ("weight", *OPTIM_KEYS))
+    if view.rank == 0:
+        total += sum(b.numel() * b.element_size() for b in persistent_buffers(module).values())
+    return total
 
 
 class StateReader:

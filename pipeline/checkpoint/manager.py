@@ -29,6 +29,10 @@ word and stops with one line; the previous checkpoint is untouched. Clean-up del
 incomplete `step_N/` (no trainer_state.json: provably a leftover) and, after `latest` moved past
 them, checkpoints older than the last `keep_last`; a complete `step_N/` that a save would
 overwrite (the user pointed `latest` back) is renamed aside, never deleted.
+
+Asynchronous saves (`async_save`, async_writer.py): the same steps and files, but the main thread
+only snapshots this rank's state into reused host buffers; the writes, the agreement (over a side
+gloo group) and the commit above run in a background thread, one save at a time; `wait()` ends it.
 """
 
 from __future__ import annotations
@@ -41,7 +45,18 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint.format import INDEX, StateReader, file_checksum, load_state, save_state, write_error_reason
+from pipeline.checkpoint.async_writer import AsyncSaver, host_memory_shortfall, local_world_size, mem_available_bytes
+from pipeline.checkpoint.format import (
+    INDEX,
+    StateReader,
+    file_checksum,
+    load_state,
+    owned_bytes,
+    owned_tensors,
+    write_error_reason,
+    write_index,
+    write_owned,
+)
 from pipeline.checkpoint.resume import BatchSettings, check_resume
 from pipeline.checkpoint.run_state import RunState
 from pipeline.checkpoint.tags import (
@@ -61,8 +76,9 @@ from pipeline.checkpoint.zero_state import (
     set_optimizer_step_count,
 )
 from pipeline.distributed.collectives import any_rank, barrier, first_error, from_rank0
+from pipeline.distributed.process_group import side_group_of_all_ranks
 from pipeline.distributed.ranks import current
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, ConfigError
 from pipeline.io_utils import atomic_write_bytes, atomic_write_text
 from pipeline.rng import reseed, rng_state, set_rng_state
 
@@ -89,11 +105,29 @@ def local_params_finite(engine) -> bool:
 
 
 class CheckpointManager:
-    def __init__(self, ckpt_dir: str | Path, keep_last: int):
+    def __init__(self, ckpt_dir: str | Path, keep_last: int, async_save: bool = False):
         self.dir = Path(ckpt_dir)
         self.keep_last = keep_last
         view = current()
         self.rank, self.world = view.rank, view.world
+        self.saver = AsyncSaver(pin=torch.cuda.is_available()) if async_save else None
+        self.side_group = None  # the background writers' own process group (async_writer.py)
+
+    def host_memory_note(self, engine, required: bool) -> str | None:
+        """The start-up check of an asynchronous save's host memory (collective: every rank checks
+        its node). Short of it: ConfigError if `required` (train.async_save=true), else this manager
+        saves synchronously from now on and the note says so. None when nothing is to be said."""
+        if self.saver is None:
+            return None
+        short = host_memory_shortfall(owned_bytes(engine.module), local_world_size(), mem_available_bytes())
+        short = first_error(None if short is None else f"rank {self.rank}: {short}")
+        if short is None:
+            return None
+        if required:
+            raise ConfigError(f"{short}; set train.async_save=false (synchronous saves need no extra host "
+                              "memory), or run fewer ranks per node")
+        self.saver = None
+        return f"{short}: saving synchronously (train.async_save=false); set it true to require asynchronous saves"
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint, or None."""
@@ -112,7 +146,10 @@ class CheckpointManager:
 
     # --- save ---------------------------------------------------------------------------------
     def save(self, engine, state: RunState, run_files: dict[str, str]) -> Path:
-        """Write checkpoint step_{state.step} (collective; see the module docstring for the order)."""
+        """Write checkpoint step_{state.step} (collective; see the module docstring for the order).
+        Asynchronous (`async_save`): returns once this rank's state is in host memory; the files and
+        the commit follow in the background (async_writer.py); `wait()` returns when they are done."""
+        self.wait()  # at most one save in flight; raises the error of the previous one
         step = state.step
         tag = tag_of(step)
         tag_dir = self.dir / tag
@@ -133,9 +170,36 @@ class CheckpointManager:
             raise CheckpointError(self._failed(tag_dir, error))
         state = replace(state, optimizer_step=optimizer_step_count(engine))
         link_optimizer_state(engine)
+        if self.saver is None:
+            if error := self._write_and_commit(tag_dir, state, run_files, rng_state(), owned_tensors(engine.module)):
+                raise CheckpointError(error)
+            return tag_dir
+        if self.side_group is None:
+            self.side_group = side_group_of_all_ranks()  # collective: every rank saves here
+        rng = rng_state()
+        tensors = self.saver.buffers.snapshot(owned_tensors(engine.module, self.saver.gather))  # collective
+        self.saver.submit(lambda: self._finish_async(tag_dir, state, run_files, rng, tensors))
+        return tag_dir
+
+    def _finish_async(self, tag_dir, state, run_files, rng, tensors) -> None:
+        if error := self._write_and_commit(tag_dir, state, run_files, rng, tensors, self.side_group):
+            raise CheckpointError(error)
+
+    def wait(self) -> None:
+        """Return once no save is in flight (at once for synchronous saves); raises CheckpointError
+        if the last one failed. Every rank calls it at the same point (it ends a save on every rank)."""
+        if self.saver is not None:
+            self.saver.wait()
+
+    def _write_and_commit(self, tag_dir: Path, state: RunState, run_files: dict[str, str], rng: dict,
+                          tensors, group=None) -> str | None:
+        """This rank's files; then every rank's results meet (collectives over `group`) and rank 0
+        commits: index.json, trainer_state.json, `latest`, pruning. Returns the one-line error of a
+        failed save (its partial dir removed), else None. The synchronous save runs it on the main
+        thread with the default group, the asynchronous one in its thread with the side group."""
         written, error = [], None
-        try:  # before save_state, so that index.json holds their checksums
-            atomic_write_bytes(tag_dir / f"rng_rank{self.rank}.pt", lambda f: torch.save(rng_state(), f))
+        try:  # before the tensors, so that index.json holds their checksums
+            atomic_write_bytes(tag_dir / f"rng_rank{self.rank}.pt", lambda f: torch.save(rng, f))
             written.append(f"rng_rank{self.rank}.pt")
             if self.rank == 0:
                 for name, text in run_files.items():
@@ -143,23 +207,23 @@ class CheckpointManager:
                     written.append(name)
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
             error = f"writing into {tag_dir} failed ({write_error_reason(e)})"
-        errors = save_state(engine.module, tag_dir, written, error)  # collective; every rank's errors
+        errors = write_index(tag_dir, write_owned(tag_dir, tensors, written, error), group=group)  # collective
         error = "; ".join(errors) if errors else None
         if self.rank == 0 and not error:
             try:
                 atomic_write_text(tag_dir / TRAINER_STATE, state.to_json())  # complete now
-                atomic_write_text(self.dir / LATEST, tag)
+                atomic_write_text(self.dir / LATEST, tag_dir.name)
             except OSError as e:
                 error = f"rank 0: writing {tag_dir / TRAINER_STATE} or {self.dir / LATEST} failed ({e.strerror})"
                 (tag_dir / TRAINER_STATE).unlink(missing_ok=True)
-        error = from_rank0(error)
+        error = from_rank0(error, group)
         if error:
-            raise CheckpointError(self._failed(tag_dir, error))
+            return self._failed(tag_dir, error)
         if self.rank == 0:
-            for s in prunable(checkpoint_steps(self.dir), step, self.keep_last):
+            for s in prunable(checkpoint_steps(self.dir), state.step, self.keep_last):
                 shutil.rmtree(self.dir / tag_of(s), ignore_errors=True)
-        barrier()
-        return tag_dir
+        barrier(group)
+        return None
 
     def save_if_finite(self, engine, state: RunState, run_files: dict[str, str]) -> Path | None:
         """The save policy: a checkpoint is only ever written from finite weights (checked on every

@@ -3,15 +3,19 @@ collective when a process group of several ranks is up (every rank must call it,
 order) and a plain local computation otherwise, so single-process tools and tests call the same
 code.
 
-    from_rank0(value)              rank 0's value on every rank
+    from_rank0(value, group)       rank 0's value on every rank
     agree_on_error(action, view)   rank 0 runs a check; every rank raises its ConfigError
-    gather_objects(obj, dst=None)  every rank's object, on every rank (dst=None) or on rank dst
+    gather_objects(obj, dst, group) every rank's object, on every rank (dst=None) or on rank dst
     first_error(error)             the first rank's error (or None), on every rank
     any_rank(flag, device)         True on every rank iff one rank's flag is set
     max_over_ranks(values, device) element-wise maximum of a few integers over ranks
     sum_over_ranks(t, device)      sum (or mean) of a small tensor over ranks, on the CPU
     all_reduce_sum_(t, group)      in-place SUM all-reduce of a device tensor (no host sync)
-    barrier()
+    barrier(group)
+
+`group`: None for the default group (every rank); a side group of all ranks (e.g. the checkpoint
+writer's, pipeline/checkpoint/async_writer.py) lets a background thread agree without touching the
+default group the training loop's collectives run on.
 """
 
 from __future__ import annotations
@@ -29,11 +33,11 @@ def _several() -> bool:
     return initialized() and dist.get_world_size() > 1
 
 
-def from_rank0(value):
+def from_rank0(value, group=None):
     """Rank 0's `value` (picklable) on every rank: a collective when there are several ranks."""
     if _several():
         box = [value]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=group)
         return box[0]
     return value
 
@@ -53,7 +57,7 @@ def agree_on_error(action: Callable[[], object], view: RankView | None = None):
     return result
 
 
-def gather_objects(obj, dst: int | None = None) -> list | None:
+def gather_objects(obj, dst: int | None = None, group=None) -> list | None:
     """Every rank's `obj` (picklable), in rank order: on every rank (dst None, an all-gather) or only
     on rank `dst` (the others get None). One rank alone: [obj]."""
     if not _several():
@@ -61,10 +65,10 @@ def gather_objects(obj, dst: int | None = None) -> list | None:
     world = dist.get_world_size()
     if dst is None:
         out: list = [None] * world
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=group)
         return out
     out = [None] * world if dist.get_rank() == dst else None
-    dist.gather_object(obj, out, dst=dst)
+    dist.gather_object(obj, out, dst=dst, group=group)
     return out
 
 
@@ -101,6 +105,6 @@ def sum_over_ranks(t: torch.Tensor, device: torch.device, mean: bool = False) ->
     return t / current().world if mean else t
 
 
-def barrier() -> None:
-    if initialized():
-        dist.barrier()
+def barrier(group=None) -> None:
+    if _several():  # one rank: nothing to wait for (and a background thread must not touch its group)
+        dist.barrier(group=group)

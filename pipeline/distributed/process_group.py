@@ -54,3 +54,13 @@ def multi_rank_gloo() -> bool:
     """This process is one of several ranks of a gloo job: its gloo worker threads outlive
     destroy_process_group and can abort interpreter teardown (pipeline/process_exit.py)."""
     return initialized() and dist.get_world_size() > 1 and dist.get_backend() == "gloo"
+
+
+def side_group_of_all_ranks() -> dist.ProcessGroup | None:
+    """A gloo group of every rank, separate from the default group, for a background thread's
+    small collectives (the checkpoint writer's agreement): two groups never share a connection or a
+    sequence number, so that thread cannot interleave with the training loop's collectives.
+    Collective (every rank calls it, in the same order); None with a single rank."""
+    if not initialized() or dist.get_world_size() == 1:
+        return None
+    return dist.new_group(backend="gloo")

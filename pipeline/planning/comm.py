@@ -225,3 +225,10 @@ def startup_memory(params: list[ParamTensor], zero: ZeroSettings, partition_elem
         gpu=partitions + largest_module,
         whole_share_fp32=share,
     )
+
+
+def checkpoint_snapshot_bytes(params: list[ParamTensor], world: int) -> int:
+    """Host bytes per rank an asynchronous checkpoint holds (pipeline/checkpoint/async_writer.py): its
+    share of the fp32 weights and both Adam moments, dealt over all ranks (non-expert tensors whole,
+    round-robin; each expert by one rank of its group), in buffers kept for the whole run."""
+    return -(-sum(p.numel for p in params) * 3 * 4 // world)

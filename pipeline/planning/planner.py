@@ -17,7 +17,14 @@ from pipeline.hardware import GPUS, GPUSpec
 from pipeline.model import GPTOSSConfig, count_parameters
 from pipeline.model.activation_memory import ActivationMemory, activation_memory, attention_kernel
 from pipeline.model.flops import flops_per_token, seconds_at_mfu
-from pipeline.planning.comm import Communication, Links, StartupMemory, communication, startup_memory
+from pipeline.planning.comm import (
+    Communication,
+    Links,
+    StartupMemory,
+    checkpoint_snapshot_bytes,
+    communication,
+    startup_memory,
+)
 from pipeline.planning.zero import (
     ParamTensor,
     RankElements,
@@ -80,6 +87,8 @@ class Plan:
     mfu: float
     usable_bytes: int
     host_bytes_per_node: int
+    snapshot_host_bytes: int
+    """Host bytes per rank of the asynchronous checkpoint buffers (train.async_save)."""
     comm: Communication
     startup: StartupMemory
     compute_s: float
@@ -203,6 +212,7 @@ class Planner:
             mfu=self.mfu,
             usable_bytes=int(self.gpu.memory_bytes * (1 - self.headroom)),
             host_bytes_per_node=state.host * self.gpus_per_node,
+            snapshot_host_bytes=checkpoint_snapshot_bytes(self.params, world),
             comm=comm,
             startup=startup_memory(self.params, zero, elements.partition, self.ep, self.config.n_experts),
             compute_s=compute,

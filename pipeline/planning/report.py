@@ -94,7 +94,7 @@ def render_text(planner: Planner, plan: Plan, source: str, table: list[Plan | st
         backend, alt_kernel, alt_bytes = plan.alternative
         line += f"; {backend} ({alt_kernel}) would need {_gib(alt_bytes)} GiB of activations"
     lines.append(line)
-    lines += ["", *render_startup(plan), "", *render_comm(planner, plan)]
+    lines += ["", *render_startup(plan), "", *render_checkpoint(plan), "", *render_comm(planner, plan)]
     f = plan.flops_per_token
     peak = plan.gpu.peak(run.precision)
     zero_s, a2a_s = plan.comm.seconds(overlapped=True), plan.comm.seconds(overlapped=False)
@@ -134,6 +134,13 @@ def render_startup(plan: Plan) -> list[str]:
         f"  (materialising the whole share first would hold {_gib(st.whole_share_fp32)} GiB fp32 per rank, "
         f"{_gib(st.whole_share_fp32 * plan.gpus_per_node)} GiB per node)",
     ]
+
+
+def render_checkpoint(plan: Plan) -> list[str]:
+    per_rank = plan.snapshot_host_bytes
+    return ["checkpoints (train.async_save: snapshot buffers, allocated at the first save and reused)",
+            f"  host memory per rank  {_gib(per_rank)} GiB, per node {_gib(per_rank * plan.gpus_per_node)} GiB "
+            "(fp32 weights + Adam moments / ranks; checked at start-up; train.async_save=false needs none)"]
 
 
 def render_comm(planner: Planner, plan: Plan) -> list[str]:
@@ -197,6 +204,7 @@ def plan_to_dict(planner: Planner, plan: Plan, smallest: Plan | None, table: lis
             "bound": p.bound,
             "communication": [vars(t) for t in p.comm.transfers],
             "startup_bytes": vars(p.startup),
+            "snapshot_host_bytes": p.snapshot_host_bytes,
         }
 
     return {

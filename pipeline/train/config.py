@@ -109,6 +109,11 @@ class TrainConfig:
     """Steps between checkpoints (0 = only at the end)."""
     keep_last: int = 3
     """Checkpoints kept; older ones are deleted once a newer one is complete."""
+    async_save: bool | None = None
+    """Write checkpoints in the background: a save stalls training only for the copy of each rank's
+    state into host buffers (its share of fp32 weights + Adam moments, reused by every save; the
+    planner states their size). Unset: on when the host has that memory, else synchronous with a
+    note; true: required (start-up stops with one line if the host lacks it); false: synchronous."""
     seed: int = 1234
     """Model init and RNG seed."""
     allow_batch_change: bool = False

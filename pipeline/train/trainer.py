@@ -27,6 +27,7 @@ from pipeline.data.megatron_sources import tokenizer_source
 from pipeline.distributed.collectives import sum_over_ranks
 from pipeline.distributed.parallel_dims import ParallelDims
 from pipeline.distributed.process_group import init_distributed, multi_rank_gloo
+from pipeline.errors import CheckpointError
 from pipeline.evaluation.downstream import DownstreamEvaluator
 from pipeline.hardware import detect_peak_tflops
 from pipeline.model.activation_memory import math_kernel_notice
@@ -71,7 +72,7 @@ class Trainer:
         self.downstream = DownstreamEvaluator.for_data(cfg.eval, tokenizer_source(cfg.data.train, cfg.data.tokenizer),
                                                        self.model_cfg.block_size, self.ranks,
                                                        sequence_parallel=self.dims.sp)
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", t.keep_last)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", t.keep_last, async_save=t.async_save is not False)
         # A resume keeps the sample order its run started with (runs before the O(shards) loader: legacy).
         latest = self.ckpt.latest()
         self.data_identity["order"], order_notes = resume_order(
@@ -86,6 +87,7 @@ class Trainer:
 
         self.stop.stage("building the model and the DeepSpeed engine")
         self.engine = build_engine(cfg, self.model_cfg, self.ds_config, self.world, self.dims)
+        notes += [n for n in [self.ckpt.host_memory_note(self.engine, required=t.async_save is True)] if n]
         self.balancer = ExpertBiasBalancer(self.engine.module, self.model_cfg.load_balance_bias_rate)
         self.moe_layers = self.balancer.layers
         torch.manual_seed(t.seed + 1000 + self.rank)  # dropout differs per rank
@@ -207,7 +209,8 @@ class Trainer:
     def save_if_finite(self) -> bool:
         """A checkpoint is only ever written from finite weights (CheckpointManager.save_if_finite)."""
         path = self.ckpt.save_if_finite(self.engine, self.run_state(), self.run_files())
-        self.log.message(f"saved checkpoint {path}" if path is not None else
+        done = "saving checkpoint {} in the background" if self.ckpt.saver is not None else "saved checkpoint {}"
+        self.log.message(done.format(path) if path is not None else
                          f"not saving at step {self.step}: the weights are not finite")
         return path is not None
 
@@ -247,6 +250,7 @@ class Trainer:
             if self.stop.agreed():
                 if self.policy.save_on_stop():
                     self.save_if_finite()
+                self.ckpt.wait()  # a stop ends with the save in flight complete
                 self.log.message(f"stopped at step {self.step} on {self.stop.received or 'a signal to another rank'}; "
                                  "run the same command again to resume")
                 self.log.flush()
@@ -257,8 +261,10 @@ class Trainer:
         if end.save:
             self.save_if_finite()
         elif not self.policy.saved:
+            self.ckpt.wait()  # so that the last good checkpoint named is complete
             self.log.message(f"no checkpoint at the last step {self.step}: it was skipped; "
                              f"{self.ckpt.last_good_message(verified=True)}")
+        self.ckpt.wait()  # the final save is complete when fit returns
         self.log.flush()
 
     def _record_skip(self, out: StepResult) -> None:
@@ -296,7 +302,12 @@ class Trainer:
     def close(self) -> None:
         """Logs closed, run dir released; ranks of a multi-rank gloo job will end at interpreter exit
         without teardown, so that no gloo worker thread can abort them then (pipeline/process_exit.py).
-        Not a single process (pytest, a notebook): a `raise SystemExit(n)` there would exit 0."""
+        Not a single process (pytest, a notebook): a `raise SystemExit(n)` there would exit 0.
+        On an error a checkpoint still being written is finished first (its own failure is logged)."""
+        try:
+            self.ckpt.wait()
+        except CheckpointError as e:
+            self.log.message(str(e))
         self.data.train_iter.close()
         self.log.close()
         if self.lock is not None:

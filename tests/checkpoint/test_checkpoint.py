@@ -1,7 +1,9 @@
-"""Checkpoints resume exactly, survive SIGKILL (also during a save), and keep the last K."""
+"""Checkpoints resume exactly, survive SIGKILL (also during a save, synchronous or asynchronous), and keep the
+last K; both writers write the same bytes."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from pipeline.checkpoint.manager import checkpoint_steps, read_latest
 from tests.conftest import REPO_ROOT
@@ -53,19 +56,43 @@ SECTIONS = {"train": {"steps": STEPS, "save_interval": SAVE_EVERY, "keep_last": 
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(prepared_data, tmp_path_factory) -> dict[int, float]:
+def uninterrupted_run(prepared_data, tmp_path_factory) -> Path:
+    """A run of the default settings: asynchronous saves."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
     train(2, write_run_config(tmp / "full.yaml", prepared_data, tmp / "full", **SECTIONS))
     # keep_last=2: step_4 was pruned once step_8 and step_10 were complete.
     assert checkpoint_steps(tmp / "full" / "checkpoints") == [8, 10]
-    return losses(tmp / "full")
+    return tmp / "full"
 
 
-def test_sigkill_during_save_then_resume_is_exact(prepared_data, tmp_path, uninterrupted):
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run) -> dict[int, float]:
+    return losses(uninterrupted_run)
+
+
+def same_state(a: Path, b: Path) -> None:
+    """Two checkpoints of the same step hold the same bytes: every tensor file and tensor checksum, and
+    the torch RNG state (config.yaml, so index.json's checksum of it, names train.async_save; numpy's and
+    Python's RNG streams are not restored into the same state by a resume)."""
+    names = sorted(p.name for p in a.glob("*.safetensors"))
+    assert names == sorted(p.name for p in b.glob("*.safetensors")) and names
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    index = [json.loads((d / "index.json").read_text()) for d in (a, b)]
+    assert index[0]["tensor_checksums"] == index[1]["tensor_checksums"]
+    for rng in (p.name for p in a.glob("rng_rank*.pt")):
+        assert torch.equal(*(torch.load(d / rng, weights_only=False)["torch"] for d in (a, b))), rng
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_sigkill_during_save_then_resume_is_exact(prepared_data, tmp_path, uninterrupted_run, uninterrupted,
+                                                  async_save):
     run_dir = tmp_path / "killed"
-    cfg = write_run_config(tmp_path / "killed.yaml", prepared_data, run_dir, **SECTIONS)
+    cfg = write_run_config(tmp_path / "killed.yaml", prepared_data, run_dir,
+                           **{**SECTIONS, "train": {**SECTIONS["train"], "async_save": async_save}})
     proc = start_training(cfg)
-    # The second save has started (DeepSpeed created step_8/): kill now, most likely mid-write.
+    # The second save has started (rank 0 created step_8/): kill now, most likely mid-write (async: while
+    # the background threads write it and the ranks train on).
     kill_when(proc, lambda: (run_dir / "checkpoints" / "step_8").exists())
     assert proc.returncode != 0
     latest = read_latest(run_dir / "checkpoints")
@@ -77,6 +104,8 @@ def test_sigkill_during_save_then_resume_is_exact(prepared_data, tmp_path, unint
     for step in range(resumed_from + 1, STEPS + 1):
         assert got[step] == uninterrupted[step], f"step {step}: resumed {got[step]} vs {uninterrupted[step]}"
     assert read_latest(run_dir / "checkpoints") == f"step_{STEPS}"
+    # The synchronous and the asynchronous writer save the same bytes for the same state.
+    same_state(run_dir / "checkpoints" / f"step_{STEPS}", uninterrupted_run / "checkpoints" / f"step_{STEPS}")
 
 
 def test_sigterm_checkpoints_at_an_agreed_step_and_resumes_exactly(prepared_data, tmp_path, uninterrupted):

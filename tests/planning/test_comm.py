@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.planning import ZeroSettings, model_config, model_param_tensors, rank_elements
-from pipeline.planning.comm import Links, communication, startup_memory
+from pipeline.planning.comm import Links, checkpoint_snapshot_bytes, communication, startup_memory
 from pipeline.train.config import load_run_config
 from pipeline.train.ds_config import build_ds_config
 from tests.ranks import torchrun
@@ -97,3 +97,14 @@ def test_startup_peak_rss_is_within_the_plan(measured):
         assert 0 < peak <= startup.host_cpu_only, (peak, startup)
     # The bound is meaningful: building the whole share first would need far more than was measured.
     assert startup.whole_share_fp32 > 2 * max(r["startup_peak_bytes"] for r in results)
+
+
+def test_async_checkpoint_host_buffers_are_the_planned_share(measured):
+    """What each rank's asynchronous checkpoint copies (format.owned_bytes, its snapshot buffers) adds
+    up to the planner's per-rank figure over the ranks; rank 0 also holds the model's buffers."""
+    run, results = measured
+    planned = checkpoint_snapshot_bytes(model_param_tensors(model_config(run)), WORLD)
+    state = sum(r["snapshot_bytes"] - r["buffer_bytes"] for r in results)
+    assert 0 <= planned * WORLD - state < WORLD
+    for r in results:  # non-expert tensors are dealt whole: a rank's share is near, not at, the mean
+        assert 0.75 * planned < r["snapshot_bytes"] - r["buffer_bytes"] < 1.25 * planned, (r["rank"], planned)

@@ -67,6 +67,7 @@ def _status_kib(field: str) -> int:
 def main() -> None:
     import deepspeed
 
+    from pipeline.checkpoint.format import owned_bytes, persistent_buffers
     from pipeline.distributed.process_group import init_distributed
     from pipeline.planning import model_config
     from pipeline.train.config import load_run_config
@@ -108,7 +109,9 @@ def main() -> None:
     COUNTING["on"] = True
     step()
     COUNTING["on"] = False
+    buffers = sum(b.numel() * b.element_size() for b in persistent_buffers(engine.module).values())
     result = {"rank": rank, "world": world, "startup_peak_bytes": startup_peak,
+              "snapshot_bytes": owned_bytes(engine.module), "buffer_bytes": buffers if rank == 0 else 0,
               "partitioned_before_initialize": partitioned, "counts": dict(COUNTS)}
     (Path(sys.argv[2]) / f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()

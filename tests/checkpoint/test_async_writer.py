@@ -1,0 +1,71 @@
+"""The asynchronous checkpoint writer's policy, without ranks: buffers allocated once and reused, a
+snapshot independent of later training, at most one save in flight, a failed save raised at the
+next wait, and the host-memory check at start-up. (With real ranks and files: the kill-during-save,
+SIGTERM and disk-full tests run asynchronous saves too, tests/checkpoint/test_checkpoint.py.)"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from pipeline.checkpoint.async_writer import AsyncSaver, HostBuffers, host_memory_shortfall, mem_available_bytes
+from pipeline.errors import CheckpointError
+
+
+def test_buffers_are_allocated_once_and_hold_the_values_of_the_snapshot():
+    weight, moment = torch.randn(64, 32), torch.randn(7)
+    before = weight.clone()
+    buffers = HostBuffers(pin=False)
+    first = dict(buffers.snapshot([("weight/w", weight), ("exp_avg/w", moment[2:5])]))
+    where = {k: t.data_ptr() for k, t in first.items()}
+    weight.add_(1.0)  # training goes on after the snapshot
+    assert torch.equal(first["weight/w"], before) and torch.equal(first["exp_avg/w"], moment[2:5])
+
+    second = dict(buffers.snapshot([("weight/w", weight), ("exp_avg/w", moment[2:5])]))
+    assert {k: t.data_ptr() for k, t in second.items()} == where  # reused, not reallocated
+    assert torch.equal(second["weight/w"], weight)
+    assert buffers.nbytes == (64 * 32 + 3) * 4
+
+
+def test_at_most_one_save_in_flight_and_its_error_is_raised_at_the_next_wait():
+    saver = AsyncSaver(pin=False)
+    release, order = threading.Event(), []
+
+    def slow():
+        release.wait(10)
+        order.append("first done")
+
+    saver.submit(slow)
+    assert saver.in_flight
+    threading.Timer(0.2, release.set).start()
+    t0 = time.monotonic()
+    saver.submit(lambda: order.append("second started"))  # waits for the first
+    assert time.monotonic() - t0 >= 0.15
+    saver.wait()
+    assert order == ["first done", "second started"] and not saver.in_flight
+
+    def fails():
+        raise CheckpointError("could not save checkpoint step_4: disk full")
+
+    saver.submit(fails)
+    with pytest.raises(CheckpointError, match="disk full"):
+        saver.wait()
+    saver.wait()  # reported once; nothing in flight now
+    with pytest.raises(CheckpointError, match="disk full"):  # or by the next save, before it starts
+        saver.submit(fails)
+        saver.submit(lambda: order.append("never"))
+    assert "never" not in order
+
+
+def test_host_memory_check_reads_memavailable_and_names_the_shortfall():
+    available = mem_available_bytes()
+    assert available is not None and available > 0  # Linux reports MemAvailable
+    assert host_memory_shortfall(1 << 20, 2, available) is None
+    short = host_memory_shortfall(available, 2, available)
+    assert short == (f"asynchronous checkpoints need {2 * available / 2**30:.1f} GiB of host memory on this node "
+                     f"({available / 2**30:.2f} GiB per rank x 2 ranks) but only {available / 2**30:.1f} GiB is "
+                     "available (MemAvailable)")
+    assert host_memory_shortfall(1 << 50, 1, None) is None  # unknown: not refused
