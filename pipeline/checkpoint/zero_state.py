@@ -17,9 +17,9 @@ Only one tensor is ever gathered at a time: no rank holds the full model or opti
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from pipeline.distributed.ranks import group_rank
+from pipeline.distributed.collectives import all_gather_into
+from pipeline.distributed.ranks import current, group_rank, group_size, initialized
 
 OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -65,14 +65,14 @@ class GatherBuffer:
             return get_full_state(param, key, on_host=False)
         part, _ = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
         group = opt._get_param_partition_group(param)
-        ranks = dist.get_world_size(group=group) if dist.is_initialized() else 1
+        ranks = group_size(group, current().world) if initialized() else 1
         if ranks == 1:  # one rank holds it all (one rank, or experts with ep = world)
             return part[: param.ds_numel].view(param.ds_shape)
         numel = part.numel() * ranks
         if self.flat is None or self.flat.numel() < numel or self.flat.device != part.device:
             self.flat = torch.empty(numel, dtype=torch.float32, device=part.device)
         out = self.flat[:numel]
-        dist.all_gather_into_tensor(out, part.float().contiguous(), group=group)
+        all_gather_into(out, part.float().contiguous(), group)
         return out[: param.ds_numel].view(param.ds_shape)
 
 

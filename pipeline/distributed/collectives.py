@@ -98,6 +98,15 @@ def all_reduce_sum_(t: torch.Tensor, group=None) -> torch.Tensor:
     return t
 
 
+def all_gather_into(out: torch.Tensor, part: torch.Tensor, group=None) -> torch.Tensor:
+    """`out` [ranks * part.numel()] <- every rank's `part` of `group`, in rank order (one rank: a copy)."""
+    if initialized():
+        dist.all_gather_into_tensor(out, part, group=group)
+    else:
+        out.copy_(part.reshape(-1))
+    return out
+
+
 def sum_over_ranks(t: torch.Tensor, device: torch.device, mean: bool = False) -> torch.Tensor:
     """Sum (or mean) over ranks of a small tensor, returned on the CPU; reduced on `device` because
     NCCL only reduces GPU tensors. Never reduces into the caller's tensor."""
