@@ -103,5 +103,7 @@ class StopSignal:
             if gone:
                 self.received = f"the death of its launcher (pid {gone[0]})"
 
-    def agreed(self) -> bool:
-        return any_rank(self.received is not None, self.device)
+    def agreed(self, also: bool = False) -> bool:
+        """`also`: another reason of this rank to stop after this step (damaged data found by the
+        background check), folded into the same all-reduce, so it costs no collective of its own."""
+        return any_rank(self.received is not None or also, self.device)
