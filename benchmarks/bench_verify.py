@@ -1,0 +1,118 @@
+"""Cost of the background data check (data.verify_rate_mb_s): trainer step time with it off and on, side by side.
+
+    python benchmarks/bench_verify.py [--rates 8,64] [--repeats 2] [--steps 40] [--nproc 2]
+
+The same 2-rank ZeRO-3 + EP run as benchmarks/bench_train.py (debug preset widened to n_embd 256, fp32)
+trains with data.verify_rate_mb_s=0 (off) and at each rate of --rates (MB/s per rank; 8 is the
+default). The tokenised corpus is small, so the data dir also holds ballast: files listed in its
+manifest with their sha256 that no split reads, sized so that each rank's share takes longer to
+check than the run lasts at the highest rate -- the check runs during every measured step. They
+are sparse (holes read as zeros): what is measured is the check's CPU and memory-bandwidth cost, the
+part that competes with training for these cores; the disk or network reads are the filesystem's.
+Rates are the median tokens/s over log intervals after the first (warm-up); --repeats R alternates
+the runs R times and keeps the best of each (for busy machines). Also prints what a busy machine
+does not change: the check's CPU seconds per GB (unthrottled, in this process), and from it the
+share of one core each rate keeps busy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import cpu_count, prepare_corpus, run_trainer, summarize_trainer, write_config  # noqa: E402
+
+from pipeline.data.background_verify import BackgroundVerifier, manifest_checksums  # noqa: E402
+from pipeline.io_utils import sha256_file  # noqa: E402
+
+BALLAST_FILES = 8
+
+
+def add_ballast(data: Path, total_bytes: int) -> None:
+    """BALLAST_FILES sparse files of `total_bytes` in all, recorded in manifest.json's sha256 list."""
+    manifest, digest = json.loads((data / "manifest.json").read_text()), None
+    for k in range(BALLAST_FILES):
+        path = data / f"ballast_{k:02d}.dat"
+        with open(path, "wb") as f:
+            f.truncate(total_bytes // BALLAST_FILES)
+        digest = digest or sha256_file(path)  # all the same zeros: hashed once
+        manifest["files"][path.name] = digest
+    (data / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+def check_cpu_s_per_gb(data: Path) -> float:
+    """CPU seconds the check spends per GB (reads, sha256, fadvise), unthrottled, in this process: the
+    figure a busy machine does not change. At R MB/s it keeps R / 1000 * this of one core busy."""
+    files, _ = manifest_checksums([data])
+    start = time.process_time()  # this process's CPU: the check's thread (the main thread only waits)
+    verifier = BackgroundVerifier([max(files, key=lambda f: f.size)], 1e9, start=0).start()  # no sleeps
+    verifier.finished.wait()
+    assert verifier.problem is None, verifier.problem
+    return (time.process_time() - start) / (verifier.checked_bytes / 1e9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rates", default="8,64", help="MB/s per rank to compare with off (comma-separated)")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--log-interval", type=int, default=5)
+    parser.add_argument("--skip-intervals", type=int, default=1, help="log intervals dropped as warm-up")
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--ep", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2, help="run everything R times, keep the best of each")
+    parser.add_argument("--run-seconds", type=float, default=300.0,
+                        help="longest expected run (start-up included): the ballast outlasts it at every rate")
+    parser.add_argument("--threads", type=int, default=cpu_count(), help="CPU threads in all (split over ranks)")
+    args = parser.parse_args()
+    rates = [float(r) for r in args.rates.split(",")]
+
+    with tempfile.TemporaryDirectory(prefix="bench_verify_") as tmp:
+        tmp = Path(tmp)
+        data = prepare_corpus(tmp / "data")
+        ballast = int(max(rates) * 1e6 * args.nproc * args.run_seconds)
+        add_ballast(data, ballast)
+        results: dict[float, dict] = {}
+        walls: dict[float, float] = {}
+        for repeat in range(args.repeats):
+            order = [0.0, *rates] if repeat % 2 == 0 else [*rates, 0.0]  # alternate who runs first
+            for rate in order:
+                config = write_config(tmp / f"r{repeat}_{rate:g}" / "run.yaml", data, args, checkpointing=False)
+                cfg = yaml.safe_load(config.read_text())
+                cfg["data"]["verify_rate_mb_s"] = rate
+                config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+                start = time.perf_counter()
+                r = summarize_trainer(run_trainer(config, args), args.skip_intervals)
+                walls[rate] = max(walls.get(rate, 0.0), time.perf_counter() - start)
+                if rate not in results or r["tokens_per_s"] > results[rate]["tokens_per_s"]:
+                    results[rate] = r
+
+        cpu_s_per_gb = check_cpu_s_per_gb(data)
+    tokens_per_step = args.nproc * args.micro_batch * args.seq_len
+    print(f"CPU, {args.threads} threads, load average {os.getloadavg()[0]:.1f}; {args.nproc} ranks ZeRO-3 + EP{args.ep}, "
+          f"{tokens_per_step:,} tokens/step, {args.steps} steps; best of {args.repeats} of the median "
+          f"{args.log_interval}-step interval; ballast {ballast / 1e9:.1f} GB (sparse); the check costs {cpu_s_per_gb:.2f} CPU s per GB here\n")
+    header = f"{'data.verify_rate_mb_s':<24}{'tokens/s':>10}{'ms/step':>10}{'vs off':>8}{'CPU of 1 core/rank':>20}"
+    print(header)
+    print("-" * len(header))
+    base = results[0.0]["tokens_per_s"]
+    for rate in [0.0, *rates]:
+        tps = results[rate]["tokens_per_s"]
+        cpu = f"{rate / 1000 * cpu_s_per_gb:.2%}" if rate else "-"
+        print(f"{'0 (off)' if rate == 0 else f'{rate:g}':<24}{tps:>10,.0f}{1000 * tokens_per_step / tps:>10.1f}"
+              f"{tps / base:>8.3f}{cpu:>20}")
+        if rate and ballast / args.nproc / (rate * 1e6) < walls[rate]:
+            print(f"  (the pass at {rate:g} MB/s ended before the run did: raise --run-seconds)")
+
+
+if __name__ == "__main__":
+    main()
