@@ -1,6 +1,6 @@
 """Cost of the background data check (data.verify_rate_mb_s): trainer step time with it off and on, side by side.
 
-    python benchmarks/bench_verify.py [--rates 8,64] [--repeats 2] [--steps 40] [--nproc 2]
+    python benchmarks/bench_verify.py [--rates 8,64] [--repeats 2] [--steps 40] [--nproc 2] [--no-trainer]
 
 The same 2-rank ZeRO-3 + EP run as benchmarks/bench_train.py (debug preset widened to n_embd 256, fp32)
 trains with data.verify_rate_mb_s=0 (off) and at each rate of --rates (MB/s per rank; 8 is the
@@ -10,7 +10,10 @@ check than the run lasts at the highest rate -- the check runs during every meas
 are sparse (holes read as zeros): what is measured is the check's CPU and memory-bandwidth cost, the
 part that competes with training for these cores; the disk or network reads are the filesystem's.
 Rates are the median tokens/s over log intervals after the first (warm-up); --repeats R alternates
-the runs R times and keeps the best of each (for busy machines). Also prints what a busy machine
+the runs R times and keeps the best of each. On a machine shared with other work, separate runs
+differ by more than the check costs, so it first compares in one process, paired: a plain PyTorch
+step of the same model, the check started and stopped every few steps, the median step time of the
+windows with it against those without (--no-trainer: only this). Also prints what a busy machine
 does not change: the check's CPU seconds per GB (unthrottled, in this process), and from it the
 share of one core each rate keeps busy.
 """
@@ -25,13 +28,27 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import cpu_count, prepare_corpus, run_trainer, summarize_trainer, write_config  # noqa: E402
+from bench_train import (  # noqa: E402
+    cpu_count,
+    median,
+    prepare_corpus,
+    run_trainer,
+    summarize_trainer,
+    write_config,
+)
+
+from pipeline.data import MicroBatchIterator, build_dataset  # noqa: E402
 
 from pipeline.data.background_verify import BackgroundVerifier, manifest_checksums  # noqa: E402
 from pipeline.io_utils import sha256_file  # noqa: E402
+from pipeline.train.config import load_run_config, resolve_model_config  # noqa: E402
+from pipeline.train.engine import build_model  # noqa: E402
+from pipeline.train.optim import make_torch_adamw  # noqa: E402
+from pipeline.train.single_process import plain_train_step  # noqa: E402
 
 BALLAST_FILES = 8
 
@@ -59,6 +76,31 @@ def check_cpu_s_per_gb(data: Path) -> float:
     return (time.process_time() - start) / (verifier.checked_bytes / 1e9)
 
 
+def paired_step_times(config: Path, data: Path, rate: float, windows: int, window_steps: int) -> tuple[float, float]:
+    """Median step time (s) off and on, in one process: a plain PyTorch step of the same model on the
+    same cores, the check started and stopped every `window_steps` steps (off, on, off, on, ...). Load
+    from other processes hits both sides alike, which the separate trainer runs cannot promise."""
+    cfg = load_run_config(config, ["parallel.expert_parallel_size=1"])
+    model = build_model(cfg, resolve_model_config(cfg), world=1)
+    optimizer = make_torch_adamw(model, cfg.optim)
+    it = MicroBatchIterator(build_dataset(cfg.data.train, "train", cfg.data.seq_len, cfg.data.seed),
+                            cfg.train.micro_batch_size, 0, 1, 0)
+    files, _ = manifest_checksums([data])
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for w in range(2 * windows + 1):  # a first window off as warm-up, not counted
+        on = w % 2 == 1
+        verifier = BackgroundVerifier(files, rate).start() if on else None
+        for _ in range(window_steps):
+            start = time.perf_counter()
+            plain_train_step(model, optimizer, [it.next()], 1e-4, 1.0)
+            if w:
+                times[on].append(time.perf_counter() - start)
+        if verifier is not None:
+            assert verifier.problem is None and not verifier.finished.is_set(), "the pass ended: more ballast"
+            verifier.stop()
+    return median(times[False]), median(times[True])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", default="8,64", help="MB/s per rank to compare with off (comma-separated)")
@@ -73,6 +115,9 @@ def main() -> None:
     parser.add_argument("--run-seconds", type=float, default=300.0,
                         help="longest expected run (start-up included): the ballast outlasts it at every rate")
     parser.add_argument("--threads", type=int, default=cpu_count(), help="CPU threads in all (split over ranks)")
+    parser.add_argument("--windows", type=int, default=10, help="paired comparison: off/on window pairs per rate")
+    parser.add_argument("--window-steps", type=int, default=5)
+    parser.add_argument("--no-trainer", action="store_true", help="only the paired in-process comparison")
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
 
@@ -83,7 +128,7 @@ def main() -> None:
         add_ballast(data, ballast)
         results: dict[float, dict] = {}
         walls: dict[float, float] = {}
-        for repeat in range(args.repeats):
+        for repeat in range(0 if args.no_trainer else args.repeats):
             order = [0.0, *rates] if repeat % 2 == 0 else [*rates, 0.0]  # alternate who runs first
             for rate in order:
                 config = write_config(tmp / f"r{repeat}_{rate:g}" / "run.yaml", data, args, checkpointing=False)
@@ -97,8 +142,21 @@ def main() -> None:
                     results[rate] = r
 
         cpu_s_per_gb = check_cpu_s_per_gb(data)
+        torch.set_num_threads(args.threads)
+        config = write_config(tmp / "paired" / "run.yaml", data, args, checkpointing=False)
+        paired = {rate: paired_step_times(config, data, rate, args.windows, args.window_steps) for rate in rates}
     tokens_per_step = args.nproc * args.micro_batch * args.seq_len
-    print(f"CPU, {args.threads} threads, load average {os.getloadavg()[0]:.1f}; {args.nproc} ranks ZeRO-3 + EP{args.ep}, "
+    print(f"paired, one process x {args.threads} threads, plain PyTorch step of the same model (micro-batch "
+          f"{args.micro_batch} x {args.seq_len}), {args.windows} off/on window pairs of {args.window_steps} steps; "
+          f"the check costs {cpu_s_per_gb:.2f} CPU s per GB here; load average {os.getloadavg()[0]:.1f}\n")
+    header = f"{'data.verify_rate_mb_s':<24}{'off ms/step':>12}{'on ms/step':>12}{'on / off':>10}{'CPU of 1 core':>15}"
+    print(header)
+    print("-" * len(header))
+    for rate, (off, on) in paired.items():
+        print(f"{rate:<24g}{1000 * off:>12.1f}{1000 * on:>12.1f}{on / off:>10.3f}{rate / 1000 * cpu_s_per_gb:>15.2%}")
+    if args.no_trainer:
+        return
+    print(f"\nCPU, {args.threads} threads, load average {os.getloadavg()[0]:.1f}; {args.nproc} ranks ZeRO-3 + EP{args.ep}, "
           f"{tokens_per_step:,} tokens/step, {args.steps} steps; best of {args.repeats} of the median "
           f"{args.log_interval}-step interval; ballast {ballast / 1e9:.1f} GB (sparse); the check costs {cpu_s_per_gb:.2f} CPU s per GB here\n")
     header = f"{'data.verify_rate_mb_s':<24}{'tokens/s':>10}{'ms/step':>10}{'vs off':>8}{'CPU of 1 core/rank':>20}"

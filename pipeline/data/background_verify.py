@@ -22,6 +22,7 @@ checks every file over its restarts instead of the first ones each time.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import os
 import random
@@ -34,6 +35,7 @@ from pipeline.data.indexed import index_size
 from pipeline.data.manifest import load_manifest
 from pipeline.data.verify import checksum_line, sha256_problem
 
+STOP_WAIT_S = 2.0
 BLOCK_BYTES = 1 << 20  # read and hash 1 MiB at a time: ~1 ms of work between sleeps at any sane rate
 _DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)  # absent on macOS
 
@@ -100,7 +102,8 @@ class BackgroundVerifier:
     def __init__(self, files: list[DataFile], rate_mb_s: float, start: int | None = None):
         if rate_mb_s <= 0:
             raise ValueError(f"rate_mb_s ({rate_mb_s}) must be > 0")
-        k = random.randrange(len(files)) if start is None and files else (start or 0)
+        # Not the global `random`: its state is the run's (saved in checkpoints, pipeline/rng.py).
+        k = random.SystemRandom().randrange(len(files)) if start is None and files else (start or 0)
         self.files = files[k:] + files[:k]
         self.rate_bytes_s = rate_mb_s * 1e6
         self.problem: str | None = None
@@ -115,10 +118,11 @@ class BackgroundVerifier:
         return self
 
     def stop(self) -> None:
-        """Ends the pass within one block's sleep."""
+        """Ends the pass within one block's sleep. Waits for the thread a little only: a read stuck on
+        a lost mount must not hold up the end of the run (the thread is a daemon)."""
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join()
+            self._thread.join(timeout=STOP_WAIT_S)
 
     def _run(self) -> None:
         try:
@@ -136,8 +140,6 @@ class BackgroundVerifier:
             self.finished.set()
 
     def _sha256(self, path: Path) -> str:
-        import hashlib
-
         h, buf = hashlib.sha256(), bytearray(BLOCK_BYTES)
         view = memoryview(buf)
         with open(path, "rb", buffering=0) as f:
