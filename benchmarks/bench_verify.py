@@ -42,7 +42,6 @@ from bench_train import (  # noqa: E402
 )
 
 from pipeline.data import MicroBatchIterator, build_dataset  # noqa: E402
-
 from pipeline.data.background_verify import BackgroundVerifier, manifest_checksums  # noqa: E402
 from pipeline.io_utils import sha256_file  # noqa: E402
 from pipeline.train.config import load_run_config, resolve_model_config  # noqa: E402
@@ -156,9 +155,9 @@ def main() -> None:
         print(f"{rate:<24g}{1000 * off:>12.1f}{1000 * on:>12.1f}{on / off:>10.3f}{rate / 1000 * cpu_s_per_gb:>15.2%}")
     if args.no_trainer:
         return
-    print(f"\nCPU, {args.threads} threads, load average {os.getloadavg()[0]:.1f}; {args.nproc} ranks ZeRO-3 + EP{args.ep}, "
-          f"{tokens_per_step:,} tokens/step, {args.steps} steps; best of {args.repeats} of the median "
-          f"{args.log_interval}-step interval; ballast {ballast / 1e9:.1f} GB (sparse); the check costs {cpu_s_per_gb:.2f} CPU s per GB here\n")
+    print(f"\ntrainer runs, CPU, {args.threads} threads, load average {os.getloadavg()[0]:.1f}; {args.nproc} ranks "
+          f"ZeRO-3 + EP{args.ep}, {tokens_per_step:,} tokens/step, {args.steps} steps; best of {args.repeats} of the "
+          f"median {args.log_interval}-step interval; ballast {ballast / 1e9:.1f} GB (sparse)\n")
     header = f"{'data.verify_rate_mb_s':<24}{'tokens/s':>10}{'ms/step':>10}{'vs off':>8}{'CPU of 1 core/rank':>20}"
     print(header)
     print("-" * len(header))
