@@ -46,8 +46,8 @@ class DataConfig:
     """While training, each rank checks the sha256 of its share of the data files (dealt over the ranks)
     in a background thread, reading at most this many MB/s (1e6 bytes), once per run start; a file
     that fails stops the run after the current step, with a checkpoint, naming it (exit 2). 0: off.
-    The default costs no measurable step time (benchmarks/bench_verify.py) and checks 1 TB in ~35 h
-    on one rank, ~17 min on 128. Off anyway with `verify_checksums`, which did the whole check."""
+    The default keeps ~0.5% of one core busy per rank, within step-time noise (benchmarks/bench_verify.py),
+    and checks 1 TB in ~35 h on one rank, ~17 min on 128. Off with `verify_checksums`, which did it all."""
     max_open_files: int = 256
     """Data files each rank keeps open at once (an open shard holds 2: its .idx and .bin maps); the
     least recently read shard is closed beyond it, so a corpus of thousands of shards trains under
