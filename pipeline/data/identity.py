@@ -14,18 +14,20 @@
 - `check_token_ranges(dirs, vocab_size)`: each shard's min/max token id (recorded by prepare) must
   fit the model, checked before the engine is built.
 - `verify_checksums(dirs, rank, world)`: sha256 of every shard file against the manifest, files
-  dealt round-robin over ranks (the full check is opt-in: it reads all the data once).
+  dealt over ranks by size (the full check at start-up is opt-in: it reads all the data once; by
+  default background_verify.py checks the same files while the run trains).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.data.background_verify import deal_by_size, manifest_checksums
 from pipeline.data.dataset import ORDER_SCHEME, is_weighted, source_paths
 from pipeline.data.indexed import bin_path, prefix_of
 from pipeline.data.legacy_order import LEGACY_ORDER
 from pipeline.data.manifest import MANIFEST, Manifest, load_manifest
-from pipeline.data.verify import sha256_problem
+from pipeline.data.verify import checksum_line, sha256_problem
 from pipeline.errors import DataError
 
 
@@ -141,13 +143,6 @@ def check_token_ranges(manifests: list[Manifest], vocab_size: int) -> list[str]:
 
 def verify_checksums(data_dirs: list, rank: int, world: int) -> list[str]:
     """This rank's share of the sha256 check of every file every manifest lists."""
-    files = []
-    for d in data_dirs:
-        m = load_manifest(d)
-        files += [(m.path / rel, digest) for rel, digest in sorted(m.files.items())]
-    problems = []
-    for path, digest in files[rank::world]:
-        if why := sha256_problem(path, digest):
-            problems.append(f"{path} is missing" if why == "missing" else
-                            f"{path} fails its sha256 (changed or corrupted since prepare)")
-    return problems
+    files, _ = manifest_checksums(data_dirs)
+    return [checksum_line(path, why) for path, digest, _ in deal_by_size(files, world)[rank]
+            if (why := sha256_problem(path, digest))]

@@ -74,6 +74,12 @@ def encode_index(dtype: np.dtype, sizes: np.ndarray) -> bytes:
     return header + sizes.tobytes() + pointers.tobytes() + doc_idx.tobytes()
 
 
+def index_size(documents: int) -> int:
+    """Bytes of the .idx that `encode_index` writes for `documents` documents: the header, then an
+    int32 size, an int64 pointer and an int64 document-index entry per document, plus one more entry."""
+    return _HEADER.size + 20 * documents + 8
+
+
 class IndexedDatasetWriter:
     """Streams sequences into `PREFIX.bin.tmp`; `finalize()` writes `PREFIX.idx.tmp` and commits both
     (pipeline.io_utils.PendingPath: fsync, then rename).

@@ -10,6 +10,7 @@ inputs are not an error (a corpus is often removed once prepared).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -59,11 +60,17 @@ def _check_shard(
     return problems
 
 
-def sha256_problem(path: Path, digest: str) -> str | None:
-    """"missing", "changed" (its sha256 is not the recorded one), or None: the file is as recorded."""
+def sha256_problem(path: Path, digest: str, digest_of: Callable[[Path], str] = sha256_file) -> str | None:
+    """"missing", "changed" (its sha256 is not the recorded one), or None: the file is as recorded.
+    `digest_of`: how the file's sha256 is computed (the background check reads at a throttled rate)."""
     if not path.is_file():
         return "missing"
-    return "changed" if sha256_file(path) != digest else None
+    return "changed" if digest_of(path) != digest else None
+
+
+def checksum_line(path: Path, why: str) -> str:
+    """A `sha256_problem` of a data file in words, naming it."""
+    return f"{path} is missing" if why == "missing" else f"{path} fails its sha256 (changed or corrupted since prepare)"
 
 
 def verify(data_dir: str | Path) -> list[str]:

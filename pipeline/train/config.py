@@ -48,6 +48,12 @@ class DataConfig:
     """Check the sha256 of every data file against its manifest before training (the files are
     dealt over the ranks; it reads all the data once). Off: sizes, index structure, the recorded
     token-id ranges and every id as it is read are still checked."""
+    verify_rate_mb_s: float = 8.0
+    """While training, each rank checks the sha256 of its share of the data files (dealt over the ranks)
+    in a background thread, reading at most this many MB/s (1e6 bytes), once per run start; a file
+    that fails stops the run after the current step, with a checkpoint, naming it (exit 2). 0: off.
+    The default keeps ~0.5% of one core busy per rank, within step-time noise (benchmarks/bench_verify.py),
+    and checks 1 TB in ~35 h on one rank, ~17 min on 128. Off with `verify_checksums`, which did it all."""
     max_open_files: int = 256
     """Data files each rank keeps open at once (an open shard holds 2: its .idx and .bin maps); the
     least recently read shard is closed beyond it, so a corpus of thousands of shards trains under
@@ -58,6 +64,8 @@ class DataConfig:
             raise ConfigError("data.train is empty: give prepared dirs (python -m pipeline.prepare --output DIR)")
         if self.seq_len < 1:
             raise ConfigError(f"data.seq_len ({self.seq_len}) must be >= 1")
+        if not self.verify_rate_mb_s >= 0:  # NaN too
+            raise ConfigError(f"data.verify_rate_mb_s ({self.verify_rate_mb_s}) must be >= 0 (MB/s per rank; 0: off)")
         if self.max_open_files < 2:
             raise ConfigError(f"data.max_open_files ({self.max_open_files}) must be >= 2 (one shard holds its "
                               ".idx and .bin open)")

@@ -2,6 +2,8 @@
 datasets with this rank's micro-batches.
 
     identity, notes = check_data(cfg.data, vocab_size, rank, world)
+    verifier, notes = start_background_verify(cfg.data, rank, world)       # damaged files found while training
+    if stop.agreed(verifier.problem is not None): error = damaged_data_error(verifier, step, saved)
     data = RunData.build(cfg.data, micro_batch_size, dp_rank, dp_world, consumed_samples, order, prefetch)
 """
 
@@ -11,9 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.data import MicroBatchIterator, build_dataset, check_vocab_compatible, source_paths
+from pipeline.data.background_verify import BackgroundVerifier, deal_by_size, manifest_checksums
 from pipeline.data.shard_cache import ShardCache
-from pipeline.distributed.collectives import gather_objects
+from pipeline.distributed.collectives import first_error, gather_objects
+from pipeline.errors import DataError
 from pipeline.train.config import DataConfig
+
+
+def _prepared_dirs(data: DataConfig) -> list[str]:
+    """The prepared dirs (not bare Megatron prefixes) of data.train and data.valid, each once."""
+    return list(dict.fromkeys(d for d in source_paths(data.train) + source_paths(data.valid or []) if Path(d).is_dir()))
 
 
 def check_data(data: DataConfig, vocab_size: int, rank: int, world: int, run_dir: Path) -> tuple[dict, list[str]]:
@@ -37,7 +46,7 @@ def check_data(data: DataConfig, vocab_size: int, rank: int, world: int, run_dir
 
     train, valid = data.train, data.valid
     paths = source_paths(train) + source_paths(valid or [])
-    dirs = list(dict.fromkeys(d for d in paths if Path(d).is_dir()))
+    dirs = _prepared_dirs(data)
     check_vocab_compatible(dirs, vocab_size)
     notes = check_token_ranges([load_manifest(d) for d in dirs], vocab_size)
     given = tokenizer_facts(data.tokenizer) if data.tokenizer else None
@@ -57,6 +66,41 @@ def check_data(data: DataConfig, vocab_size: int, rank: int, world: int, run_dir
                             "(`python -m pipeline.prepare` with the same command repairs it)")
         notes.append(f"data.verify_checksums: every file of {', '.join(map(str, dirs))} matches its sha256")
     return data_identity(train, data.seq_len, data.seed, facts, given if prefixes else None), notes
+
+def start_background_verify(data: DataConfig, rank: int, world: int) -> tuple[BackgroundVerifier | None, list[str]]:
+    """The background sha256 check of this rank's share of every data file (data.verify_rate_mb_s),
+    started; and notes to log. None when off, or when data.verify_checksums checked every file already.
+    Bare Megatron prefixes have no manifest and so no checksums: they are not checked."""
+    if data.verify_rate_mb_s == 0 or data.verify_checksums:
+        return None, []
+    files, notes = manifest_checksums(_prepared_dirs(data))
+    if not files:
+        return None, notes
+    shares = deal_by_size(files, world)
+    longest = max(sum(f.size for f in share) for share in shares) / (data.verify_rate_mb_s * 1e6)
+    notes.append(f"data: checking the sha256 of {len(files)} files ({sum(f.size for f in files) / 1e9:.3g} GB) in the "
+                 f"background, dealt over {world} rank(s) at {data.verify_rate_mb_s:g} MB/s each (about "
+                 f"{_duration(longest)} per pass); data.verify_rate_mb_s=0 turns it off")
+    return BackgroundVerifier(shares[rank], data.verify_rate_mb_s).start(), notes
+
+
+def damaged_data_error(verifier: BackgroundVerifier | None, step: int, saved: bool) -> DataError | None:
+    """Collective (every rank calls it when `StopSignal.agreed` said stop): the error of the lowest
+    rank whose background check found a damaged file, or None. `saved`: a checkpoint was written at `step`."""
+    problem = first_error(verifier.problem if verifier is not None else None)
+    if problem is None:
+        return None
+    return DataError(f"damaged data: {problem}, found by the background check (data.verify_rate_mb_s); training "
+                     f"stopped at step {step} {'with a checkpoint' if saved else 'without a new checkpoint'}. Restore "
+                     "that file, or rerun the same `python -m pipeline.prepare` command (it rebuilds what fails its "
+                     "checksum), then run the same training command to resume")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
 
 
 @dataclass

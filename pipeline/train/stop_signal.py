@@ -164,12 +164,14 @@ class StopSignal:
                 self.dead_launcher = gone[0]
                 self.received = f"the death of its launcher (pid {gone[0]})"
 
-    def agreed(self) -> bool:
+    def agreed(self, also: bool = False) -> bool:
         """Collective: True on every rank iff one rank has a stop request; `received` then names the
-        same reason on every rank (a dead launcher first, else this rank's signal)."""
+        same reason on every rank (a dead launcher first, else this rank's signal). `also`: another
+        reason of this rank to stop after this step (damaged data found by the background check),
+        folded into the same all-reduce, so it costs no collective of its own."""
         from pipeline.distributed.collectives import max_over_ranks  # torch only once training
 
-        mine = 2 if self.dead_launcher else 1 if self.received is not None else 0
+        mine = 2 if self.dead_launcher else 1 if self.received is not None or also else 0
         code, pid = max_over_ranks([mine, self.dead_launcher], self.device)
         if code == 2 and not self.dead_launcher:
             self.received = f"the death of its launcher (pid {pid})"  # seen by another rank first

@@ -43,7 +43,7 @@ from pipeline.train.metrics import IntervalReporter, MetricsLogger, StepAccumula
 from pipeline.train.objective import ExpertBiasBalancer, compute_loss
 from pipeline.train.optim import lr_at
 from pipeline.train.policy import LoopPolicy
-from pipeline.train.run_data import RunData, check_data
+from pipeline.train.run_data import RunData, check_data, damaged_data_error, start_background_verify
 from pipeline.train.stop_signal import StopSignal
 
 
@@ -60,6 +60,8 @@ class Trainer:
         self.model_cfg = resolve_model_config(cfg)
         self.data_identity, notes = check_data(cfg.data, self.model_cfg.vocab_size, self.rank, self.world,
                                                 self.run_dir)
+        self.verifier, verify_notes = start_background_verify(cfg.data, self.rank, self.world)  # during the build too
+        notes += verify_notes
         self.dims = ParallelDims(self.world, cfg.parallel.expert_parallel_size,
                                  cfg.parallel.sequence_parallel_size).check(self.model_cfg, cfg.data.seq_len)
         self.dp_world = self.dims.dp_world
@@ -247,10 +249,12 @@ class Trainer:
                 self.downstream.run(self.step, self.engine, self.log, self.log.record, self.run_dir)
             if todo.save:
                 self.policy.done(saved=self.save_if_finite())
-            if self.stop.agreed():
-                if self.policy.save_on_stop():
-                    self.save_if_finite()
+            if self.stop.agreed(self.verifier is not None and self.verifier.problem is not None):
+                saved = self.policy.save_on_stop() and self.save_if_finite()
                 self.ckpt.wait()  # a stop ends with the save in flight complete
+                if damaged := damaged_data_error(self.verifier, self.step, saved or self.policy.saved):
+                    self.log.flush()
+                    raise damaged
                 self.log.message(f"stopped at step {self.step} on {self.stop.received or 'a signal to another rank'}; "
                                  "run the same command again to resume")
                 self.log.flush()
@@ -309,6 +313,8 @@ class Trainer:
         except CheckpointError as e:
             self.log.message(str(e))
         self.data.train_iter.close()
+        if self.verifier is not None:
+            self.verifier.stop()
         self.log.close()
         if self.lock is not None:
             self.lock.release()

@@ -165,6 +165,31 @@ def test_corrupt_shard_ids_are_named_by_shard_and_sequence(prepared_data, tmp_pa
         "tokenizer, or set model.vocab_size above the largest id"]
 
 
+def test_a_changed_in_vocabulary_token_is_found_in_the_background_and_stops_the_run(prepared_data, tmp_path):
+    """The default settings (no start-up pass over the data): one token changed to another valid id
+    passes every read-time check; the background sha256 check finds it on the rank that owns the
+    file, and every rank stops after the same step, with a checkpoint and one line naming the file."""
+    data = tmp_path / "data"
+    shutil.copytree(prepared_data, data)
+    shard = data / "train_00000.bin"
+    tokens = np.memmap(shard, dtype=np.uint16, mode="r+")
+    tokens[len(tokens) // 2] = (int(tokens[len(tokens) // 2]) + 1) % 512
+    tokens.flush()
+    del tokens
+    run_dir = tmp_path / "run"
+    cfg = write_run_config(tmp_path / "run.yaml", data, run_dir, tensorboard=False, train={"steps": 20})
+    proc = train(2, cfg, check=False)
+    assert proc.returncode != 0 and "data: checking the sha256 of" in proc.stdout
+    [line] = errors(proc)
+    step = int(re.search(r"training stopped at step (\d+) ", line)[1])
+    assert line == (
+        f"error: damaged data: {shard} fails its sha256 (changed or corrupted since prepare), found by the "
+        f"background check (data.verify_rate_mb_s); training stopped at step {step} with a checkpoint. Restore that "
+        "file, or rerun the same `python -m pipeline.prepare` command (it rebuilds what fails its checksum), then "
+        "run the same training command to resume"), proc.stderr[-3000:]
+    assert step < 20 and checkpoint_steps(run_dir / "checkpoints") == [step]
+
+
 def flip_byte_of(file: Path, key: str) -> None:
     """Flip one bit in the middle of tensor `key` of a safetensors file (size unchanged)."""
     raw = bytearray(file.read_bytes())
