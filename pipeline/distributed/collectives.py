@@ -10,6 +10,7 @@ code.
     any_rank(flag, device)         True on every rank iff one rank's flag is set
     sum_over_ranks(t, device)      sum (or mean) of a small tensor over ranks, on the CPU
     all_reduce_sum_(t, group)      in-place SUM all-reduce of a device tensor (no host sync)
+    new_world_group()              a second group of every rank (test-only faults: a collective no peer joins)
     barrier()
 """
 
@@ -86,6 +87,13 @@ def all_reduce_sum_(t: torch.Tensor, group=None) -> torch.Tensor:
     if initialized():
         dist.all_reduce(t, group=group)
     return t
+
+
+def new_world_group():
+    """A new group of every rank, which the run itself never uses (None without several ranks): a
+    collective one rank enters on it is one its peers never join (health.FaultInjection's
+    `collective` fault). A collective: every rank creates it."""
+    return dist.new_group() if _several() else None
 
 
 def sum_over_ranks(t: torch.Tensor, device: torch.device, mean: bool = False) -> torch.Tensor:

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections import deque
 from dataclasses import dataclass
 
 import torch
 
-from pipeline.distributed.collectives import all_reduce_sum_
+from pipeline.distributed.collectives import all_reduce_sum_, new_world_group
 
 FAULT_ENV = "PIPELINE_INJECT_NAN"
 
@@ -129,22 +130,29 @@ class FaultInjection:
     RANK see a fault at steps FIRST..LAST (1-based; LAST defaults to FIRST). KIND `loss` replaces that
     rank's loss with NaN (caught by the all-reduced check); `grad` keeps the loss and poisons only its
     backward (caught by DeepSpeed's gradient-norm check); `spike` multiplies the loss by 1000 (caught
-    by the spike detector when train.spike_sigma is set). Unset in normal runs; it exists so tests can
-    prove that a fault on one rank leaves every rank's state untouched."""
+    by the spike detector when train.spike_sigma is set). Hangs for the hang watchdog, at the start
+    of the step: `hang` loops in Python forever (a deadlock, an endless loop); `collective` enters an
+    all-reduce its peers never join (on a group of its own, created on every rank when the spec
+    names the kind). Unset in normal runs; it exists so tests can prove that a fault on one rank
+    leaves every rank's state untouched, and that a stuck rank is found and named."""
+
+    KINDS = ("loss", "grad", "spike", "hang", "collective")
 
     def __init__(self, spec: str | None, rank: int):
         self.faults: list[tuple[str, range]] = []  # (kind, steps) aimed at this rank
         for item in filter(None, (spec or "").split(",")):
             try:
                 kind, target, first, *last = item.strip().split(":")
-                if kind not in ("loss", "grad", "spike") or len(last) > 1:
+                if kind not in self.KINDS or len(last) > 1:
                     raise ValueError
                 if int(target) == rank:
                     self.faults.append((kind, range(int(first), int(last[0] if last else first) + 1)))
             except ValueError:
                 raise ValueError(
-                    f"{FAULT_ENV}={spec!r}: expected KIND:RANK:FIRST[:LAST][,...] with KIND loss, grad or spike"
+                    f"{FAULT_ENV}={spec!r}: expected KIND:RANK:FIRST[:LAST][,...] with KIND one of "
+                    f"{', '.join(self.KINDS)}"
                 ) from None
+        self.side_group = new_world_group() if "collective:" in (spec or "") else None
 
     @classmethod
     def from_env(cls, rank: int) -> FaultInjection:
@@ -152,6 +160,13 @@ class FaultInjection:
 
     def active(self, step: int, kind: str) -> bool:
         return any(k == kind and step in steps for k, steps in self.faults)
+
+    def stall(self, step: int) -> None:
+        """The `hang` and `collective` faults: never returns at a step they are aimed at."""
+        if self.active(step, "collective"):
+            all_reduce_sum_(torch.zeros(1), self.side_group)  # waits for peers that never come
+        while self.active(step, "hang"):
+            time.sleep(0.05)
 
     def inject(self, step: int, parts: tuple) -> tuple:
         """The loss parts (a NamedTuple) this rank reports at `step`: each loss tensor NaN for `loss`,
