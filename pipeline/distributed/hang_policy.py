@@ -33,7 +33,8 @@ PHASES = ("startup", "step", "forward", "eval", "downstream", "save", "exit")
 SLOW_PHASES = ("startup", "eval", "downstream", "save")
 # Frames whose code is a collective (or waits in one): the main thread is then waiting for peers.
 COLLECTIVE_FILES = ("torch/distributed/", "deepspeed/comm/")
-LIBRARY_FILES = ("/torch/", "/deepspeed/", "/threading.py")
+# Frames left out of "where a rank is": libraries and our thin collective wrappers (the caller says more).
+LIBRARY_FILES = ("/torch/", "/deepspeed/", "/threading.py", "/pipeline/distributed/collectives.py")
 
 
 @dataclass(frozen=True)

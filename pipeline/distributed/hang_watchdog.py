@@ -48,8 +48,8 @@ from pipeline.process_exit import end_process
 
 EXIT_HUNG = 4
 STORE_TIMEOUT_S = 10.0
-# Live ranks answer a verdict within a poll; the coordinator waits this long for the silent ones.
-ANSWER_WAIT_S = 4.0
+# Live ranks answer a verdict within a poll; the coordinator waits this much longer for silent ones.
+ANSWER_GRACE_S = 1.5
 # If the process cannot end cleanly (an atexit handler that blocks), it ends this much later anyway.
 EXIT_BACKSTOP_S = 10.0
 
@@ -164,7 +164,7 @@ class HangWatchdog:
             print(f"error: {line}", file=sys.stderr, flush=True)
             self.store.set("line", line)
         else:
-            deadline = time.time() + ANSWER_WAIT_S + 5
+            deadline = time.time() + self._answer_wait_s() + 5
             while not self.store.check(["line"]) and time.time() < deadline:
                 time.sleep(0.1)
         self._exit()
@@ -182,9 +182,13 @@ class HangWatchdog:
         os.replace(tmp, path)
         return report
 
+    def _answer_wait_s(self) -> float:
+        return 2 * self.policy.poll_s + ANSWER_GRACE_S
+
     def _judge(self, dump_dir: Path) -> str:
+        now = time.time()  # the verdict's time: what the line reports
         keys = {r: f"report/{r}" for r in range(self.world)}
-        deadline = time.time() + ANSWER_WAIT_S
+        deadline = now + self._answer_wait_s()
         while not self.store.check(list(keys.values())) and time.time() < deadline:
             time.sleep(0.1)
         reports = {r: Report(**json.loads(self.store.get(k))) if self.store.check([k]) else None
@@ -195,8 +199,8 @@ class HangWatchdog:
             b = beats.get(r)
             if rep is None and b is not None and b.host == socket.gethostname() and process_state(b.pid) == "T":
                 os.kill(b.pid, signal.SIGKILL)  # it cannot exit by itself; the launcher would wait for it
-                stopped[r] = f"stopped (process state T, e.g. SIGSTOP; pid {b.pid} killed)"
-        verdict = name_culprits(beats, reports, stopped, time.time(), str(dump_dir))
+                stopped[r] = f"stopped, process state T as after SIGSTOP, pid {b.pid} killed"
+        verdict = name_culprits(beats, reports, stopped, now, str(dump_dir))
         (dump_dir / "verdict.txt").write_text(verdict.line + "\n")
         return verdict.line
 
