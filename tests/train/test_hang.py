@@ -51,7 +51,7 @@ def hung_run(proc: subprocess.Popen, out: Path, run_dir: Path, stalled_at: float
     dumps = sorted((run_dir / "hang").glob("*/verdict.txt"), key=os.path.getmtime)
     dump_dir = dumps[-1].parent
     assert dumps[-1].read_text().strip() == errors[0].removeprefix("error: ")
-    assert f"Python stacks of rank(s) " in errors[0] and str(dump_dir) in errors[0]
+    assert "Python stacks of rank(s) " in errors[0] and str(dump_dir) in errors[0]
     return errors[0], sorted(dump_dir.glob("rank*.txt"))
 
 
@@ -64,7 +64,8 @@ def logged(run_dir: Path, step: int) -> bool:
 
 def test_a_sigstopped_rank_is_named_and_the_job_ends(prepared_data, tmp_path):
     run_dir = tmp_path / "run"
-    cfg = write_run_config(tmp_path / "run.yaml", prepared_data, run_dir, train={**HANG, "steps": 1000, "save_interval": 0})
+    cfg = write_run_config(tmp_path / "run.yaml", prepared_data, run_dir,
+                           train={**HANG, "steps": 1000, "save_interval": 0})
     out = tmp_path / "out.txt"
     proc = launch("torchrun", cfg, out)
     wait_for(proc, lambda: logged(run_dir, 3))  # past the first step (slow allowance); no save (the same)
@@ -72,7 +73,8 @@ def test_a_sigstopped_rank_is_named_and_the_job_ends(prepared_data, tmp_path):
     stopped_at = time.monotonic()
     line, stacks = hung_run(proc, out, run_dir, stopped_at)
     assert re.search(r"\(rank 1 at step \d+ in \w+, no progress for [5-9] s: stopped, process state T as after "
-                     r"SIGSTOP, pid \d+ killed\); rank\(s\) 0 waited for it; Python stacks of rank\(s\) 0 in ", line), line
+                     r"SIGSTOP, pid \d+ killed\); rank\(s\) 0 waited for it; Python stacks of rank\(s\) 0 in ",
+                     line), line
     assert [p.name for p in stacks] == ["rank0.txt"]
     assert "Thread" in stacks[0].read_text() and "hang_watchdog.py" in stacks[0].read_text()
 
@@ -80,7 +82,8 @@ def test_a_sigstopped_rank_is_named_and_the_job_ends(prepared_data, tmp_path):
 def test_ranks_stuck_in_python_or_in_a_lone_collective_are_named_then_the_job_resumes(prepared_data, tmp_path,
                                                                                        monkeypatch):
     run_dir = tmp_path / "run"
-    cfg = write_run_config(tmp_path / "run.yaml", prepared_data, run_dir, train={**HANG, "steps": 8, "save_interval": 2})
+    cfg = write_run_config(tmp_path / "run.yaml", prepared_data, run_dir,
+                           train={**HANG, "steps": 8, "save_interval": 2})
     out = tmp_path / "out.txt"
     # A fresh run stalls at step 5 (after the step-4 save); the same command then resumes from step 4
     # and stalls at step 6 (step 5, its first, has the slow allowance).
@@ -88,10 +91,11 @@ def test_ranks_stuck_in_python_or_in_a_lone_collective_are_named_then_the_job_re
                               ("collective", 6, r"waiting in a collective at pipeline/train/health.py:\d+ in stall")):
         monkeypatch.setenv("PIPELINE_INJECT_NAN", f"{kind}:1:{step}")
         proc = launch("torchrun", cfg, out)
-        wait_for(proc, lambda: read_latest(run_dir / "checkpoints") == "step_4" and logged(run_dir, step - 1))
+        wait_for(proc, lambda before=step - 1: read_latest(run_dir / "checkpoints") == "step_4"
+                 and logged(run_dir, before))  # the last step before the fault
         line, stacks = hung_run(proc, out, run_dir, time.monotonic())  # the fault comes right after
-        assert re.search(rf"\(rank 1 at step {step} in step, no progress for [5-9] s: {where}\); rank\(s\) 0 waited for "
-                         r"it; Python stacks of rank\(s\) 0, 1 in ", line), line
+        assert re.search(rf"\(rank 1 at step {step} in step, no progress for [5-9] s: {where}\); rank\(s\) 0 "
+                         r"waited for it; Python stacks of rank\(s\) 0, 1 in ", line), line
         assert [p.name for p in stacks] == ["rank0.txt", "rank1.txt"]
         assert re.search(r'File ".*health.py", line \d+ in stall', stacks[1].read_text())
         assert "(in a collective)" in stacks[0].read_text().splitlines()[0]
