@@ -88,7 +88,13 @@ class HangWatchdog:
         self._stopped = threading.Event()
         if not policy.enabled or ranks.world < 2:
             return
-        self.store = open_side_store()
+        try:
+            self.store = open_side_store()
+        except (KeyError, RuntimeError, dist.DistError) as e:  # a process group started by the caller
+            if ranks.rank == 0:
+                print(f"warning: no hang watchdog: the rendezvous store at MASTER_ADDR:MASTER_PORT cannot be "
+                      f"reached ({e!r}); set both to the process group's store", file=sys.stderr, flush=True)
+            return
         self.beat("startup", 0)
         threading.Thread(target=self._watch, name="hang-watchdog", daemon=True).start()
 
