@@ -161,31 +161,37 @@ class HangWatchdog:
     def _answer(self) -> None:
         """A verdict stands: dump this rank's stacks, report, then (the coordinator) name the culprits; exit."""
         self._stopped.set()
-        owner, name = self.store.get("verdict").decode().split("|", 1)
-        dump_dir = self.run_dir / "hang" / name
-        report = self._dump(dump_dir)
-        self.store.set(f"report/{self.rank}", json.dumps(report.to_dict()))
-        if int(owner) == self.rank:
-            line = self._judge(dump_dir)
-            print(f"error: {line}", file=sys.stderr, flush=True)
-            self.store.set("line", line)
-        else:
-            deadline = time.time() + self._answer_wait_s() + 5
-            while not self.store.check(["line"]) and time.time() < deadline:
-                time.sleep(0.1)
-        self._exit()
+        try:  # whatever fails on the way (the store, the disk), this rank still ends
+            owner, name = self.store.get("verdict").decode().split("|", 1)
+            dump_dir = self.run_dir / "hang" / name
+            report = self._dump(dump_dir)
+            self.store.set(f"report/{self.rank}", json.dumps(report.to_dict()))
+            if int(owner) == self.rank:
+                line = self._judge(dump_dir)
+                print(f"error: {line}", file=sys.stderr, flush=True)
+                self.store.set("line", line)
+            else:
+                deadline = time.time() + self._answer_wait_s() + 5
+                while not self.store.check(["line"]) and time.time() < deadline:
+                    time.sleep(0.1)
+        finally:
+            self._exit()
 
     def _dump(self, dump_dir: Path) -> Report:
-        dump_dir.mkdir(parents=True, exist_ok=True)
+        """This rank's stacks in `dump_dir` (if the disk lets us: the report matters more); its report."""
         report = main_thread_report()
         path = dump_dir / f"rank{self.rank}.txt"
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(f"rank {self.rank} pid {os.getpid()} on {socket.gethostname()}; main thread at {report.where}"
-                    f"{' (in a collective)' if report.in_collective else ''}\n\n")
-            f.flush()
-            faulthandler.dump_traceback(file=f, all_threads=True)
-        os.replace(tmp, path)
+        try:
+            dump_dir.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w") as f:
+                f.write(f"rank {self.rank} pid {os.getpid()} on {socket.gethostname()}; main thread at "
+                        f"{report.where}{' (in a collective)' if report.in_collective else ''}\n\n")
+                f.flush()
+                faulthandler.dump_traceback(file=f, all_threads=True)
+            os.replace(tmp, path)
+        except OSError as e:
+            print(f"warning: rank {self.rank} could not write its stacks to {path}: {e}", file=sys.stderr, flush=True)
         return report
 
     def _answer_wait_s(self) -> float:
@@ -207,7 +213,10 @@ class HangWatchdog:
                 os.kill(b.pid, signal.SIGKILL)  # it cannot exit by itself; the launcher would wait for it
                 stopped[r] = f"stopped, process state T as after SIGSTOP, pid {b.pid} killed"
         verdict = name_culprits(beats, reports, stopped, now, str(dump_dir))
-        (dump_dir / "verdict.txt").write_text(verdict.line + "\n")
+        try:
+            (dump_dir / "verdict.txt").write_text(verdict.line + "\n")
+        except OSError:  # the line is printed all the same
+            pass
         return verdict.line
 
     def _store_gone(self, error: Exception) -> None:
