@@ -3,10 +3,11 @@
     python benchmarks/bench_heartbeat.py [--nproc 2] [--beats 2000]
 
 Starts N CPU ranks (torchrun, gloo) with the watchdog on (pipeline/distributed/hang_watchdog.py) and
-times, on every rank: one heartbeat (`HangWatchdog.beat`: one set on the rendezvous store) and one
-all-reduce of one float (what `health.agree` does once per step). The trainer beats about three
-times per step (step, forward, plus eval / save when they run). Prints the mean of each on the
-slowest rank and the ratio of a step's beats to that one all-reduce.
+times, on every rank: one heartbeat (`HangWatchdog.beat`, noted in the process), one poll's store
+traffic (a TCP probe, the beat's store set, the verdict check: once per `poll_s`, <= 2 s, not per
+step) and one all-reduce of one float (what `health.agree` does once per step). The trainer beats
+about three times per step. Prints the mean of each on the slowest rank and the ratio of a step's
+beats to that one all-reduce.
 """
 
 from __future__ import annotations
@@ -42,16 +43,26 @@ def rank_main(beats: int) -> None:
         for i in range(beats):
             watchdog.beat("step" if i % 2 else "forward", 2 + i)
         beat_s = (time.perf_counter() - start) / beats
+        polls = max(beats // 50, 5)  # wall time, mostly waiting (the watch thread's, not the training thread's)
+        start = time.perf_counter()
+        for i in range(polls):
+            watchdog.beat("step", 10**6 + i)
+            watchdog._store_reachable()
+            watchdog._send_beat()
+            watchdog.store.check(["verdict"])
+        poll_s = (time.perf_counter() - start) / polls
         start = time.perf_counter()
         for _ in range(beats):
             all_reduce_sum_(t)
         reduce_s = (time.perf_counter() - start) / beats
         watchdog.stop()
-    times = gather_objects((beat_s, reduce_s))
+    times = gather_objects((beat_s, poll_s, reduce_s))
     if ranks.rank == 0:
-        beat_s, reduce_s = max(b for b, _ in times), max(r for _, r in times)
-        print(f"heartbeat (store set): {beat_s * 1e6:8.1f} us   one-float all-reduce: {reduce_s * 1e6:8.1f} us")
-        print(f"{BEATS_PER_STEP} beats per step / one all-reduce: {BEATS_PER_STEP * beat_s / reduce_s:.2f}x")
+        beat_s, poll_s, reduce_s = (max(t[i] for t in times) for i in range(3))
+        print(f"heartbeat: {beat_s * 1e6:.1f} us   one poll's store traffic: {poll_s * 1e6:.1f} us   "
+              f"one-float all-reduce: {reduce_s * 1e6:.1f} us")
+        print(f"{BEATS_PER_STEP} beats per step / one all-reduce: {BEATS_PER_STEP * beat_s / reduce_s:.3f}x; "
+              f"one poll (watch thread, every <= 2 s) / one all-reduce: {poll_s / reduce_s:.2f}x")
 
 
 def main() -> None:

@@ -13,9 +13,11 @@ were the alternative: a stuck NFS server (one cause of hangs) would then stall t
 NFS attribute caching delays what other nodes see. The store cannot help when its host stops (rank 0
 outside torchrun): a rank whose store stops answering for the step allowance names it as the cause.
 
-Cost: one store `set` (~0.1 ms on a local store, one round trip to rank 0's host on a cluster) per
-phase change, about three per step; the watchdog thread wakes every `policy.poll_s` (<= 2 s) for one
-`multi_get` of the beats on the coordinating rank (rank 0), one `check` elsewhere.
+Cost: a beat (about three per step: step, forward, and eval / save when they run) is noted in this
+process (a few microseconds; the training thread never waits on the store); the watch thread wakes
+every `policy.poll_s` (<= 2 s) and sends the newest beat (one store set, one-way), after a plain TCP
+connect to the store (the store may be gone: see `_store_reachable`), then one `check` for a
+verdict, and on the coordinating rank (rank 0) one `multi_get` of all beats.
 
 When the coordinator finds a rank overdue it claims the verdict key (first claim wins); every rank's
 watchdog that can still run then writes its Python stacks (faulthandler, all threads) to
@@ -83,6 +85,10 @@ class HangWatchdog:
     def __init__(self, policy: HangPolicy, ranks: RankView, run_dir: Path):
         self.policy, self.rank, self.world, self.run_dir = policy, ranks.rank, ranks.world, Path(run_dir)
         self.store: dist.Store | None = None
+        self.host = socket.gethostname()
+        self._store_address = (os.environ.get("MASTER_ADDR", ""), int(os.environ.get("MASTER_PORT", "0")))
+        self._beat: Beat | None = None
+        self._sent: Beat | None = None
         self.first_step: int | None = None
         self.started = time.time()
         self._stopped = threading.Event()
@@ -96,32 +102,52 @@ class HangWatchdog:
                       f"reached ({e!r}); set both to the process group's store", file=sys.stderr, flush=True)
             return
         self.beat("startup", 0)
+        self._send_beat()
         threading.Thread(target=self._watch, name="hang-watchdog", daemon=True).start()
 
     def beat(self, phase: str, step: int) -> None:
-        """This rank is now in `phase` of `step` (one store set)."""
+        """This rank is now in `phase` of `step`: noted here, sent by the watch thread (module docstring)."""
         if self.store is None:
             return
         if phase in ("step", "forward") and self.first_step is None:
             self.first_step = step
         first = phase in ("step", "forward") and step == self.first_step
-        beat = Beat(step, phase, self.policy.allowance(phase, first), time.time(), os.getpid(), socket.gethostname())
-        try:
-            self.store.set(f"beat/{self.rank}", beat.encode())
-        except (RuntimeError, dist.DistError):  # the watch thread reports a store that stopped answering
-            pass
+        self._beat = Beat(step, phase, self.policy.allowance(phase, first), time.time(), os.getpid(), self.host)
 
     def stop(self) -> None:
         """The run ended (or failed in a way it reports itself): no longer watched."""
         if self.store is not None and not self._stopped.is_set():
-            self.beat("exit", 0)
             self._stopped.set()
+            self.beat("exit", 0)
+            if self._store_reachable():
+                try:
+                    self._send_beat()
+                except (RuntimeError, dist.DistError):
+                    pass
+
+    def _send_beat(self) -> None:
+        beat = self._beat
+        if beat is not self._sent:
+            self.store.set(f"beat/{self.rank}", beat.encode())
+            self._sent = beat
+
+    def _store_reachable(self) -> bool:
+        """A plain TCP connect to the store: a request to a store whose host is gone makes c10d log a
+        C++ stack on stderr (e.g. torchrun killed, its ranks saving before they exit), this does not."""
+        try:
+            socket.create_connection(self._store_address, timeout=STORE_TIMEOUT_S).close()
+            return True
+        except OSError:
+            return False
 
     # --- the watch thread ------------------------------------------------------------------------
     def _watch(self) -> None:
         store_ok = time.time()
         while not self._stopped.wait(self.policy.poll_s):
             try:
+                if not self._store_reachable():
+                    raise ConnectionError(f"no store at {self._store_address[0]}:{self._store_address[1]}")
+                self._send_beat()
                 if self.store.check(["verdict"]):
                     return self._answer()
                 if self.rank == 0:
@@ -129,7 +155,7 @@ class HangWatchdog:
                 if (self.rank == 0 or self._coordinator_gone()) and self._look():
                     return self._answer()
                 store_ok = time.time()
-            except (RuntimeError, dist.DistError) as e:
+            except (OSError, RuntimeError, dist.DistError) as e:
                 if self._stopped.is_set():
                     return
                 if time.time() - store_ok > self.policy.timeout_s:
