@@ -8,6 +8,8 @@ bookkeeping (tests/test_layers.py checks it).
                          data-parallel coordinates
     expert_parallel.py   expert parallelism: EP / EDP groups, the all-to-all, ZeRO-3 tags
     sequence_parallel.py Ulysses sequence parallelism: SP groups, attention cores, router counts
+    hang_policy.py       when a run is hung and which rank stopped it (allowances per phase; no ranks needed)
+    hang_watchdog.py     heartbeats through the rendezvous store, the watch thread, stacks in RUN/hang/, exit 4
 
 The model stays pure PyTorch: expert and sequence parallelism are applied to it from here.
 """

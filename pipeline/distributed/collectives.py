@@ -11,6 +11,8 @@ code.
     max_over_ranks(values, device) element-wise maximum of a few integers over ranks
     sum_over_ranks(t, device)      sum (or mean) of a small tensor over ranks, on the CPU
     all_reduce_sum_(t, group)      in-place SUM all-reduce of a device tensor (no host sync)
+    all_gather_into(out, part, group) every rank's `part` into `out`, in rank order
+    new_world_group()              a second group of every rank (test-only faults: a collective no peer joins)
     barrier(group)
 
 `group`: None for the default group (every rank); a side group of all ranks (e.g. the checkpoint
@@ -105,6 +107,13 @@ def all_gather_into(out: torch.Tensor, part: torch.Tensor, group=None) -> torch.
     else:
         out.copy_(part.reshape(-1))
     return out
+
+
+def new_world_group():
+    """A new group of every rank, which the run itself never uses (None without several ranks): a
+    collective one rank enters on it is one its peers never join (health.FaultInjection's
+    `collective` fault). A collective: every rank creates it."""
+    return dist.new_group() if _several() else None
 
 
 def sum_over_ranks(t: torch.Tensor, device: torch.device, mean: bool = False) -> torch.Tensor:

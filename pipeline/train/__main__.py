@@ -5,11 +5,12 @@
 
 Exit codes: 0 done (or stopped on a signal / a dead launcher with a checkpoint), 2 bad config or
 data at start-up, or a data / disk error during training, 3 stopped after train.max_bad_steps
-consecutive skipped steps, 130 stopped at once by a second stop signal (or by any stop signal
-during start-up), 1 a rank whose peer failed (the peer printed why). Errors are one line, no
-traceback, printed once per node (by local rank 0): every rank raises the same error from the same
-config, so every rank exits on its own and none waits in a collective for a rank that has gone. An
-error only one rank sees (a corrupt shard it read) is printed by that rank.
+consecutive skipped steps, 4 hung (a rank made no progress for train.hang_timeout_s; the line names
+it, stacks in RUN/hang/), 130 stopped at once by a second stop signal (or by any stop signal during
+start-up), 1 a rank whose peer failed (the peer printed why). Errors are one line, no traceback,
+printed once per node (by local rank 0): every rank raises the same error from the same config, so
+every rank exits on its own and none waits in a collective for a rank that has gone. An error only
+one rank sees (a corrupt shard it read) is printed by that rank.
 """
 
 from __future__ import annotations

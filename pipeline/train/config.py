@@ -148,6 +148,13 @@ class TrainConfig:
     log intervals in a row (routing collapse); 0 = off. The ratio cannot exceed n_experts / top_k."""
     collapse_warn_intervals: int = 3
     """Consecutive log intervals a layer must stay above `collapse_warn_ratio` before the warning."""
+    hang_timeout_s: float = 600.0
+    """Seconds a rank may go without progress inside a training step before the run is ended as hung
+    (exit code 4), naming the rank(s) that stopped it, with every live rank's Python stacks in RUN/hang/
+    (pipeline/distributed/hang_watchdog.py); 0 = no watchdog."""
+    hang_slow_timeout_s: float | None = None
+    """The same for start-up, the first step of a process, evaluation and checkpoint saves, which are
+    legitimately long; null = 3 x hang_timeout_s."""
 
     def __post_init__(self):
         if self.spike_sigma < 0:
@@ -158,6 +165,11 @@ class TrainConfig:
                      "spike_window", "max_bad_steps", "collapse_warn_intervals"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} ({getattr(self, name)}) must be >= 1")
+        if self.hang_timeout_s < 0:
+            raise ConfigError(f"train.hang_timeout_s ({self.hang_timeout_s}) must be >= 0 (0 = no hang watchdog)")
+        if self.hang_slow_timeout_s is not None and self.hang_slow_timeout_s < self.hang_timeout_s:
+            raise ConfigError(f"train.hang_slow_timeout_s ({self.hang_slow_timeout_s}) must be >= "
+                              f"train.hang_timeout_s ({self.hang_timeout_s}), or null for 3 x hang_timeout_s")
         for name in ("eval_interval", "save_interval", "eval_iters"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} ({getattr(self, name)}) must be >= 0")
@@ -174,9 +186,10 @@ class ParallelConfig:
     divide the world size, n_head and seq_len, and divide n_kv_head or be a multiple of it. The global
     batch is micro_batch_size x grad_accum_steps x world / sequence_parallel_size."""
     collective_timeout_s: float | None = None
-    """Seconds a rank waits in a collective for its peers before the run fails (null: DeepSpeed's
-    default, 600). Raise it when a rank may legitimately lag that long (a checkpoint save to a slow
-    filesystem, a long first compile); lower it to fail sooner when a node dies."""
+    """Seconds a rank waits in a collective for its peers before the run fails. null: the hang
+    watchdog's longest allowance plus 60 s (train.hang_slow_timeout_s + 60), so that the watchdog,
+    which names the stuck rank, fires first; DeepSpeed's default (600) when the watchdog is off
+    (train.hang_timeout_s=0). Set it only to override that backstop."""
 
     def __post_init__(self):
         if self.sequence_parallel_size < 1:

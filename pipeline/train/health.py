@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.distributed.collectives import all_reduce_sum_
+from pipeline.distributed.collectives import all_reduce_sum_, new_world_group
 
 FAULT_ENV = "PIPELINE_INJECT_NAN"
 SLOW_S = 0.5  # a `slow` fault's sleep per micro-batch: well above the noise of busy CPU test machines
@@ -135,23 +135,29 @@ class FaultInjection:
     by the spike detector when train.spike_sigma is set); `slow` makes that rank sleep SLOW_S per
     micro-batch (a straggler, named by the straggler statistics); `crash` ends that rank at once with
     exit code 1, in a supervised job's first attempt only (PIPELINE_ATTEMPT unset or 0, see
-    pipeline/supervise.py), so that its restart gets past it. Unset in normal runs; it exists so
-    tests can prove that a fault on one rank leaves every rank's state untouched."""
+    pipeline/supervise.py), so that its restart gets past it. Hangs for the hang watchdog, at the start of
+    the step: `hang` loops in Python forever (a deadlock, an endless loop); `collective` enters an
+    all-reduce its peers never join (on a group of its own, created on every rank when the spec
+    names the kind). Unset in normal runs; it exists so tests can prove that a fault on one rank
+    leaves every rank's state untouched, and that a stuck rank is found and named."""
+
+    KINDS = ("loss", "grad", "spike", "slow", "crash", "hang", "collective")
 
     def __init__(self, spec: str | None, rank: int):
         self.faults: list[tuple[str, range]] = []  # (kind, steps) aimed at this rank
         for item in filter(None, (spec or "").split(",")):
             try:
                 kind, target, first, *last = item.strip().split(":")
-                if kind not in ("loss", "grad", "spike", "slow", "crash") or len(last) > 1:
+                if kind not in self.KINDS or len(last) > 1:
                     raise ValueError
                 if int(target) == rank:
                     self.faults.append((kind, range(int(first), int(last[0] if last else first) + 1)))
             except ValueError:
                 raise ValueError(
-                    f"{FAULT_ENV}={spec!r}: expected KIND:RANK:FIRST[:LAST][,...] with KIND loss, grad, spike, "
-                    "slow or crash"
+                    f"{FAULT_ENV}={spec!r}: expected KIND:RANK:FIRST[:LAST][,...] with KIND one of "
+                    f"{', '.join(self.KINDS)}"
                 ) from None
+        self.side_group = new_world_group() if "collective:" in (spec or "") else None
 
     @classmethod
     def from_env(cls, rank: int) -> FaultInjection:
@@ -159,6 +165,13 @@ class FaultInjection:
 
     def active(self, step: int, kind: str) -> bool:
         return any(k == kind and step in steps for k, steps in self.faults)
+
+    def stall(self, step: int) -> None:
+        """The `hang` and `collective` faults: never returns at a step they are aimed at."""
+        if self.active(step, "collective"):
+            all_reduce_sum_(torch.zeros(1), self.side_group)  # waits for peers that never come
+        while self.active(step, "hang"):
+            time.sleep(0.05)
 
     def inject(self, step: int, parts: tuple) -> tuple:
         """The loss parts (a NamedTuple) this rank reports at `step`: each loss tensor NaN for `loss`,

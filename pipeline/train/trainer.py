@@ -25,6 +25,8 @@ from pipeline.checkpoint.run_state import RunState
 from pipeline.data.identity import resume_order
 from pipeline.data.megatron_sources import tokenizer_source
 from pipeline.distributed.collectives import sum_over_ranks
+from pipeline.distributed.hang_policy import HangPolicy
+from pipeline.distributed.hang_watchdog import HangWatchdog
 from pipeline.distributed.parallel_dims import ParallelDims
 from pipeline.distributed.process_group import init_distributed, multi_rank_gloo
 from pipeline.errors import CheckpointError
@@ -53,7 +55,9 @@ class Trainer:
         self.cfg, t = cfg, cfg.train
         self.stop = stop or StopSignal()  # a stop request during set-up ends it (StoppedDuringStartup)
         self.stop.stage("connecting the ranks")
-        self.ranks = init_distributed(cfg.parallel.collective_timeout_s)
+        hang = HangPolicy.of(t.hang_timeout_s, t.hang_slow_timeout_s)
+        self.ranks = init_distributed(cfg.parallel.collective_timeout_s or hang.collective_timeout_s())
+        self.hang = HangWatchdog(hang, self.ranks, Path(cfg.run_dir))  # heartbeats from here on
         self.rank, self.world = self.ranks.rank, self.ranks.world
         self.run_dir = Path(cfg.run_dir)
         self.stop.stage("checking the data and the run dir")
@@ -161,6 +165,9 @@ class Trainer:
         acc = StepAccumulator(len(self.moe_layers), self.model_cfg.n_experts, device)
         skipped_before = health.skipped_steps(self.engine)
         verdict = None
+        self.hang.beat("step", step)
+        self.fault.stall(step)
+        self.hang.beat("forward", step)  # ranks past this point wait in the step's collectives
         for micro in range(gas):
             parts = self.fault.inject(step, compute_loss(self.engine, self.data.train_iter.next().to(device)))
             loss = parts.total
@@ -185,6 +192,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float] | None:
         if len(self.data.valid) == 0 or self.cfg.train.eval_iters == 0:
             return None
+        self.hang.beat("eval", self.step)
         self.engine.eval()
         it = self.data.valid_batches()  # the same samples every time: evaluations compare across steps
         total = torch.zeros(1, dtype=torch.float64, device=self.engine.device)
@@ -210,6 +218,7 @@ class Trainer:
 
     def save_if_finite(self) -> bool:
         """A checkpoint is only ever written from finite weights (CheckpointManager.save_if_finite)."""
+        self.hang.beat("save", self.step)
         path = self.ckpt.save_if_finite(self.engine, self.run_state(), self.run_files())
         done = "saving checkpoint {} in the background" if self.ckpt.saver is not None else "saved checkpoint {}"
         self.log.message(done.format(path) if path is not None else
@@ -246,6 +255,7 @@ class Trainer:
                 self.evaluate()
                 self.policy.done(evaluated=True)
             if todo.downstream:
+                self.hang.beat("downstream", self.step)
                 self.downstream.run(self.step, self.engine, self.log, self.log.record, self.run_dir)
             if todo.save:
                 self.policy.done(saved=self.save_if_finite())
@@ -309,9 +319,11 @@ class Trainer:
         Not a single process (pytest, a notebook): a `raise SystemExit(n)` there would exit 0.
         On an error a checkpoint still being written is finished first (its own failure is logged)."""
         try:
+            self.hang.beat("save", self.step)  # a save's allowance while the one in flight finishes
             self.ckpt.wait()
         except CheckpointError as e:
             self.log.message(str(e))
+        self.hang.stop()
         self.data.train_iter.close()
         if self.verifier is not None:
             self.verifier.stop()
