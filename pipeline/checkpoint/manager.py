@@ -113,15 +113,18 @@ class CheckpointManager:
         self.saver = AsyncSaver(pin=torch.cuda.is_available()) if async_save else None
         self.side_group = None  # the background writers' own process group (async_writer.py)
 
-    def host_memory_note(self, engine, required: bool) -> str | None:
-        """The start-up check of an asynchronous save's host memory (collective: every rank checks
-        its node). Short of it: ConfigError if `required` (train.async_save=true), else this manager
-        saves synchronously from now on and the note says so. None when nothing is to be said."""
+    def prepare_async(self, engine, required: bool) -> str | None:
+        """At start-up, after the engine build (collective: every rank calls it): checks an
+        asynchronous save's host memory on each node and creates the background writers' process
+        group now, while the rendezvous store is surely there (a stop after the launcher died saves
+        without it). Short of memory: ConfigError if `required` (train.async_save=true), else this
+        manager saves synchronously from now on and the note says so. None when nothing is to be said."""
         if self.saver is None:
             return None
         short = host_memory_shortfall(owned_bytes(engine.module), local_world_size(), mem_available_bytes())
         short = first_error(None if short is None else f"rank {self.rank}: {short}")
         if short is None:
+            self.side_group = side_group_of_all_ranks()
             return None
         if required:
             raise ConfigError(f"{short}; set train.async_save=false (synchronous saves need no extra host "
@@ -174,8 +177,8 @@ class CheckpointManager:
             if error := self._write_and_commit(tag_dir, state, run_files, rng_state(), owned_tensors(engine.module)):
                 raise CheckpointError(error)
             return tag_dir
-        if self.side_group is None:
-            self.side_group = side_group_of_all_ranks()  # collective: every rank saves here
+        if self.side_group is None:  # not prepared at start-up (prepare_async): now, on every rank
+            self.side_group = side_group_of_all_ranks()
         rng = rng_state()
         tensors = self.saver.buffers.snapshot(owned_tensors(engine.module, self.saver.gather))  # collective
         self.saver.submit(lambda: self._finish_async(tag_dir, state, run_files, rng, tensors))

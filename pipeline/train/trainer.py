@@ -93,7 +93,7 @@ class Trainer:
 
         self.stop.stage("building the model and the DeepSpeed engine")
         self.engine = build_engine(cfg, self.model_cfg, self.ds_config, self.world, self.dims)
-        notes += [n for n in [self.ckpt.host_memory_note(self.engine, required=t.async_save is True)] if n]
+        notes += [n for n in [self.ckpt.prepare_async(self.engine, required=t.async_save is True)] if n]
         self.balancer = ExpertBiasBalancer(self.engine.module, self.model_cfg.load_balance_bias_rate)
         self.moe_layers = self.balancer.layers
         torch.manual_seed(t.seed + 1000 + self.rank)  # dropout differs per rank
