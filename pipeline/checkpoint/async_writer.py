@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -90,6 +91,7 @@ class AsyncSaver:
         self.gather = GatherBuffer()  # the device-side scratch the snapshot gathers each parameter into
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._name, self._seconds = "", 0.0  # the save in flight, and how long its thread ran
 
     @property
     def in_flight(self) -> bool:
@@ -97,27 +99,41 @@ class AsyncSaver:
 
     def submit(self, job: Callable[[], None], name: str = "checkpoint-writer") -> None:
         self.wait()
-        self._error = None
+        self._error, self._name = None, name
+        start = time.monotonic()
 
         def run() -> None:
             try:
                 job()
             except BaseException as e:  # re-raised on the main thread by wait()
                 self._error = e
+            self._seconds = time.monotonic() - start
 
         # A daemon: a process that ends without wait() (killed, crashed) must not hang on it; its
         # checkpoint stays incomplete and `latest` on the previous one.
         self._thread = threading.Thread(target=run, name=name, daemon=True)
         self._thread.start()
 
-    def wait(self) -> None:
+    def finished(self) -> tuple[str, float] | None:
+        """(name, seconds in the background) of a save that has just completed successfully, once;
+        else None, without waiting. Local to this rank; a failed save is left for `wait()`, which
+        every rank calls at the same point."""
+        if self._thread is None or self._thread.is_alive() or self._error is not None:
+            return None
+        self._thread.join()
+        self._thread = None
+        return self._name, self._seconds
+
+    def wait(self) -> tuple[str, float] | None:
+        """Returns once none is in flight: (name, seconds) of the save that was, None if none was."""
         if self._thread is None:
-            return
+            return None
         self._thread.join()
         self._thread = None
         error, self._error = self._error, None
         if error is not None:
             raise error
+        return self._name, self._seconds
 
 
 def mem_available_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:

@@ -181,18 +181,28 @@ class CheckpointManager:
             self.side_group = side_group_of_all_ranks()
         rng = rng_state()
         tensors = self.saver.buffers.snapshot(owned_tensors(engine.module, self.saver.gather))  # collective
-        self.saver.submit(lambda: self._finish_async(tag_dir, state, run_files, rng, tensors))
+        self.saver.submit(lambda: self._finish_async(tag_dir, state, run_files, rng, tensors), name=str(tag_dir))
         return tag_dir
+
+    def committed(self) -> str | None:
+        """A line for the log once a background save has committed (checked without waiting), else None."""
+        done = self.saver.finished() if self.saver is not None else None
+        return None if done is None else self._committed_line(*done)
+
+    @staticmethod
+    def _committed_line(tag_dir: str, seconds: float) -> str:
+        return f"saved checkpoint {tag_dir} ({seconds:.1f} s in the background)"
 
     def _finish_async(self, tag_dir, state, run_files, rng, tensors) -> None:
         if error := self._write_and_commit(tag_dir, state, run_files, rng, tensors, self.side_group):
             raise CheckpointError(error)
 
-    def wait(self) -> None:
+    def wait(self) -> str | None:
         """Return once no save is in flight (at once for synchronous saves); raises CheckpointError
-        if the last one failed. Every rank calls it at the same point (it ends a save on every rank)."""
-        if self.saver is not None:
-            self.saver.wait()
+        if the last one failed. Every rank calls it at the same point (it ends a save on every rank).
+        Returns the log line of the save that was in flight, if one was."""
+        done = self.saver.wait() if self.saver is not None else None
+        return None if done is None else self._committed_line(*done)
 
     def _write_and_commit(self, tag_dir: Path, state: RunState, run_files: dict[str, str], rng: dict,
                           tensors, group=None) -> str | None:

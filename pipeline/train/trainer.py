@@ -259,9 +259,11 @@ class Trainer:
                 self.downstream.run(self.step, self.engine, self.log, self.log.record, self.run_dir)
             if todo.save:
                 self.policy.done(saved=self.save_if_finite())
+            elif line := self.ckpt.committed():  # a background save finished (checked without waiting)
+                self.log.message(line)
             if self.stop.agreed(self.verifier is not None and self.verifier.problem is not None):
                 saved = self.policy.save_on_stop() and self.save_if_finite()
-                self.ckpt.wait()  # a stop ends with the save in flight complete
+                self._wait_for_save()  # a stop ends with the save in flight complete
                 if damaged := damaged_data_error(self.verifier, self.step, saved or self.policy.saved):
                     self.log.flush()
                     raise damaged
@@ -275,11 +277,15 @@ class Trainer:
         if end.save:
             self.save_if_finite()
         elif not self.policy.saved:
-            self.ckpt.wait()  # so that the last good checkpoint named is complete
+            self._wait_for_save()  # so that the last good checkpoint named is complete
             self.log.message(f"no checkpoint at the last step {self.step}: it was skipped; "
                              f"{self.ckpt.last_good_message(verified=True)}")
-        self.ckpt.wait()  # the final save is complete when fit returns
+        self._wait_for_save()  # the final save is complete when fit returns
         self.log.flush()
+
+    def _wait_for_save(self) -> None:
+        if line := self.ckpt.wait():
+            self.log.message(line)
 
     def _record_skip(self, out: StepResult) -> None:
         """Console line, TensorBoard train/skipped_steps and a metrics.jsonl record per skipped step;
@@ -320,7 +326,7 @@ class Trainer:
         On an error a checkpoint still being written is finished first (its own failure is logged)."""
         try:
             self.hang.beat("save", self.step)  # a save's allowance while the one in flight finishes
-            self.ckpt.wait()
+            self._wait_for_save()
         except CheckpointError as e:
             self.log.message(str(e))
         self.hang.stop()

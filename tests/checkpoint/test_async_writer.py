@@ -69,3 +69,28 @@ def test_host_memory_check_reads_memavailable_and_names_the_shortfall():
                      f"({available / 2**30:.2f} GiB per rank x 2 ranks) but only {available / 2**30:.1f} GiB is "
                      "available (MemAvailable)")
     assert host_memory_shortfall(1 << 50, 1, None) is None  # unknown: not refused
+
+
+def test_a_finished_save_is_reported_once_without_waiting_and_a_failed_one_is_left_for_wait():
+    saver = AsyncSaver(pin=False)
+    release = threading.Event()
+    saver.submit(lambda: release.wait(10), name="step_2")
+    assert saver.finished() is None and saver.in_flight  # still writing: no wait
+    release.set()
+    deadline = time.monotonic() + 10
+    while (done := saver.finished()) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert done is not None and done[0] == "step_2" and done[1] >= 0
+    assert saver.finished() is None and not saver.in_flight  # once
+    assert saver.wait() is None  # nothing was in flight
+
+    def fails():
+        raise CheckpointError("could not save checkpoint step_4: disk full")
+
+    saver.submit(fails, name="step_4")
+    time.sleep(0.2)
+    assert saver.finished() is None and saver.in_flight  # not reported as saved; wait() raises it
+    with pytest.raises(CheckpointError, match="disk full"):
+        saver.wait()
+    saver.submit(lambda: None, name="step_6")
+    assert saver.wait()[0] == "step_6"
