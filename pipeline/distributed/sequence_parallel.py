@@ -39,6 +39,8 @@ inside a node; the data-parallel index of a rank is rank // N.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -140,6 +142,11 @@ class UlyssesAttention(nn.Module):
                               mask=mask, sinks_h=sinks_h, scale=scale, dropout=dropout)
         return y_BtHd.transpose(1, 2)  # [B, H, T/N, d]
 
+    @property
+    def local_core(self) -> nn.Module:
+        """The core this one wraps (the model's own, for whole sequences on one rank)."""
+        return self.ulysses.local_attn.core
+
 
 def _sum_over_group(counts: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     counts = counts.detach().clone()  # counts carry no gradient; never reduce into the caller's
@@ -160,6 +167,32 @@ def apply_sequence_parallel(model: nn.Module, groups: SequenceGroups) -> int:
         elif isinstance(module, TopKRouter):
             module.reduce_counts = functools.partial(_sum_over_group, group=groups.group)
     return wrapped
+
+
+@contextmanager
+def whole_sequences(model: nn.Module) -> Iterator[None]:
+    """Within the block, `model` (made sequence-parallel by `apply_sequence_parallel`) computes whole
+    sequences on each rank alone, as before it was applied: its own attention cores, no sequence
+    shard, router counts local. KV-cached generation needs it: every rank decodes whole requests of
+    its own, so no step may wait on the SP group. The sequence-parallel state comes back on exit,
+    also on an exception. Every rank of an SP group must enter it together (the group's collectives
+    stop for all its ranks); a model without sequence parallelism passes through unchanged."""
+    shard = model.sequence_shard
+    cores = {m: m.core for m in model.modules() if isinstance(m, Attention) and isinstance(m.core, UlyssesAttention)}
+    routers = {m: m.reduce_counts for m in model.modules() if isinstance(m, TopKRouter)}
+    try:
+        model.sequence_shard = None
+        for attn, ulysses in cores.items():
+            attn.core = ulysses.local_core
+        for router in routers:
+            router.reduce_counts = None
+        yield
+    finally:
+        model.sequence_shard = shard
+        for attn, ulysses in cores.items():
+            attn.core = ulysses
+        for router, reduce_counts in routers.items():
+            router.reduce_counts = reduce_counts
 
 
 def whole_sequence_forward(forward, groups: SequenceGroups):

@@ -6,9 +6,9 @@
 The trainer calls `run` when its LoopPolicy says the tasks are due; `python -m pipeline.evaluate`
 calls `evaluate`.
 Tasks are checked when the evaluator is built (before any engine or training): an unknown task,
-a task whose data cannot be loaded, a generation task with generation_kwargs we do not implement
-or a max_gen_toks that leaves no context, and a generation task under sequence parallelism are each
-one ConfigError naming the task, raised on every rank (rank 0 checks, the others receive its verdict).
+a task whose data cannot be loaded, and a generation task with generation_kwargs we do not implement
+or a max_gen_toks that leaves no context are each one ConfigError naming the task, raised on every
+rank (rank 0 checks, the others receive its verdict).
 
 Training state is left as it was: the model runs in eval mode without gradients (and goes back to
 train mode), and the process-wide RNGs the harness seeds (Python, NumPy, torch) are restored.
@@ -47,11 +47,11 @@ RESULTS_DIR = "downstream"
 """RUN/downstream/step_N.json: the harness's result JSON of each evaluation of a run."""
 
 
-def load_tasks(tasks: list[str], task_paths: list[str], key: str = "eval.tasks", max_length: int | None = None,
-               sequence_parallel: int = 1) -> dict:
+def load_tasks(tasks: list[str], task_paths: list[str], key: str = "eval.tasks",
+               max_length: int | None = None) -> dict:
     """The harness's loaded tasks ({"tasks": {name: Task}, "groups": ...}), data included, so that a
     missing dataset shows at start, not mid-run; loaded once and reused by every evaluation.
-    Generation tasks are checked against `max_length` (the context) and `sequence_parallel`.
+    Generation tasks are checked against `max_length` (the context).
 
     `tasks`: names, or task YAML files (as lm-eval's --tasks). The harness's ~15,000 built-in task
     configs take seconds to index; when `task_paths` and files define every requested task they are
@@ -93,8 +93,7 @@ def load_tasks(tasks: list[str], task_paths: list[str], key: str = "eval.tasks",
             raise ConfigError(f"{key}: {name} has output_type {output_type}; supported: "
                               f"{', '.join(SUPPORTED_OUTPUT_TYPES)}")
         if output_type == "generate_until":
-            check_generation_task(name, task.get_config("generation_kwargs") or {}, key, max_length,
-                                  sequence_parallel)
+            check_generation_task(name, task.get_config("generation_kwargs") or {}, key, max_length)
     return loaded
 
 
@@ -116,15 +115,10 @@ def task_specs(tasks: list[str], key: str) -> list[str]:
     return specs
 
 
-def check_generation_task(name: str, gen_kwargs: dict, key: str, max_length: int | None,
-                          sequence_parallel: int) -> None:
+def check_generation_task(name: str, gen_kwargs: dict, key: str, max_length: int | None) -> None:
     from pipeline.evaluation.generation import GenerationSettings
     from pipeline.evaluation.harness import check_generation_fits
 
-    if sequence_parallel > 1:
-        # Decoding deals whole requests to ranks with a KV cache; the Ulysses core splits one sequence.
-        raise ConfigError(f"{key}: {name} is a generation task; generation cannot run with "
-                          "parallel.sequence_parallel_size > 1 yet: evaluate it with python -m pipeline.evaluate")
     try:
         settings = GenerationSettings.from_gen_kwargs(gen_kwargs, None)
         if max_length is not None:
@@ -210,10 +204,10 @@ def write_results(path: Path, results: dict) -> None:
     atomic_write_text(path, json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
 
 
-def load_tasks_in_one_line(cfg: EvalConfig, max_length: int | None = None, sequence_parallel: int = 1) -> dict:
+def load_tasks_in_one_line(cfg: EvalConfig, max_length: int | None = None) -> dict:
     """load_tasks, where any failure (e.g. a malformed task YAML) is a one-line ConfigError."""
     try:
-        return load_tasks(cfg.tasks, cfg.task_paths, max_length=max_length, sequence_parallel=sequence_parallel)
+        return load_tasks(cfg.tasks, cfg.task_paths, max_length=max_length)
     except ConfigError:
         raise
     except Exception as e:
@@ -226,8 +220,7 @@ class DownstreamEvaluator:
     """lm-eval tasks on every rank's model; see the module docstring."""
 
     def __init__(self, cfg: EvalConfig, tokenizer: Tokenizer, prefix_token_id: int, max_length: int,
-                 ranks: RankView = ONE_RANK, bootstrap_iters: int = 0, log_samples: bool = False,
-                 sequence_parallel: int = 1):
+                 ranks: RankView = ONE_RANK, bootstrap_iters: int = 0, log_samples: bool = False):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.prefix_token_id = prefix_token_id
@@ -236,7 +229,7 @@ class DownstreamEvaluator:
         self.bootstrap_iters = bootstrap_iters  # 0: no bootstrapped stderr (seconds of CPU per metric)
         self.log_samples = log_samples
         # Only rank 0 runs the harness; its verdict is every rank's.
-        self.tasks = agree_on_error(lambda: load_tasks_in_one_line(cfg, max_length, sequence_parallel), ranks)
+        self.tasks = agree_on_error(lambda: load_tasks_in_one_line(cfg, max_length), ranks)
 
     @classmethod
     def for_data(cls, cfg: EvalConfig, data_dir: str | Path, max_length: int, ranks: RankView = ONE_RANK,
@@ -252,7 +245,8 @@ class DownstreamEvaluator:
         """Run the tasks; every rank must call this. `forward(ids [B, T]) -> logits [B, T, V]` with
         the model already in eval mode. `sequence_parallel` N > 1: groups of N consecutive ranks run
         the same requests through `forward` (see harness.Scorer). `decoder` (generation.Decoder) runs
-        generation tasks. Returns the harness's results on rank 0, None elsewhere."""
+        generation tasks, under sequence parallelism too (each rank decodes whole requests of its
+        own). Returns the harness's results on rank 0, None elsewhere."""
         from pipeline.evaluation.harness import PipelineLM, Scorer
 
         scorer = Scorer(forward, device, self.cfg.batch_size, pad_id=self.tokenizer.eos_id,
@@ -287,7 +281,7 @@ class DownstreamEvaluator:
         forward = lambda ids_BT: engine(ids_BT)[0]  # noqa: E731
         shard = getattr(engine.module, "sequence_shard", None)  # set by sequence parallelism
         sp = shard.count if shard is not None else 1
-        if sp > 1:  # the SP group's ranks share each request, each computing its slice of the sequence
+        if sp > 1:  # the SP group's ranks share each scored request, each computing its slice of the sequence
             from pipeline.distributed.sequence_parallel import create_sequence_groups, whole_sequence_forward
 
             forward = whole_sequence_forward(forward, create_sequence_groups(sp))

@@ -17,6 +17,8 @@ one prefill forward, then one forward per new token with the KV cache. Under ZeR
 gathers parameters collectively and expert parallelism exchanges tokens over all ranks, so every
 rank runs the same number of forwards: after each token the ranks agree (one all-reduce of a flag)
 whether any row anywhere still generates, and a rank without rows left runs a one-token dummy forward.
+With sequence parallelism the model is put back to whole sequences while it decodes
+(`sequence_parallel.whole_sequences`): every rank decodes its own requests, as without SP.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.distributed.collectives import any_rank, gather_objects
+from pipeline.distributed.sequence_parallel import whole_sequences
 from pipeline.model.gpt_oss import sample_next_token
 
 SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k")
@@ -132,17 +135,20 @@ def generate_dealt(contexts: list[list[int]], settings: GenerationSettings, deco
                    tokenizer: Tokenizer, dummy_forward: Callable[[], None], device: torch.device,
                    batch_size: int, pad_id: int, rank: int, world: int) -> tuple[list[str] | None, int]:
     """Every rank: generate for `contexts` (token lists, already truncated), this rank's share.
-    Returns (the texts in request order on rank 0, None elsewhere; the forwards this rank ran)."""
+    `dummy_forward` runs the model on one token without a cache (and, under sequence parallelism,
+    without the SP group: it runs inside `whole_sequences` too). Returns (the texts in request order
+    on rank 0, None elsewhere; the forwards this rank ran)."""
     order = sorted(range(len(contexts)), key=lambda i: (-len(contexts[i]), contexts[i]))
     mine = order[rank::world]
     n_batches = math.ceil(math.ceil(len(contexts) / world) / batch_size)  # rank 0's count: the most
     texts, forwards = [], 0
-    for b in range(n_batches):
-        ks = range(b * batch_size, min((b + 1) * batch_size, len(mine)))  # mine[k] is order[rank + k * world]
-        batch = [contexts[mine[k]] for k in ks]
-        rows = _Rows(tokenizer, settings, [settings.seed + rank + k * world for k in ks], device)
-        forwards += _generate_batch(batch, rows, decoder, dummy_forward, device, pad_id)
-        texts += [stop_text(rows.text(i), settings.until) for i in range(len(batch))]
+    with whole_sequences(decoder.module):  # a KV cache holds whole sequences: no sequence shards meanwhile
+        for b in range(n_batches):
+            ks = range(b * batch_size, min((b + 1) * batch_size, len(mine)))  # mine[k] is order[rank + k * world]
+            batch = [contexts[mine[k]] for k in ks]
+            rows = _Rows(tokenizer, settings, [settings.seed + rank + k * world for k in ks], device)
+            forwards += _generate_batch(batch, rows, decoder, dummy_forward, device, pad_id)
+            texts += [stop_text(rows.text(i), settings.until) for i in range(len(batch))]
     gathered = gather_objects(texts, dst=0)
     if gathered is None:
         return None, forwards

@@ -20,7 +20,9 @@ over all ranks. The other ranks wait in `Scorer.serve()` until rank 0 says it is
 sequence parallelism the unit is an SP group instead of a rank: its ranks score the same requests
 (`pipeline.distributed.sequence_parallel.whole_sequence_forward` gives each the whole logits).
 Generation requests are dealt over ranks the same way (`Scorer.generate`), with a `Decoder` for
-KV-cached steps (not with sequence parallelism: refused at start, downstream.check_generation_task).
+KV-cached steps; with sequence parallelism over all ranks, not SP groups: while it decodes, the model
+computes whole sequences on every rank (`sequence_parallel.whole_sequences`), so each rank decodes
+its own requests as without SP.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ class Scorer:
     def _generate(self, contexts: list[list[int]], settings: GenerationSettings) -> list[str] | None:
         if self.decoder is None or self.tokenizer is None:
             raise RuntimeError("this Scorer was built without a decoder and tokenizer: it cannot generate")
-        texts, forwards = generate_dealt(contexts, settings, self.decoder, self.tokenizer, self._dummy_forward,
+        texts, forwards = generate_dealt(contexts, settings, self.decoder, self.tokenizer, self._dummy_decode,
                                          self.device, self.batch_size, self.pad_id, self.rank, self.world)
         self.forwards += forwards
         return texts
@@ -113,6 +115,11 @@ class Scorer:
     def _dummy_forward(self) -> None:
         """A one-token forward: keeps this rank's collectives in step when it has nothing to compute."""
         self.forward(torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device))
+
+    def _dummy_decode(self) -> None:
+        """Generation's one-token forward, through the decoder: under sequence parallelism `forward`
+        all-gathers over the SP group, whose other ranks decode requests of their own meanwhile."""
+        self.decoder.step(torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device), None)
 
     @torch.no_grad()
     def _score(self, requests: list[TokenRequest]) -> list[tuple[float, bool]]:

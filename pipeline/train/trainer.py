@@ -76,8 +76,7 @@ class Trainer:
         self.lock = hold_run_dir(self.run_dir, self.rank)  # released at exit, also on errors
         # Tasks are checked now (one line, exit 2), before the engine is built or a step is trained.
         self.downstream = DownstreamEvaluator.for_data(cfg.eval, tokenizer_source(cfg.data.train, cfg.data.tokenizer),
-                                                       self.model_cfg.block_size, self.ranks,
-                                                       sequence_parallel=self.dims.sp)
+                                                       self.model_cfg.block_size, self.ranks)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", t.keep_last, async_save=t.async_save is not False)
         # A resume keeps the sample order its run started with (runs before the O(shards) loader: legacy).
         latest = self.ckpt.latest()

@@ -4,8 +4,8 @@ resume on other sequence-parallel sizes.
 
 Rank start-up dominates on CPU, so cases share launches: one 4-rank launch compares losses,
 gradients of every parameter and per-document logits against the unsplit model for SP 2 and 4
-(tests/distributed/scripts/sp_equivalence.py), and the downstream (lm-eval) scores of the
-same model; two trainer runs compare 10 steps with the single-process
+(tests/distributed/scripts/sp_equivalence.py), and the downstream (lm-eval) scores and greedy
+generations of the same model; two trainer runs compare 10 steps with the single-process
 reference; two resumes move the SP 2 run's checkpoint to SP 1 and SP 4.
 """
 
@@ -27,6 +27,9 @@ from tests.train.reference import reference_run
 SCRIPTS = Path(__file__).parent / "scripts"
 
 STEPS, SAVED = 10, 5
+# Greedy and seeded sampling (10 steps of training: every greedy line ends at once, the samples do
+# not); their fingerprint metric is a crc32 of the generated strings.
+GEN_TASKS = ["pycode_gen", "pycode_gen_sampled"]
 
 
 def test_sharded_losses_gradients_and_document_logits_equal_unsplit_model(prepared_data, tmp_path):
@@ -54,6 +57,9 @@ def test_sharded_losses_gradients_and_document_logits_equal_unsplit_model(prepar
                 assert downstream[sp]["metrics"][key] == ref, (sp, key)
             else:
                 assert downstream[sp]["metrics"][key] == pytest.approx(ref, rel=1e-5), (sp, key)
+        # Greedy generation (KV cache; each rank decodes requests of its own): the same strings.
+        assert downstream[sp]["generations"] == unsplit["generations"], sp
+    assert len(unsplit["generations"]) == 8 and len(set(unsplit["generations"])) > 1
 
 
 def run_config(path: Path, data: Path, run_dir: Path, seq_len: int, **sections) -> Path:
@@ -80,14 +86,16 @@ def assert_matches_reference(cfg: Path, run_dir: Path, dp_world: int) -> dict[in
 def sp2_run(prepared_data, tmp_path_factory):
     """4 ranks, SP 2 x EP 2 on the same rank pairs, documents masked, shards of 32 = the sliding
     window (windows cross shard boundaries), activation checkpointing; checkpoint at step 5; the
-    tiny lm-eval tasks in the loop at the last step (so also in the resumed runs)."""
+    tiny lm-eval tasks and the generation tasks in the loop at the last step (so also in the resumed
+    runs)."""
     tmp = tmp_path_factory.mktemp("sp2")
     cfg = run_config(
         tmp / "sp2.yaml", prepared_data, tmp / "sp2", 64,
         model={"preset": "debug", "document_masking": True},
         train={"steps": STEPS, "micro_batch_size": 1, "save_interval": SAVED},
         parallel={"expert_parallel_size": 2, "sequence_parallel_size": 2, "activation_checkpointing": True},
-        eval={"tasks": TINY_TASKS, "task_paths": [str(TASKS_DIR)], "limit": 8, "num_fewshot": 1, "batch_size": 4},
+        eval={"tasks": [*TINY_TASKS, *GEN_TASKS], "task_paths": [str(TASKS_DIR)], "limit": 8, "num_fewshot": 1,
+              "batch_size": 4},
     )
     train(4, cfg)
     return tmp, cfg, tmp / "sp2"
@@ -131,9 +139,13 @@ def test_sp2_checkpoint_resumes_on_other_sp_sizes(sp2_run, nproc, sp, mbs):
         tol = 1e-5 if step == SAVED + 1 else 5e-5
         assert math.isclose(got[step], uninterrupted[step], rel_tol=tol), (step, got[step], uninterrupted[step])
     # In-loop downstream scores at step 10 (SP 2 x 2 groups vs SP 1 / SP 4 on weights equal to the
-    # rounding above): the same choices win; perplexities agree as closely as the losses.
+    # rounding above): the same choices win; perplexities agree as closely as the losses; the
+    # generations (each rank decoding whole requests of its own, also under SP) are the same strings.
     results = f"downstream/step_{STEPS}.json"
-    assert_same_scores(downstream(run_dir / results), downstream(base / results), rel=1e-4)
+    ours, reference = downstream(run_dir / results), downstream(base / results)
+    assert all(f"downstream/{task}/fingerprint" in ours for task in GEN_TASKS)
+    assert ours["downstream/pycode_gen_sampled/fingerprint"] > 0  # crc32 of "" is 0: some samples are not empty
+    assert_same_scores(ours, reference, rel=1e-4)
 
 
 @pytest.mark.parametrize("sp, world, seq_len, message", [

@@ -17,7 +17,7 @@ from transformers import GptOssForCausalLM, PreTrainedTokenizerFast
 from pipeline.data import load_tokenizer
 from pipeline.errors import ConfigError
 from pipeline.evaluation.config import EvalConfig
-from pipeline.evaluation.downstream import DownstreamEvaluator, check_generation_task
+from pipeline.evaluation.downstream import DownstreamEvaluator
 from pipeline.evaluation.generation import Decoder
 from pipeline.model import GPTOSS, get_preset
 from pipeline.train.config import load_run_config
@@ -133,7 +133,3 @@ def test_bad_tasks_are_one_line_errors(tmp_path):
         with pytest.raises(ConfigError) as e:
             DownstreamEvaluator(cfg, tok_dir, 0, 16)
         assert expected in str(e.value) and "\n" not in str(e.value), str(e.value)
-    # The check every loaded generation task passes (above: through the evaluator), under SP.
-    with pytest.raises(ConfigError, match="eval.tasks: pycode_gen is a generation task; generation cannot run "
-                       r"with parallel.sequence_parallel_size > 1 yet"):
-        check_generation_task("pycode_gen", {"until": ["\n"]}, "eval.tasks", 64, sequence_parallel=2)

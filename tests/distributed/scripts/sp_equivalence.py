@@ -12,8 +12,10 @@ world size (what DeepSpeed's averaging does), must equal the reference gradient.
 sharded logits, gathered, must equal each document's logits when it is run alone.
 With DATA_DIR (a prepared dir: its tokenizer), the shipped tiny lm-eval tasks are scored by the same
 seeded model unsplit (requests dealt over all ranks) and with SP 2 and 4 (each SP group's ranks
-share its requests), with a context length that is a multiple of neither.
-Rank 0 writes the largest differences (and the downstream per-request log-likelihoods) to OUT.json.
+share its requests), with a context length that is a multiple of neither; the greedy generation
+task runs too (each rank decodes requests of its own, also under SP).
+Rank 0 writes the largest differences (and the downstream per-request log-likelihoods and
+generations) to OUT.json.
 """
 
 import json
@@ -124,15 +126,19 @@ def document_logits_case(sp: int, seq_len: int, backend: str) -> float:
 
 @torch.no_grad()
 def downstream_case(data_dir: str) -> dict | None:
-    """{sp: {"loglikelihoods": per request, "metrics": the harness's}} for SP 1, 2 and 4 on rank 0."""
+    """{sp: {"loglikelihoods": per request, "metrics": the harness's, "generations": pycode_gen's
+    texts}} for SP 1, 2 and 4 on rank 0."""
     from pipeline.distributed.ranks import current
     from pipeline.distributed.sequence_parallel import whole_sequence_forward
     from pipeline.evaluation.config import EvalConfig
     from pipeline.evaluation.downstream import DownstreamEvaluator, data_tokenizer
+    from pipeline.evaluation.generation import Decoder
     from tests.evaluation.conftest import TASKS_DIR, TINY_TASKS, per_request
 
     tok, prefix = data_tokenizer(data_dir)
-    cfg = EvalConfig(tasks=TINY_TASKS, task_paths=[str(TASKS_DIR)], num_fewshot=2, limit=9, batch_size=3)
+    # pycode_gen: 8 requests, 2 per rank in one batch of 3 (ranks of an SP group decode different ones)
+    cfg = EvalConfig(tasks=[*TINY_TASKS, "pycode_gen"], task_paths=[str(TASKS_DIR)], num_fewshot=2, limit=9,
+                     batch_size=3)
     # 23: 2-shot prompts are truncated, rolling windows are cut, and no length is a multiple of 2 or 4.
     evaluator = DownstreamEvaluator(cfg, tok, prefix, 23, current(), log_samples=True)
     out = {}
@@ -142,12 +148,13 @@ def downstream_case(data_dir: str) -> dict | None:
         if sp > 1:
             apply_sequence_parallel(model, create_sequence_groups(sp))
             forward = whole_sequence_forward(forward, create_sequence_groups(sp))
-        results = evaluator.evaluate(forward, "cpu", sequence_parallel=sp)
+        results = evaluator.evaluate(forward, "cpu", sequence_parallel=sp, decoder=Decoder(model))
         if results is not None:
             lls = [ll for task in TINY_TASKS for ll in per_request(results, task)]
             metrics = {f"{t}/{k}": v for t in TINY_TASKS for k, v in results["results"][t].items()
                        if isinstance(v, float)}
-            out[sp] = {"loglikelihoods": lls, "metrics": metrics}
+            texts = [s["resps"][0][0] for s in sorted(results["samples"]["pycode_gen"], key=lambda s: s["doc_id"])]
+            out[sp] = {"loglikelihoods": lls, "metrics": metrics, "generations": texts}
     return out or None
 
 
