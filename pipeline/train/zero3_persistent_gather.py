@@ -13,7 +13,10 @@ rank's partitions concatenated into one buffer, one collective per (partition gr
 back per parameter). `gather_persistent_in_one_collective` routes the post-step gather there. Every
 parameter receives the same bytes as before (a gather only copies); only the number of collectives
 changes (tests/train/test_zero3_buckets.py compares every gradient and loss over two steps, which
-read the re-gathered parameters, with and without it).
+read the re-gathered parameters, with and without it). Memory: one transient flat buffer of the
+persistent parameters (below the threshold by definition: a few MB per layer stack at gpt-oss scale).
+On 2 loaded CPU ranks the 71 gathers cost ~3 ms of CPU but ~130 ms of waiting per step
+(benchmarks/bench_ep.py, bench_hf_trainer.py).
 
 It replaces the `all_gather` attribute of the optimizer's first persistent parameter (DeepSpeed sets
 one closure per parameter), relies on private names of exactly DeepSpeed 0.19.8 and refuses any
