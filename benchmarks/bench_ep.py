@@ -12,8 +12,10 @@ work it moves (on CPU the ranks share the cores, so its all-to-all is pure overh
 
 Run with plain python: it launches the ranks itself (torchrun --standalone).
 
-Runs, side by side: EP 1, EP N with DeepSpeed's own ZeRO-3 bucketing, EP N with one gradient bucket
-per partition group (pipeline/train/zero3_buckets.py, what the trainer uses; docs/deepspeed_zero3_ep_buckets.md).
+Runs, side by side: EP 1 and EP N, each with DeepSpeed's own ZeRO-3 code and with our two patches
+of it (what the trainer uses): one gradient bucket per partition group (pipeline/train/zero3_buckets.py,
+docs/deepspeed_zero3_ep_buckets.md) and one all-gather per partition group for the persistent
+parameters after each step (pipeline/train/zero3_persistent_gather.py).
 
 What the profile showed (2 shared CPU cores, rank 0, per step; EP1 -> EP2): the collectives that
 synchronise the two ranks go from 71 all-gathers + 1 reduce-scatter to 55 all-gathers (the local
@@ -25,6 +27,12 @@ What is left is waiting in the all-to-alls' autograd functions (66-111 ms/step; 
 itself is a few ms): every all-to-all lets the slower rank (more routed tokens, or descheduled on
 busy cores) hold the other, and on CPU the ranks share the cores, so the exchange is pure overhead;
 capacity_factor=1.0 bounds the routing imbalance.
+
+The persistent-parameter gather (every debug-preset parameter is below
+stage3_param_persistence_threshold): DeepSpeed re-gathers them after each step one parameter at a
+time, 71 all-gathers (55 with EP 2) of 2.9 ms CPU in all but ~130 ms of waiting on loaded cores at
+EP 1 (step 201 -> 70 ms in one profiled pair); with one collective per partition group EP 1 loses
+that wait, and EP 2 is left with its 20 all-to-alls as the ranks' meeting points.
 """
 
 from __future__ import annotations
@@ -73,7 +81,7 @@ def run_config(args, ep: int):
 
 def measure(args, ep: int, world: int, rank: int, patched: bool = True) -> tuple[float, str | None]:
     """(median step seconds, profiler table or None) of one engine with expert_parallel_size=ep;
-    `patched=False`: DeepSpeed's own ZeRO-3 bucketing (pipeline/train/zero3_buckets.py off)."""
+    `patched=False`: DeepSpeed's own ZeRO-3 code (train/zero3_buckets.py and train/zero3_persistent_gather.py off)."""
     from pipeline.model import get_preset
     from pipeline.train.ds_config import build_ds_config
     from pipeline.train.engine import build_engine, release_engine
@@ -81,7 +89,8 @@ def measure(args, ep: int, world: int, rank: int, patched: bool = True) -> tuple
 
     run = run_config(args, ep)
     model_cfg = get_preset("debug", capacity_factor=args.capacity_factor, block_size=max(128, args.seq))
-    engine = build_engine(run, model_cfg, build_ds_config(run, world), world, bucket_per_partition_group=patched)
+    engine = build_engine(run, model_cfg, build_ds_config(run, world), world, bucket_per_partition_group=patched,
+                          persistent_gather_in_one=patched)
     gen = torch.Generator().manual_seed(rank)  # each rank its own samples, the same for both runs
     batches = [torch.randint(0, model_cfg.vocab_size, (args.micro_batch, args.seq + 1), generator=gen)
                for _ in range(4)]
@@ -135,10 +144,10 @@ def rank_main(args) -> None:
     view = init_distributed()
 
     rank, world = view.rank, view.world
-    # (ep, bucket per partition group): EP 1 has one partition group, so the patch changes nothing there.
-    runs = [(1, True), (world, False), (world, True)]
-    names = {(1, True): "expert_parallel_size=1", (world, False): f"expert_parallel_size={world}, DeepSpeed buckets",
-             (world, True): f"expert_parallel_size={world}, bucket per group"}
+    # (ep, our ZeRO-3 patches on); with EP 1 (one partition group) only the persistent gather changes.
+    runs = [(1, False), (1, True), (world, False), (world, True)]
+    names = {(ep, patched): f"expert_parallel_size={ep}, {'our ZeRO-3 patches' if patched else 'DeepSpeed code'}"
+             for ep, patched in runs}
     best: dict[tuple[int, bool], float] = {}
     for _ in range(args.repeats):
         for run in runs:
@@ -153,8 +162,10 @@ def rank_main(args) -> None:
               f"best of {args.repeats} medians over {args.steps} steps; load average {os.getloadavg()[0]:.1f}")
         for run in runs:
             print(f"  {names[run]:<44}{1e3 * best[run]:7.1f} ms/step  {tokens / best[run]:9,.0f} tokens/s")
-        print(f"  EP{world} / EP1 step time: {best[(world, False)] / best[(1, True)]:.2f}x with DeepSpeed's buckets, "
-              f"{best[(world, True)] / best[(1, True)]:.2f}x with a bucket per partition group", flush=True)
+        print(f"  EP{world} / EP1 step time: {best[(world, False)] / best[(1, False)]:.2f}x with DeepSpeed's code, "
+              f"{best[(world, True)] / best[(1, True)]:.2f}x with our patches", flush=True)
+        print(f"  ours / DeepSpeed's step time: EP1 {best[(1, True)] / best[(1, False)]:.2f}x, "
+              f"EP{world} {best[(world, True)] / best[(world, False)]:.2f}x", flush=True)
 
 
 def main() -> None:

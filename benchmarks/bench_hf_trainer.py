@@ -5,9 +5,11 @@
 Both sides train the debug preset in fp32 under DeepSpeed ZeRO-3 on the same ranks with the same
 ZeRO section, the same DeepSpeed AdamW (torch_adam), micro-batches of the same shape (--micro-batch
 x --seq tokens per rank, random tokens) and one micro-batch per step:
-  - ours: the trainer's engine (train/engine.py build_engine, with one ZeRO-3 gradient bucket per
-    partition group) with expert_parallel_size 1 and --nproc, timed as benchmarks/bench_ep.py
-    times it (`measure`: a barrier, then forward + backward + step);
+  - ours: the trainer's engine (train/engine.py build_engine) with expert_parallel_size 1 and --nproc,
+    each with DeepSpeed's own ZeRO-3 code and with our patches of it (what the trainer uses: one
+    gradient bucket per partition group, train/zero3_buckets.py; one all-gather per partition group
+    for the persistent parameters after each step, train/zero3_persistent_gather.py), timed as
+    benchmarks/bench_ep.py times it (`measure`: a barrier, then forward + backward + step);
   - Hugging Face: `transformers.GptOssForCausalLM` from the same config (pipeline/model/hf.py
     `config_to_hf`; every rank computes every expert: transformers has no expert parallelism),
     `transformers.Trainer` with `TrainingArguments(deepspeed=...)`, timed from `on_step_begin` to
@@ -59,7 +61,9 @@ def bench_ep_args(args):
 def ours(args, rank: int, world: int) -> dict:
     from bench_ep import measure
 
-    return {f"ours_ep{ep}": measure(bench_ep_args(args), ep, world, rank)[0] for ep in (1, world)}
+    # With our ZeRO-3 patches (what the trainer uses) and without them (DeepSpeed's own code, as HF runs it).
+    return {f"ours_ep{ep}{'' if patched else '_ds'}": measure(bench_ep_args(args), ep, world, rank, patched)[0]
+            for ep in (1, world) for patched in (False, True)}
 
 
 def hf(args, rank: int, world: int) -> dict:
@@ -146,12 +150,15 @@ def main() -> None:
     print(f"debug model, fp32, ZeRO-3, {args.nproc} ranks, micro-batch {args.micro_batch} x {args.seq} tokens "
           f"per rank; best of {args.repeats} medians over {args.steps} steps; "
           f"load average after each run: {', '.join(loads)}")
-    names = {"hf": "HF Trainer + DeepSpeed ZeRO-3", "ours_ep1": "ours, expert_parallel_size=1",
-             f"ours_ep{args.nproc}": f"ours, expert_parallel_size={args.nproc}"}
-    for key, name in names.items():
-        print(f"  {name:<34}{1e3 * best[key]:7.1f} ms/step  {tokens / best[key]:9,.0f} tokens/s")
+    names = {"hf": "HF Trainer + DeepSpeed ZeRO-3"}
     for ep in (1, args.nproc):
-        print(f"  ours (EP {ep}) / HF tokens/s: {best['hf'] / best[f'ours_ep{ep}']:.2f}x")
+        names[f"ours_ep{ep}_ds"] = f"ours, EP {ep}, DeepSpeed's ZeRO-3 code"
+        names[f"ours_ep{ep}"] = f"ours, EP {ep}, our ZeRO-3 patches"
+    for key, name in names.items():
+        print(f"  {name:<40}{1e3 * best[key]:7.1f} ms/step  {tokens / best[key]:9,.0f} tokens/s")
+    for key, name in names.items():
+        if key != "hf":
+            print(f"  {name} / HF tokens/s: {best['hf'] / best[key]:.2f}x")
 
 
 if __name__ == "__main__":

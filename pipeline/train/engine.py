@@ -30,6 +30,7 @@ from pipeline.model import GPTOSS, GPTOSSConfig, TopKRouter
 from pipeline.train.config import RunConfig
 from pipeline.train.optim import check_optimizer_builds, param_groups
 from pipeline.train.zero3_buckets import check_deepspeed_version, keep_bucket_per_partition_group
+from pipeline.train.zero3_persistent_gather import gather_persistent_in_one_collective
 
 
 def is_zero3(ds_config: dict | None) -> bool:
@@ -118,15 +119,18 @@ def materialize_partitioned(model: GPTOSS, ds_config: dict) -> None:
 
 
 def build_engine(cfg: RunConfig, model_cfg: GPTOSSConfig, ds_config: dict, world: int,
-                 dims: ParallelDims | None = None, bucket_per_partition_group: bool = True):
+                 dims: ParallelDims | None = None, bucket_per_partition_group: bool = True,
+                 persistent_gather_in_one: bool = True):
     """The DeepSpeed engine for `model_cfg` trained as `cfg` describes.
 
     `bucket_per_partition_group=False` keeps DeepSpeed's own ZeRO-3 gradient bucketing (one bucket,
-    flushed at every change of partition group); only tests and benchmarks compare against it.
+    flushed at every change of partition group); `persistent_gather_in_one=False` its one all-gather
+    per persistent parameter after each step (train/zero3_persistent_gather.py); only tests and
+    benchmarks compare against them.
     """
     import deepspeed
 
-    if bucket_per_partition_group and is_zero3(ds_config):
+    if (bucket_per_partition_group or persistent_gather_in_one) and is_zero3(ds_config):
         check_deepspeed_version(deepspeed.__version__)  # before the (slow) model build
     check_optimizer_builds(ds_config)  # before the (slow) model build
     model = build_model(cfg, model_cfg, world, ds_config, dims)
@@ -135,6 +139,8 @@ def build_engine(cfg: RunConfig, model_cfg: GPTOSSConfig, ds_config: dict, world
     )
     if bucket_per_partition_group:
         keep_bucket_per_partition_group(engine.optimizer)
+    if persistent_gather_in_one:
+        gather_persistent_in_one_collective(engine.optimizer)
     for m in engine.module.modules():  # bf16 DeepSpeed casts buffers; +-rate steps need fp32
         if isinstance(m, TopKRouter) and m.expert_bias is not None:
             m.expert_bias = m.expert_bias.float()

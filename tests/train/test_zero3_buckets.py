@@ -1,6 +1,8 @@
-"""ZeRO-3 keeps one gradient bucket per partition group (pipeline/train/zero3_buckets.py): fewer
-reduce-scatters with expert parallelism, every gradient and loss bit-identical to DeepSpeed's own
-bucketing, ZeRO-2 untouched, other DeepSpeed versions refused. (That a resumed run equals an
+"""ZeRO-3 keeps one gradient bucket per partition group (pipeline/train/zero3_buckets.py) and
+re-gathers its persistent parameters in one all-gather per partition group after each step
+(pipeline/train/zero3_persistent_gather.py): fewer reduce-scatters with expert parallelism, fewer
+all-gathers always, every gradient and loss bit-identical to DeepSpeed's own code, ZeRO-2
+untouched, other DeepSpeed versions refused. (That a resumed run equals an
 uninterrupted one with the patch on is tests/checkpoint/test_checkpoint.py: its runs are EP 2 ZeRO-3.)"""
 
 from __future__ import annotations
@@ -47,6 +49,19 @@ def test_expert_layers_no_longer_flush_the_bucket(cases):
                 assert r["scatters_base"] == r["scatters_patched"] == [1, 1]
             else:  # debug preset, 4 MoE layers: 1 + 2 per layer before; dense + expert bucket after
                 assert r["scatters_base"] == [9, 9] and r["scatters_patched"] == [2, 2], (ep, sp, r)
+
+
+@pytest.mark.slow
+def test_persistent_parameters_are_gathered_in_one_collective_per_group(cases):
+    for (ep, zero, sp), ranks in cases.items():
+        for r in ranks:
+            if zero == 2:  # stage 3's persistent parameters do not exist: the same gathers as before
+                assert r["gathers_patched"] == r["gathers_base"], (ep, sp, r)
+                continue
+            # Every debug-preset parameter is below stage3_param_persistence_threshold: DeepSpeed gathers
+            # the 71 one by one; now one collective per partition group (all ranks; with EP 2 also the EDP group).
+            assert r["gathers_base"] == [71, 71], (ep, sp, r)
+            assert r["gathers_patched"] == [ep, ep], (ep, sp, r)
 
 
 def test_other_deepspeed_versions_are_refused_in_one_line():

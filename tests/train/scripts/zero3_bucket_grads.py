@@ -1,14 +1,16 @@
-"""Rank script for tests/train/test_zero3_buckets.py: the ZeRO-3 bucket-per-partition-group patch
-(pipeline/train/zero3_buckets.py) against DeepSpeed's own bucketing, every parameter's gradient.
+"""Rank script for tests/train/test_zero3_buckets.py: our ZeRO-3 patches (one gradient bucket per
+partition group, pipeline/train/zero3_buckets.py; one all-gather of the persistent parameters after
+each step, pipeline/train/zero3_persistent_gather.py) against DeepSpeed's own code, every parameter's gradient.
 
     torchrun --standalone --nproc_per_node 4 tests/train/scripts/zero3_bucket_grads.py OUT.json
 
 Per case (expert-parallel size, ZeRO stage, sequence-parallel size) every rank builds the real
-engine twice from the same seed, once without the patch and once with it, and runs the same two
-steps on the same micro-batches. It records each step's loss, each parameter's gradient after each
-backward (ZeRO-3: this rank's partition; ZeRO-2: the full gradient), the number of reduce-scatters
-of each backward (calls of stage 3's bucket reduce-scatter), and whether the patch touched the
-optimizer. Rank 0 gathers every rank's largest differences and writes OUT.json.
+engine twice from the same seed, once without the patches and once with them, and runs the same two
+steps on the same micro-batches (the second reads the parameters re-gathered after the first). It
+records each step's loss, each parameter's gradient after each backward (ZeRO-3: this rank's
+partition; ZeRO-2: the full gradient), the number of reduce-scatters of each backward (calls of
+stage 3's bucket reduce-scatter), the number of all-gathers of each optimizer step, and whether the
+patches touched the optimizer. Rank 0 gathers every rank's largest differences and writes OUT.json.
 """
 
 import json
@@ -56,6 +58,22 @@ def count_scatters(optimizer, counter: list[int]) -> None:
             setattr(optimizer, name, counted)
 
 
+def count_gathers(counter: list[int]):
+    """Count DeepSpeed's all-gathers (every ZeRO path reaches the backend's all_gather_into_tensor);
+    returns the function that undoes it."""
+    import deepspeed.comm.comm as ds_comm
+
+    backend = ds_comm.cdb
+    original = backend.all_gather_into_tensor
+
+    def counted(*args, **kwargs):
+        counter[0] += 1
+        return original(*args, **kwargs)
+
+    backend.all_gather_into_tensor = counted
+    return lambda: vars(backend).pop("all_gather_into_tensor", None)
+
+
 def gradients(engine, stage: int) -> dict[str, torch.Tensor]:
     from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
 
@@ -66,14 +84,16 @@ def gradients(engine, stage: int) -> dict[str, torch.Tensor]:
 def run(ep: int, stage: int, sp: int, patched: bool, rank: int, world: int) -> dict:
     cfg = run_config(ep, stage, sp)
     model_cfg = get_preset("debug", block_size=128)
-    engine = build_engine(cfg, model_cfg, build_ds_config(cfg, world), world, bucket_per_partition_group=patched)
+    engine = build_engine(cfg, model_cfg, build_ds_config(cfg, world), world, bucket_per_partition_group=patched,
+                          persistent_gather_in_one=patched)
     optimizer = engine.optimizer
     touched = isinstance(getattr(optimizer, "ipg_buckets", None), BucketsPerPartitionGroup) or any(
         name in vars(optimizer) for name in PATCHED)
-    counter = [0]
+    counter, gathers = [0], [0]
     count_scatters(optimizer, counter)
+    uncount_gathers = count_gathers(gathers)
     gen = torch.Generator().manual_seed(rank // sp)  # an SP group reads the same samples
-    out = {"loss": [], "grads": [], "scatters": [], "touched": touched}
+    out = {"loss": [], "grads": [], "scatters": [], "gathers": [], "touched": touched}
     try:
         for _ in range(STEPS):
             batch = torch.randint(0, model_cfg.vocab_size, (2, SEQ + 1), generator=gen)
@@ -83,8 +103,11 @@ def run(ep: int, stage: int, sp: int, patched: bool, rank: int, world: int) -> d
             out["scatters"].append(counter[0])
             out["grads"].append(gradients(engine, stage))
             out["loss"].append(loss.item())
+            gathers[0] = 0
             engine.step()
+            out["gathers"].append(gathers[0])
     finally:
+        uncount_gathers()
         release_engine(engine)
     return out
 
@@ -110,6 +133,7 @@ def main() -> None:
         mine = {"rank": rank, "max_grad_diff": max_diff, "worst": worst, "bit_identical": bit_identical,
                 "loss_base": base["loss"], "loss_patched": new["loss"],
                 "scatters_base": base["scatters"], "scatters_patched": new["scatters"],
+                "gathers_base": base["gathers"], "gathers_patched": new["gathers"],
                 "touched_base": base["touched"], "touched_patched": new["touched"],
                 "n_grads": len(base["grads"][0]),
                 "grad_norm": sum(float(g.float().norm()) for g in base["grads"][0].values())}
