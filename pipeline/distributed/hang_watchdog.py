@@ -15,9 +15,13 @@ outside torchrun): a rank whose store stops answering for the step allowance nam
 
 Cost: a beat (about three per step: step, forward, and eval / save when they run) is noted in this
 process (a few microseconds; the training thread never waits on the store); the watch thread wakes
-every `policy.poll_s` (<= 2 s) and sends the newest beat (one store set, one-way), after a plain TCP
-connect to the store (the store may be gone: see `_store_reachable`), then one `check` for a
-verdict, and on the coordinating rank (rank 0) one `multi_get` of all beats.
+every `policy.poll_s` (<= 2 s) and sends the newest beat (one store set, one-way), after a look at
+its own connection to the store (the store may be gone: see `SideStore.alive`), then one `check`
+for a verdict, and on the coordinating rank (rank 0) one `multi_get` of all beats. It never opens
+another connection to the store: a connection that closes without a request (a plain TCP probe)
+wedges another client's next request on torch 2.13's store server, libuv or not (one probe in ~50
+suffices; tests/distributed/test_side_store.py), and that client is torchrun's own rendezvous
+heartbeat or a rank's new_group.
 
 When the coordinator finds a rank overdue it claims the verdict key (first claim wins); every rank's
 watchdog that can still run then writes its Python stacks (faulthandler, all threads) to
@@ -56,12 +60,77 @@ ANSWER_GRACE_S = 1.5
 EXIT_BACKSTOP_S = 10.0
 
 
-def open_side_store() -> dist.Store:
-    """A client of the rendezvous store of its own, keys under a prefix per launch attempt."""
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                          timeout=datetime.timedelta(seconds=STORE_TIMEOUT_S), wait_for_workers=False)
-    attempt = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-    return dist.PrefixStore(f"pipeline_hang/{attempt}/", store)
+class SideStore:
+    """A client of the rendezvous store of its own (keys under a prefix per launch attempt), and a
+    look at whether the store's host is still there that sends nothing to it.
+
+    A request to a store whose host is gone makes c10d log a C++ stack on stderr (e.g. torchrun
+    killed, its ranks saving before they exit, or rank 0 hosting the store ended first). `alive()`
+    peeks at this client's own socket instead: a host whose process ended has closed the connection
+    (EOF or reset). A host that vanished from the network is not seen here; its requests time out."""
+
+    def __init__(self, address: tuple[str, int], timeout_s: float):
+        before = _socket_fds()
+        client = dist.TCPStore(address[0], address[1], is_master=False,
+                               timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+        self._client = client  # the PrefixStore below does not keep it alive on every torch version
+        attempt = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        self.store = dist.PrefixStore(f"pipeline_hang/{attempt}/", client)
+        self._conn = _new_connection_to(address[1], before)
+
+    def alive(self) -> bool:
+        if self._conn is None:  # not found (no /proc): requests tell, at the cost of a logged stack
+            return True
+        try:
+            return self._conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:  # open, nothing to read: the usual answer
+            return True
+        except OSError:  # reset
+            return False
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()  # our duplicate of the descriptor; the client keeps its own
+            self._conn = None
+
+
+def _socket_fds() -> set[int]:
+    fds = set()
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return fds
+    for name in names:
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                fds.add(int(name))
+        except OSError:  # closed meanwhile
+            pass
+    return fds
+
+
+def _new_connection_to(port: int, before: set[int]) -> socket.socket | None:
+    """The one socket opened since `before` whose peer listens on `port` (the store client's), as a
+    duplicate of its descriptor; None unless exactly one (another thread opened one too)."""
+    found = []
+    for fd in _socket_fds() - before:
+        try:
+            conn = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        try:
+            peer = conn.getpeername()
+        except OSError:
+            peer = None
+        if isinstance(peer, tuple) and peer[1] == port:
+            found.append(conn)
+        else:
+            conn.close()
+    if len(found) != 1:
+        for conn in found:
+            conn.close()
+        return None
+    return found[0]
 
 
 def process_state(pid: int) -> str | None:
@@ -85,6 +154,7 @@ class HangWatchdog:
     def __init__(self, policy: HangPolicy, ranks: RankView, run_dir: Path):
         self.policy, self.rank, self.world, self.run_dir = policy, ranks.rank, ranks.world, Path(run_dir)
         self.store: dist.Store | None = None
+        self.side: SideStore | None = None
         self.host = socket.gethostname()
         self._store_address = (os.environ.get("MASTER_ADDR", ""), int(os.environ.get("MASTER_PORT", "0")))
         self._beat: Beat | None = None
@@ -95,7 +165,10 @@ class HangWatchdog:
         if not policy.enabled or ranks.world < 2:
             return
         try:
-            self.store = open_side_store()
+            if not self._store_address[0] or not self._store_address[1]:
+                raise KeyError("MASTER_ADDR and MASTER_PORT are not both set")
+            self.side = SideStore(self._store_address, STORE_TIMEOUT_S)
+            self.store = self.side.store
         except (KeyError, RuntimeError, dist.DistError) as e:  # a process group started by the caller
             if ranks.rank == 0:
                 print(f"warning: no hang watchdog: the rendezvous store at MASTER_ADDR:MASTER_PORT cannot be "
@@ -132,13 +205,7 @@ class HangWatchdog:
             self._sent = beat
 
     def _store_reachable(self) -> bool:
-        """A plain TCP connect to the store: a request to a store whose host is gone makes c10d log a
-        C++ stack on stderr (e.g. torchrun killed, its ranks saving before they exit), this does not."""
-        try:
-            socket.create_connection(self._store_address, timeout=STORE_TIMEOUT_S).close()
-            return True
-        except OSError:
-            return False
+        return self.side is not None and self.side.alive()
 
     # --- the watch thread ------------------------------------------------------------------------
     def _watch(self) -> None:
