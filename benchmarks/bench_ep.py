@@ -51,14 +51,19 @@ import torch.distributed as dist
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_step_loop_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments of a side-by-side step-time run (here and bench_hf_trainer.py)."""
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
+    return parser
+
+
+def parse_args(argv=None):
+    parser = add_step_loop_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--capacity-factor", type=float, default=None)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",

@@ -39,13 +39,9 @@ sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
+    from bench_ep import add_step_loop_args
+
+    parser = add_step_loop_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--side", choices=["ours", "hf"], help=argparse.SUPPRESS)  # set for the rank processes
     return parser.parse_args(argv)
 

@@ -140,19 +140,24 @@ def run_plain(config: Path, args) -> dict:
             "loss": loss}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, help="prepared data dir (default: tokenize stdlib sources)")
-    parser.add_argument("--steps", type=int, default=30)
+def add_trainer_run_args(parser: argparse.ArgumentParser, steps: int, repeats: int) -> argparse.ArgumentParser:
+    """The arguments of a benchmark that times real trainer runs (here and bench_verify.py)."""
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--log-interval", type=int, default=5)
     parser.add_argument("--skip-intervals", type=int, default=1, help="log intervals dropped as warm-up")
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--ep", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=1, help="run everything R times, keep the best of each")
+    parser.add_argument("--repeats", type=int, default=repeats, help="run everything R times, keep the best of each")
     parser.add_argument("--threads", type=int, default=cpu_count(), help="CPU threads in all (split over ranks)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, help="prepared data dir (default: tokenize stdlib sources)")
+    args = add_trainer_run_args(parser, steps=30, repeats=1).parse_args()
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:

@@ -33,7 +33,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import (  # noqa: E402
-    cpu_count,
+    add_trainer_run_args,
     median,
     prepare_corpus,
     run_trainer,
@@ -103,17 +103,9 @@ def paired_step_times(config: Path, data: Path, rate: float, windows: int, windo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", default="8,64", help="MB/s per rank to compare with off (comma-separated)")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--log-interval", type=int, default=5)
-    parser.add_argument("--skip-intervals", type=int, default=1, help="log intervals dropped as warm-up")
-    parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--ep", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=2, help="run everything R times, keep the best of each")
+    add_trainer_run_args(parser, steps=40, repeats=2)
     parser.add_argument("--run-seconds", type=float, default=300.0,
                         help="longest expected run (start-up included): the ballast outlasts it at every rate")
-    parser.add_argument("--threads", type=int, default=cpu_count(), help="CPU threads in all (split over ranks)")
     parser.add_argument("--windows", type=int, default=10, help="paired comparison: off/on window pairs per rate")
     parser.add_argument("--window-steps", type=int, default=5)
     parser.add_argument("--no-trainer", action="store_true", help="only the paired in-process comparison")
