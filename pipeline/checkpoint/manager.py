@@ -220,7 +220,16 @@ class CheckpointManager:
                     written.append(name)
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
             error = f"writing into {tag_dir} failed ({write_error_reason(e)})"
-        errors = write_index(tag_dir, write_owned(tag_dir, tensors, written, error), group=group)  # collective
+        try:
+            mine = write_owned(tag_dir, tensors, written, error)
+        except Exception as e:  # noqa: BLE001 (a bug, not an I/O error)
+            if group is None:  # synchronous: the tensors' iteration gathers, so the ranks are out of step anyway
+                raise
+            # In the background the tensors are snapshots (no collective): this rank still meets the
+            # others below with its failure, so that their writer threads do not wait for it.
+            mine = {"files": {}, "checksums": {}, "extra": {},
+                    "error": f"writing into {tag_dir} failed ({type(e).__name__}: {e})"}
+        errors = write_index(tag_dir, mine, group=group)  # collective
         error = "; ".join(errors) if errors else None
         if self.rank == 0 and not error:
             try:

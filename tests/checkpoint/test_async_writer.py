@@ -94,3 +94,23 @@ def test_a_finished_save_is_reported_once_without_waiting_and_a_failed_one_is_le
         saver.wait()
     saver.submit(lambda: None, name="step_6")
     assert saver.wait()[0] == "step_6"
+
+
+def test_a_background_write_that_raises_still_ends_in_a_failed_save_not_a_wait(tmp_path):
+    # A writer thread that raised before the agreement would leave the other ranks' threads waiting
+    # in it; it meets them with its failure instead (with one rank the agreement is local).
+    from pipeline.checkpoint.manager import CheckpointManager
+    from pipeline.checkpoint.run_state import RunState
+
+    def tensors():
+        yield "weight/w", torch.ones(3)
+        raise ValueError("not a tensor")
+
+    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=2, async_save=True)
+    tag_dir = tmp_path / "checkpoints" / "step_2"
+    tag_dir.mkdir(parents=True)
+    error = manager._write_and_commit(tag_dir, RunState(step=2), {}, {}, tensors(), group="side group")
+    assert "ValueError: not a tensor" in error and "no earlier checkpoint exists" in error
+    assert not tag_dir.exists() and not (tmp_path / "checkpoints" / "latest").exists()
+    with pytest.raises(ValueError, match="not a tensor"):  # synchronous: the ranks are out of step; it ends the run
+        manager._write_and_commit(tag_dir, RunState(step=2), {}, {}, tensors())
