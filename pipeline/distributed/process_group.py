@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import os
 import warnings
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -39,9 +40,45 @@ def init_distributed(timeout_s: float | None = None) -> RankView:
             os.environ.setdefault(key, default)
         kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", **kwargs)
+        release_shared_memory_names()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return current()
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def deepspeed_shm_segment() -> Path | None:
+    """This rank's segment of DeepSpeed's shared-memory all-reduce, if this process maps it."""
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_" \
+           f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}"
+    try:
+        with open("/proc/self/maps") as maps:
+            mapped = any(line.rstrip().endswith(f" {SHM_DIR / name}") for line in maps)
+    except OSError:  # no /proc: not Linux, no /dev/shm either
+        return None
+    return SHM_DIR / name if mapped else None
+
+
+def release_shared_memory_names() -> None:
+    """With every rank on one node (the deepspeed launcher sets LOCAL_SIZE), DeepSpeed 0.19.8's CPU
+    backend all-reduces through shared memory: each rank creates
+    /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> (69 MB) and maps every peer's,
+    and never unlinks its own, so each run left its ranks' segments in RAM until reboot (19.5 GB
+    after a few hundred test runs, which starved the next run of memory). Each rank opens all peers'
+    segments before init returns; after a barrier every rank unlinks the name of its own: the
+    mappings stay valid, and the kernel frees the memory when the last rank exits, however it ends.
+    Collective when several ranks run on the CPU backend."""
+    if torch.cuda.is_available() or not initialized() or dist.get_world_size() == 1:
+        return
+    segment = deepspeed_shm_segment()
+    dist.barrier()  # every rank has mapped every segment (its init does so before returning)
+    if segment is not None:
+        try:
+            segment.unlink()
+        except OSError:  # gone already: nothing held in RAM by name
+            pass
 
 
 def shutdown() -> None:
