@@ -14,6 +14,8 @@ import socket
 import subprocess
 import sys
 
+import psutil
+
 from tests.conftest import REPO_ROOT
 
 
@@ -31,12 +33,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and every process under it. Killing the launcher alone leaves its ranks
+    running (torchrun puts them in sessions of their own), holding the cores, the memory and the
+    output pipes from the tests after a timed-out one."""
+    try:
+        root = psutil.Process(pid)
+        tree = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for proc in tree:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=10)
+
+
 def torchrun(nproc: int, args: list[str], timeout: int = 300, check: bool = True,
              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Real ranks on CPU over gloo: `torchrun --standalone --nproc_per_node N ARGS` from the repo root."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    proc = subprocess.run(cmd, env={**rank_env(), **(env or {})}, cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    with subprocess.Popen(cmd, env={**rank_env(), **(env or {})}, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as launcher:
+        try:
+            stdout, stderr = launcher.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(launcher.pid)
+            stdout, stderr = launcher.communicate()
+            raise subprocess.TimeoutExpired(cmd, timeout, stdout, stderr) from None
+    proc = subprocess.CompletedProcess(cmd, launcher.returncode, stdout, stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
