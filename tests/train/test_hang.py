@@ -69,6 +69,9 @@ def test_a_sigstopped_rank_is_named_and_the_job_ends(prepared_data, tmp_path):
     out = tmp_path / "out.txt"
     proc = launch("torchrun", cfg, out)
     wait_for(proc, lambda: logged(run_dir, 3))  # past the first step (slow allowance); no save (the same)
+    # A stopped rank is judged by the last beat its watch thread sent (every 0.25 s here): a stop within
+    # a poll of the first step would leave that step's slow allowance (90 s) standing. Some polls more.
+    time.sleep(2.0)
     os.kill(rank_pid(proc, 1), signal.SIGSTOP)
     stopped_at = time.monotonic()
     line, stacks = hung_run(proc, out, run_dir, stopped_at)
