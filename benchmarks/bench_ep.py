@@ -1,6 +1,7 @@
 """Expert parallelism's step time against no expert parallelism, at equal work, on the same ranks.
 
     python benchmarks/bench_ep.py [--nproc 2] [--steps 20] [--warmup 3] [--repeats 2] [--profile]
+    python benchmarks/bench_ep.py --repeats 3 --set model.n_embd=256 model.intermediate_size=512
 
 Both runs train the same model (debug preset, fp32) through the real ZeRO-3 engine on the same
 ranks, the same micro-batches and the same global batch; only parallel.expert_parallel_size differs
@@ -33,6 +34,13 @@ stage3_param_persistence_threshold): DeepSpeed re-gathers them after each step o
 time, 71 all-gathers (55 with EP 2) of 2.9 ms CPU in all but ~130 ms of waiting on loaded cores at
 EP 1 (step 201 -> 70 ms in one profiled pair); with one collective per partition group EP 1 loses
 that wait, and EP 2 is left with its 20 all-to-alls as the ranks' meeting points.
+
+Which model: the debug preset's experts (4 x 64 x 128) are below the persistence threshold, so
+ZeRO-3 never partitions them at EP 1 and expert parallelism has nothing to save: the all-to-alls are
+all it adds. In every real MoE the experts are far above it (gpt-oss-20b: 32 x 2880 x 5760 per
+layer); `--set model.n_embd=256 model.intermediate_size=512` gives the debug model experts that
+ZeRO-3 partitions (1M and 0.5M elements per layer): EP 1 then gathers them and reduce-scatters
+their gradients every step, EP 2 keeps its half whole and pays the all-to-alls instead.
 """
 
 from __future__ import annotations
@@ -59,6 +67,9 @@ def add_step_loop_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+                        help="run-config overrides for every run, e.g. parallel.activation_checkpointing=true or "
+                             "model.n_embd=256 (the model is the debug preset with the model.* keys applied)")
     return parser
 
 
@@ -66,8 +77,6 @@ def parse_args(argv=None):
     parser = add_step_loop_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--capacity-factor", type=float, default=None)
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
-                        help="run-config overrides for both runs, e.g. parallel.activation_checkpointing=true")
     return parser.parse_args(argv)
 
 
@@ -93,7 +102,9 @@ def measure(args, ep: int, world: int, rank: int, patched: bool = True) -> tuple
     from pipeline.train.objective import compute_loss
 
     run = run_config(args, ep)
-    model_cfg = get_preset("debug", capacity_factor=args.capacity_factor, block_size=max(128, args.seq))
+    # --set model.KEY=VALUE changes the debug preset (e.g. experts above the persistence threshold).
+    model_cfg = get_preset("debug", **{"capacity_factor": args.capacity_factor, "block_size": max(128, args.seq),
+                                       **run.model_overrides})
     engine = build_engine(run, model_cfg, build_ds_config(run, world), world, bucket_per_partition_group=patched,
                           persistent_gather_in_one=patched)
     gen = torch.Generator().manual_seed(rank)  # each rank its own samples, the same for both runs
@@ -135,7 +146,9 @@ def profile_summary(profiler, steps: int) -> str:
     total = sum(e.self_cpu_time_total for e in rows.values())
     lines = [f"  {'operator':<34}{'calls/step':>11}{'self ms/step':>14}{'ms/call':>10}",
              f"  {'(all operators)':<34}{'':>11}{total / 1e3 / steps:>14.1f}"]
-    for name in WATCHED:
+    # Every collective that ran, not only the watched ones (ZeRO-3's coalesced gathers have names of their own).
+    names = list(WATCHED) + sorted(k for k in rows if k.startswith("c10d::") and k not in WATCHED)
+    for name in names:
         e = rows.get(name)
         if e is not None:
             lines.append(f"  {name:<34}{e.count / steps:>11.1f}{e.self_cpu_time_total / 1e3 / steps:>14.1f}"

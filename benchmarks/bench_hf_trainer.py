@@ -51,7 +51,7 @@ def bench_ep_args(args):
     from bench_ep import parse_args as ep_args
 
     return ep_args(["--steps", str(args.steps), "--warmup", str(args.warmup), "--micro-batch", str(args.micro_batch),
-                    "--seq", str(args.seq)])
+                    "--seq", str(args.seq), "--set", *args.set])
 
 
 def ours(args, rank: int, world: int) -> dict:
@@ -71,7 +71,7 @@ def hf(args, rank: int, world: int) -> dict:
     from pipeline.train.ds_config import build_ds_config
 
     run = run_config(bench_ep_args(args), 1)
-    model_cfg = get_preset("debug", block_size=max(128, args.seq))
+    model_cfg = get_preset("debug", **{"block_size": max(128, args.seq), **run.model_overrides})  # as bench_ep's
     ours_ds = build_ds_config(run, world)
     # Our ZeRO section and optimizer type; every value HF's integration fills from TrainingArguments "auto".
     ds = {"zero_optimization": ours_ds["zero_optimization"], "train_micro_batch_size_per_gpu": "auto",
@@ -144,7 +144,7 @@ def main() -> None:
             loads.append(f"{side} {os.getloadavg()[0]:.1f}")
     tokens = args.micro_batch * args.seq * args.nproc
     print(f"debug model, fp32, ZeRO-3, {args.nproc} ranks, micro-batch {args.micro_batch} x {args.seq} tokens "
-          f"per rank; best of {args.repeats} medians over {args.steps} steps; "
+          f"per rank, {' '.join(args.set) or 'no overrides'}; best of {args.repeats} medians over {args.steps} steps; "
           f"load average after each run: {', '.join(loads)}")
     names = {"hf": "HF Trainer + DeepSpeed ZeRO-3"}
     for ep in (1, args.nproc):
