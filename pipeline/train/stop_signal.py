@@ -170,11 +170,16 @@ class StopSignal:
         reason of this rank to stop after this step (damaged data found by the background check),
         folded into the same all-reduce, so it costs no collective of its own."""
         from pipeline.distributed.collectives import max_over_ranks  # torch only once training
+        from pipeline.distributed.ranks import current
 
         mine = 2 if self.dead_launcher else 1 if self.received is not None or also else 0
-        code, pid = max_over_ranks([mine, self.dead_launcher], self.device)
+        # (signal number, rank + 1) in one integer: MAX picks one rank's signal, named as it was received.
+        signalled = (self._first_kind << 32 | current().rank + 1) if self._first_kind is not None else 0
+        code, pid, who = max_over_ranks([mine, self.dead_launcher, signalled], self.device)
         if code == 2 and not self.dead_launcher:
             self.received = f"the death of its launcher (pid {pid})"  # seen by another rank first
+        elif code and self.received is None and who:  # another rank's signal (a launcher relays it to each)
+            self.received = f"{signal.Signals(who >> 32).name} to rank {(who & 0xFFFFFFFF) - 1}"
         return code > 0
 
 

@@ -266,7 +266,7 @@ class Trainer:
                 if damaged := damaged_data_error(self.verifier, self.step, saved or self.policy.saved):
                     self.log.flush()
                     raise damaged
-                self.log.message(f"stopped at step {self.step} on {self.stop.received or 'a signal to another rank'}; "
+                self.log.message(f"stopped at step {self.step} on {self.stop.received or 'a request of another rank'}; "
                                  "run the same command again to resume")
                 self.log.flush()
                 return

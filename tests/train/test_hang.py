@@ -12,27 +12,15 @@ import subprocess
 import time
 from pathlib import Path
 
-import psutil
-
 from pipeline.checkpoint import read_latest
 from tests.runs import losses, write_run_config
-from tests.train.test_signals import job_gone, job_pids, launch, wait_for
+from tests.train.test_signals import job_gone, job_pids, launch, rank_pid, wait_for
 
 TIMEOUT_S = 5
 # Start-up and the first step get the slow allowance: generous, since 2 busy cores build the engine.
 HANG = {"hang_timeout_s": TIMEOUT_S, "hang_slow_timeout_s": 90}
 # Detection polls every 0.25 s; the live ranks then dump, answer and exit (torchrun needs ~1 s more).
 MARGIN_S = 8
-
-
-def rank_pid(proc: subprocess.Popen, rank: int) -> int:
-    for child in psutil.Process(proc.pid).children(recursive=True):
-        try:
-            if child.environ().get("RANK") == str(rank) and "pipeline.train" in child.cmdline():
-                return child.pid
-        except psutil.Error:
-            pass
-    raise AssertionError(f"no process of rank {rank}")
 
 
 def hung_run(proc: subprocess.Popen, out: Path, run_dir: Path, stalled_at: float) -> tuple[str, list[Path]]:

@@ -1,5 +1,6 @@
 """Ctrl-C and dead launchers with real signals on real 2-rank jobs: Ctrl-C stops at an agreed step
-with a checkpoint (a second one at once), and ranks whose launcher died (SIGKILL to torchrun or to
+with a checkpoint (a second one at once), a signal to one rank stops every rank (named with that
+rank), and ranks whose launcher died (SIGKILL to torchrun or to
 launch/single_node.sh, SIGTERM to the `deepspeed` launcher alone) notice, checkpoint and exit."""
 
 from __future__ import annotations
@@ -64,6 +65,16 @@ def job_pids(proc: subprocess.Popen) -> list[int]:
     return [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
 
 
+def rank_pid(proc: subprocess.Popen, rank: int) -> int:
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "pipeline.train" in child.cmdline():
+                return child.pid
+        except psutil.Error:
+            pass
+    raise AssertionError(f"no process of rank {rank}")
+
+
 def stopped_step(text: str, reason: str) -> int:
     found = re.search(rf"stopped at step (\d+) on {reason}; run the same command again to resume", text)
     assert found, text[-3000:]
@@ -115,9 +126,27 @@ def test_ranks_whose_launcher_died_checkpoint_and_exit(prepared_data, tmp_path, 
     os.kill(proc.pid, sig)  # the launcher alone (deepspeed: its runner; its launch.py child lives on)
     proc.wait()
     job_gone(pids)
-    step = stopped_step(out.read_text(), r"the death of its launcher \(pid \d+\)")
+    # The deepspeed runner relays its SIGTERM to the ranks as it ends: a rank may receive that signal before
+    # any rank sees the runner gone, and the job then names the signal (both are why it stopped).
+    reason = r"the death of its launcher \(pid \d+\)" + (r"|SIGTERM(?: to rank \d+)?" if how == "deepspeed" else "")
+    step = stopped_step(out.read_text(), f"(?:{reason})")
     assert read_latest(run_dir / "checkpoints") == f"step_{step}"
     assert not (run_dir / ".lock").exists()
+
+
+def test_a_signal_to_one_rank_stops_every_rank_and_is_named_with_that_rank(prepared_data, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = write_run_config(tmp_path / "run.yaml", prepared_data, run_dir, train=LONG)
+    out = tmp_path / "out.txt"
+    proc = launch("torchrun", cfg, out)
+    metrics = run_dir / "metrics.jsonl"
+    wait_for(proc, lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2)
+    pids = job_pids(proc)
+    os.kill(rank_pid(proc, 1), signal.SIGTERM)  # rank 1 alone: rank 0 (which logs) learns it at the agreement
+    proc.wait(timeout=120)
+    job_gone(pids)
+    step = stopped_step(out.read_text(), r"SIGTERM to rank 1")
+    assert read_latest(run_dir / "checkpoints") == f"step_{step}"
 
 
 def test_a_stop_during_start_up_is_one_line_and_a_second_stop_signal_of_any_kind_ends_at_once(prepared_data,
