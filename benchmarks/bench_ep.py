@@ -84,8 +84,10 @@ def run_config(args, ep: int):
     from pipeline.config_utils import apply_overrides, from_dict
     from pipeline.train.config import RunConfig
 
+    # --set model.KEY=VALUE changes the debug preset (e.g. experts above the persistence threshold).
+    model = {"preset": "debug", "block_size": max(128, args.seq), "capacity_factor": args.capacity_factor}
     raw = {
-        "model": {"preset": "debug"}, "data": {"train": ["unused"], "seq_len": args.seq},
+        "model": model, "data": {"train": ["unused"], "seq_len": args.seq},
         "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 0},
         "train": {"steps": args.warmup + args.steps, "micro_batch_size": args.micro_batch, "seed": 0},
         "parallel": {"expert_parallel_size": ep}, "precision": "fp32",
@@ -96,15 +98,13 @@ def run_config(args, ep: int):
 def measure(args, ep: int, world: int, rank: int, patched: bool = True) -> tuple[float, str | None]:
     """(median step seconds, profiler table or None) of one engine with expert_parallel_size=ep;
     `patched=False`: DeepSpeed's own ZeRO-3 code (train/zero3_buckets.py and train/zero3_persistent_gather.py off)."""
-    from pipeline.model import get_preset
+    from pipeline.train.config import resolve_model_config
     from pipeline.train.ds_config import build_ds_config
     from pipeline.train.engine import build_engine, release_engine
     from pipeline.train.objective import compute_loss
 
     run = run_config(args, ep)
-    # --set model.KEY=VALUE changes the debug preset (e.g. experts above the persistence threshold).
-    model_cfg = get_preset("debug", **{"capacity_factor": args.capacity_factor, "block_size": max(128, args.seq),
-                                       **run.model_overrides})
+    model_cfg = resolve_model_config(run, from_data=False)
     engine = build_engine(run, model_cfg, build_ds_config(run, world), world, bucket_per_partition_group=patched,
                           persistent_gather_in_one=patched)
     gen = torch.Generator().manual_seed(rank)  # each rank its own samples, the same for both runs

@@ -66,12 +66,12 @@ def hf(args, rank: int, world: int) -> dict:
     from bench_ep import run_config
     from transformers import GptOssForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    from pipeline.model import get_preset
     from pipeline.model.hf import config_to_hf
+    from pipeline.train.config import resolve_model_config
     from pipeline.train.ds_config import build_ds_config
 
     run = run_config(bench_ep_args(args), 1)
-    model_cfg = get_preset("debug", **{"block_size": max(128, args.seq), **run.model_overrides})  # as bench_ep's
+    model_cfg = resolve_model_config(run, from_data=False)  # the model bench_ep's runs build
     ours_ds = build_ds_config(run, world)
     # Our ZeRO section and optimizer type; every value HF's integration fills from TrainingArguments "auto".
     ds = {"zero_optimization": ours_ds["zero_optimization"], "train_micro_batch_size_per_gpu": "auto",
