@@ -95,6 +95,15 @@ def run_config(args, ep: int):
     return from_dict(RunConfig, apply_overrides(raw, args.set))
 
 
+def check_settings(args, world: int) -> None:
+    """Builds the run and model configs of every run here, before any rank starts: a bad --set value is
+    one line (ConfigError), not a traceback from each rank after the launch."""
+    from pipeline.train.config import resolve_model_config
+
+    for ep in (1, world):
+        resolve_model_config(run_config(args, ep), from_data=False)
+
+
 def measure(args, ep: int, world: int, rank: int, patched: bool = True) -> tuple[float, str | None]:
     """(median step seconds, profiler table or None) of one engine with expert_parallel_size=ep;
     `patched=False`: DeepSpeed's own ZeRO-3 code (train/zero3_buckets.py and train/zero3_persistent_gather.py off)."""
@@ -191,6 +200,13 @@ def main() -> None:
     if "RANK" in os.environ:
         rank_main(args)
         return
+    from pipeline.cli import fail
+    from pipeline.errors import ConfigError
+
+    try:
+        check_settings(args, args.nproc)
+    except ConfigError as e:
+        raise SystemExit(fail(e)) from None
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     env.setdefault("OMP_NUM_THREADS", "1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",

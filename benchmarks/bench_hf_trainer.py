@@ -126,6 +126,15 @@ def main() -> None:
     if args.side is not None:
         rank_main(args)
         return
+    from bench_ep import check_settings
+
+    from pipeline.cli import fail
+    from pipeline.errors import ConfigError
+
+    try:
+        check_settings(bench_ep_args(args), args.nproc)
+    except ConfigError as e:
+        raise SystemExit(fail(e)) from None
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     env.setdefault("OMP_NUM_THREADS", "1")
     best: dict[str, float] = {}
