@@ -1,8 +1,10 @@
 """Our engine's tokens/s against Hugging Face Trainer + DeepSpeed ZeRO-3 on the same model and ranks.
 
     python benchmarks/bench_hf_trainer.py [--nproc 2] [--steps 20] [--warmup 3] [--repeats 2]
+    python benchmarks/bench_hf_trainer.py --repeats 3 --micro-batch 2 --set model.n_embd=256 model.intermediate_size=512
 
-Both sides train the debug preset in fp32 under DeepSpeed ZeRO-3 on the same ranks with the same
+Both sides train the debug preset (with any --set model.KEY=VALUE applied: the second command gives
+it experts that ZeRO-3 partitions, as in a real MoE) in fp32 under DeepSpeed ZeRO-3 on the same ranks with the same
 ZeRO section, the same DeepSpeed AdamW (torch_adam), micro-batches of the same shape (--micro-batch
 x --seq tokens per rank, random tokens) and one micro-batch per step:
   - ours: the trainer's engine (train/engine.py build_engine) with expert_parallel_size 1 and --nproc,
