@@ -13,10 +13,11 @@ work it moves (on CPU the ranks share the cores, so its all-to-all is pure overh
 
 Run with plain python: it launches the ranks itself (torchrun --standalone).
 
-Runs, side by side: EP 1 and EP N, each with DeepSpeed's own ZeRO-3 code and with our two patches
-of it (what the trainer uses): one gradient bucket per partition group (pipeline/train/zero3_buckets.py,
-docs/deepspeed_zero3_ep_buckets.md) and one all-gather per partition group for the persistent
-parameters after each step (pipeline/train/zero3_persistent_gather.py).
+Runs, side by side: EP 1 and EP N, each with DeepSpeed's own ZeRO-3 code and with our changes
+to it (what the trainer uses): one gradient bucket per partition group (pipeline/train/zero3_buckets.py,
+docs/deepspeed_zero3_ep_buckets.md), one all-gather per partition group for the persistent
+parameters after each step (pipeline/train/zero3_persistent_gather.py), and parameter hooks per
+transformer block instead of per submodule (train/engine.py `hook_blocks_not_submodules`).
 
 What the profile showed (2 shared CPU cores, rank 0, per step; EP1 -> EP2): the collectives that
 synchronise the two ranks go from 71 all-gathers + 1 reduce-scatter to 55 all-gathers (the local
@@ -108,7 +109,8 @@ def check_settings(args, world: int) -> None:
 
 def measure(args, ep: int, world: int, rank: int, patched: bool = True) -> tuple[float, str | None]:
     """(median step seconds, profiler table or None) of one engine with expert_parallel_size=ep;
-    `patched=False`: DeepSpeed's own ZeRO-3 code (train/zero3_buckets.py and train/zero3_persistent_gather.py off)."""
+    `patched=False`: DeepSpeed's own ZeRO-3 code (train/zero3_buckets.py, train/zero3_persistent_gather.py and
+    hooks per block off)."""
     from pipeline.train.config import resolve_model_config
     from pipeline.train.ds_config import build_ds_config
     from pipeline.train.engine import build_engine, release_engine
@@ -117,7 +119,7 @@ def measure(args, ep: int, world: int, rank: int, patched: bool = True) -> tuple
     run = run_config(args, ep)
     model_cfg = resolve_model_config(run, from_data=False)
     engine = build_engine(run, model_cfg, build_ds_config(run, world), world, bucket_per_partition_group=patched,
-                          persistent_gather_in_one=patched)
+                          persistent_gather_in_one=patched, hooks_per_block=patched)
     gen = torch.Generator().manual_seed(rank)  # each rank its own samples, the same for both runs
     batches = [torch.randint(0, model_cfg.vocab_size, (args.micro_batch, args.seq + 1), generator=gen)
                for _ in range(4)]

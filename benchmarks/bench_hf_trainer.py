@@ -10,7 +10,8 @@ x --seq tokens per rank, random tokens) and one micro-batch per step:
   - ours: the trainer's engine (train/engine.py build_engine) with expert_parallel_size 1 and --nproc,
     each with DeepSpeed's own ZeRO-3 code and with our patches of it (what the trainer uses: one
     gradient bucket per partition group, train/zero3_buckets.py; one all-gather per partition group
-    for the persistent parameters after each step, train/zero3_persistent_gather.py), timed as
+    for the persistent parameters after each step, train/zero3_persistent_gather.py; parameter hooks
+    per transformer block, train/engine.py hook_blocks_not_submodules), timed as
     benchmarks/bench_ep.py times it (`measure`: a barrier, then forward + backward + step);
   - Hugging Face: `transformers.GptOssForCausalLM` from the same config (pipeline/model/hf.py
     `config_to_hf`; every rank computes every expert: transformers has no expert parallelism),
