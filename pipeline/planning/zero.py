@@ -18,9 +18,10 @@ ZeRO-3 (`runtime/zero/partition_parameters.py`, `runtime/zero/stage3.py`)
   - Parameters with numel <= stage3_param_persistence_threshold are "persistent": gathered once and
     kept whole on every rank (on top of their partition), up to stage3_model_persistence_threshold
     elements // world.
-  - Working memory: the parameters of the module being run are all-gathered (ZeRO fetches per module,
-    its direct parameters) plus up to stage3_prefetch_bucket_size prefetched elements; backward
-    produces that module's full-size gradients, copied into the reduce bucket of reduce_bucket_size
+  - Working memory: the parameters of the block being run are all-gathered (DeepSpeed fetches per
+    module, its direct parameters; the trainer makes each transformer block one unit, so its
+    parameters are fetched together) plus up to stage3_prefetch_bucket_size prefetched elements;
+    backward produces that block's full-size gradients, copied into the reduce bucket of reduce_bucket_size
     elements (preallocated with contiguous_gradients), one bucket per partition group: our trainer's
     patch (pipeline/train/zero3_buckets.py) gives the expert-data-parallel group its own. The optimizer
     step upcasts one sub-group of gradient partitions (<= sub_group_size elements) to fp32.
@@ -144,7 +145,8 @@ class RankElements:
     """Low-precision parameter elements held whole: ZeRO-3 persistent params, ZeRO-2 everything."""
     persistent_count: int
     largest_module: int
-    """Parameters ZeRO-3 gathers at once for the biggest module (experts: this rank's slice)."""
+    """Parameters ZeRO-3 gathers at once for the biggest unit it hooks: a transformer block, or a
+    module outside the blocks (experts: this rank's slice)."""
     optimizer_sub_group: int
     """Largest set of partitions upcast to fp32 together in the optimizer step."""
     gradient_buckets: int = 1
@@ -231,11 +233,19 @@ def _zero3_elements(params: list[ParamTensor], zero: ZeroSettings, world: int, e
     )
 
 
+def _hook_unit(module: str) -> str:
+    """The unit whose parameters ZeRO-3 gathers at once: the trainer hooks each transformer block as
+    one (pipeline/train/engine.py `hook_blocks_not_submodules`), every module outside them alone."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "blocks" and len(parts) > 1 else module
+
+
 def _largest_module(params: list[ParamTensor], ep: int) -> int:
-    per_module: dict[str, int] = {}
+    per_unit: dict[str, int] = {}
     for p in params:
-        per_module[p.module] = per_module.get(p.module, 0) + (p.numel // ep if p.expert else p.numel)
-    return max(per_module.values())
+        unit = _hook_unit(p.module)
+        per_unit[unit] = per_unit.get(unit, 0) + (p.numel // ep if p.expert else p.numel)
+    return max(per_unit.values())
 
 
 @dataclass(frozen=True)
@@ -279,12 +289,12 @@ def state_memory(el: RankElements, zero: ZeroSettings) -> StateMemory:
     rows.append(place("optimizer step: fp32 grads of one sub-group", el.optimizer_sub_group * 4, off))
     if zero.stage == 3:
         prefetch = min(zero.prefetch_bucket_size, max(0, zero.max_live_parameters - el.largest_module))
-        rows.append(("ZeRO-3 gathered params: largest module + prefetch", (el.largest_module + prefetch) * pb, 0))
+        rows.append(("ZeRO-3 gathered params: largest block + prefetch", (el.largest_module + prefetch) * pb, 0))
         full_grads = el.largest_module * pb
     else:
         full_grads = 0
     buckets = el.gradient_buckets
     bucket = buckets * zero.reduce_bucket_size * pb if zero.contiguous_gradients else 0
     label = "bucket" if buckets == 1 else f"{buckets} buckets"  # one per partition group
-    rows.append((f"gradient reduce: full grads of one module + {label}", full_grads + bucket, 0))
+    rows.append((f"gradient reduce: full grads of one block + {label}", full_grads + bucket, 0))
     return StateMemory(rows)

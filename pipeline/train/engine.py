@@ -122,15 +122,17 @@ def hook_blocks_not_submodules(model: nn.Module) -> int:
     """Under ZeRO-3, make each transformer block one unit for DeepSpeed's parameter hooks
     (`deepspeed.utils.set_z3_leaf_modules`, public API); returns how many blocks.
 
-    DeepSpeed otherwise hooks every submodule (91 of the debug model's 96 modules): four Python
-    hooks per module per step, each fetching or releasing only that module's parameters, and
-    244 autograd Function calls per step that bind their arguments through `inspect.signature`.
-    A block as the unit gathers its parameters at its pre-forward / pre-backward hook in one
-    coalesced all-gather and releases them after it: the same bytes, a block's worth live at once
-    instead of one submodule's (a block's experts dominate either way; under expert parallelism
-    they are whole on their rank), and 5x fewer hooks. Measured: ~10-25 ms less per step on the
-    partitioned-expert benchmark (README, "Expert parallelism with ZeRO-3"); gradients and
-    losses are bit-identical (tests/train/test_zero3_buckets.py)."""
+    DeepSpeed otherwise hooks every submodule (71-87 modules of the debug model with the EP / SP
+    wrappers; 11 after this): four Python hooks per module per step, each fetching or releasing
+    only that module's parameters, and 244 autograd Function calls per step that bind their
+    arguments through `inspect.signature`. A block as the unit gathers its parameters at its
+    pre-forward / pre-backward hook in one coalesced all-gather and releases them after it: the
+    same bytes and collectives, a block's worth live at once instead of one submodule's (a block's
+    experts dominate either way; the planner counts a block, planning/zero.py). Measured on 2 CPU
+    ranks: steps 0.71-0.92x as long (README, "Issue 26's speed goals, measured together").
+    DeepSpeed then adds a block's gradients to the bucket in parameter order, not arrival order,
+    so the reduce-scatter sums each element in another rank order: gradients equal to fp32
+    rounding, not bit for bit (tests/train/test_zero3_buckets.py)."""
     from deepspeed.utils import set_z3_leaf_modules
 
     return len(set_z3_leaf_modules(model, [Block]))

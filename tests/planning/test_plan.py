@@ -112,6 +112,8 @@ def test_zero3_state_equals_deepspeed_engine(engine_state, case_idx):
         # one reduce bucket per partition group (pipeline/train/zero3_buckets.py): EP adds the experts'
         assert real["gradient_buckets"] == el.gradient_buckets == (2 if case["ep"] > 1 else 1)
         assert real["bucket_bytes"] == el.gradient_buckets * zero.reduce_bucket_size * zero.param_bytes
+        # the trainer hooks whole blocks (train/engine.py hook_blocks_not_submodules): one gathers a block
+        assert real["largest_hook_unit"] == el.largest_module
     if case["ep"] == 1:
         assert el.padding > 0  # the odd sizes really exercise the padding rule
     else:

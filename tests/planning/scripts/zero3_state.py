@@ -1,5 +1,5 @@
 """Rank script for tests/planning/test_plan.py: build the trainer's ZeRO-3 (+ expert-parallel) engine
-on CPU/gloo (with the trainer's bucket per partition group), run one step, and print what DeepSpeed
+on CPU/gloo (with the trainer's bucket per partition group and hooks per block), run one step, and print what DeepSpeed
 actually holds on this rank as one JSON line.
 
     torchrun --standalone --nproc_per_node 2 tests/planning/scripts/zero3_state.py '{"ep": 2, ...}'
@@ -14,9 +14,11 @@ import sys
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.utils import z3_leaf_module
 
 from pipeline.distributed.expert_parallel import apply_expert_parallel, create_expert_groups, is_expert_parameter
 from pipeline.model import GPTOSS, get_preset
+from pipeline.train.engine import hook_blocks_not_submodules
 from pipeline.train.zero3_buckets import keep_bucket_per_partition_group
 
 
@@ -46,8 +48,9 @@ def run_case(case: dict) -> dict:
     model = GPTOSS(cfg)
     if groups is not None:
         apply_expert_parallel(model, groups)
+    hook_blocks_not_submodules(model)  # as train/engine.py's build_engine does
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config(case))
-    keep_bucket_per_partition_group(engine.optimizer)  # as train/engine.py's build_engine does
+    keep_bucket_per_partition_group(engine.optimizer)  # as build_engine does
     x = torch.randint(0, cfg.vocab_size, (1, 32))
     _, loss, aux = engine(x, x)
     engine.backward(loss + aux)
@@ -58,7 +61,11 @@ def run_case(case: dict) -> dict:
     adam = [s for s in opt.optimizer.state.values() if "exp_avg" in s]
     grad_buffer = opt.grad_partitions_flat_buffer
     buckets = {id(b.buffer): b.buffer for b in opt.ipg_buckets.values() if b.buffer is not None}
+    # What one ZeRO-3 hook gathers: a leaf module's (a block's) parameters, any other module's own.
+    hooked = [m for m in engine.module.modules() if m._forward_pre_hooks]
+    per_hook = [sum(p.ds_numel for p in m.parameters(recurse=z3_leaf_module(m))) for m in hooked]
     return {
+        "largest_hook_unit": max(per_hook),
         "numel": sum(p.ds_numel for p in params),
         # ZeRO-3 pads each parameter to a multiple of its partition group; the padding sits in the
         # last rank's partition, so count it from sizes, not from this rank's data.
