@@ -117,16 +117,18 @@ def run(ep: int, stage: int, sp: int, patched: bool, rank: int, world: int, per_
     return out
 
 
-def largest_difference(a: dict, b: dict) -> tuple[float, str]:
-    max_diff, worst = 0.0, ""
+def compare_gradients(a: dict, b: dict) -> tuple[float, str, bool]:
+    """(largest absolute difference, where it is, whether every gradient is bit-identical) of two runs."""
+    max_diff, worst, bit_identical = 0.0, "", True
     for step in range(STEPS):
         assert a["grads"][step].keys() == b["grads"][step].keys()
         for name, g in a["grads"][step].items():
             h = b["grads"][step][name]
+            bit_identical &= torch.equal(g, h)
             diff = (g - h).abs().max().item() if g.numel() else 0.0
             if diff > max_diff:
                 max_diff, worst = diff, f"step {step + 1} {name}"
-    return max_diff, worst
+    return max_diff, worst, bit_identical
 
 
 def main() -> None:
@@ -141,16 +143,8 @@ def main() -> None:
         # Hooks per block change the order in which gradients enter the bucket, so the reduce-scatter
         # sums each element in another rank order: compared with a tolerance, not bit for bit.
         per_block = run(ep, stage, sp, True, rank, world, per_block=True) if stage == 3 else new
-        block_diff, block_worst = largest_difference(new, per_block)
-        max_diff, bit_identical, worst = 0.0, True, ""
-        for step in range(STEPS):
-            assert base["grads"][step].keys() == new["grads"][step].keys()
-            for name, g in base["grads"][step].items():
-                h = new["grads"][step][name]
-                bit_identical &= torch.equal(g, h)
-                diff = (g - h).abs().max().item() if g.numel() else 0.0
-                if diff > max_diff:
-                    max_diff, worst = diff, f"step {step + 1} {name}"
+        block_diff, block_worst, _ = compare_gradients(new, per_block)
+        max_diff, worst, bit_identical = compare_gradients(base, new)
         mine = {"rank": rank, "max_grad_diff": max_diff, "worst": worst, "bit_identical": bit_identical,
                 "loss_base": base["loss"], "loss_patched": new["loss"],
                 "scatters_base": base["scatters"], "scatters_patched": new["scatters"],
